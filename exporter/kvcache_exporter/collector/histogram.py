@@ -1,0 +1,64 @@
+"""Cumulative-ready histograms per label id, observed a whole array at a time."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+# vLLM's KV-residency buckets (log-spaced, 1 ms … 30 min), so dashboards line up with vLLM's.
+RESIDENCY_BUCKETS: Final = (
+    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5,
+    1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0,
+)  # fmt: skip
+ACCESS_COUNT_BUCKETS: Final = (0.0, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0, 100.0, 1000.0)
+
+
+def validate_buckets(bounds: Sequence[float], name: str = "buckets") -> tuple[float, ...]:
+    """Bucket upper bounds: finite, strictly ascending, non-empty."""
+    values = tuple(float(b) for b in bounds)
+    if not values:
+        raise ValueError(f"{name}: at least one bucket bound is needed")
+    if not all(np.isfinite(values)):
+        raise ValueError(f"{name}: bucket bounds must be finite (+Inf is implied)")
+    if any(low >= high for low, high in zip(values, values[1:], strict=False)):
+        raise ValueError(f"{name}: bucket bounds must be strictly ascending")
+    return values
+
+
+@dataclass(frozen=True, slots=True)
+class HistogramSnapshot:
+    bounds: tuple[float, ...]
+    counts: npt.NDArray[np.uint64]  # [labels, len(bounds) + 1], per bucket (not cumulative)
+    sums: npt.NDArray[np.float64]  # [labels]
+
+
+class HistogramSet:
+    """One histogram per label id (e.g. per medium), sharing bucket bounds."""
+
+    def __init__(self, bounds: Sequence[float], labels: int) -> None:
+        self.bounds = validate_buckets(bounds)
+        self._edges = np.asarray(self.bounds, np.float64)
+        self._width = len(self.bounds) + 1
+        self.labels = labels
+        self.counts = np.zeros((labels, self._width), np.uint64)
+        self.sums = np.zeros(labels, np.float64)
+
+    def observe(self, label_ids: npt.NDArray[np.uint8], values: npt.NDArray[np.floating]) -> None:
+        if not values.size:
+            return
+        bucket = np.searchsorted(self._edges, values, side="left")  # first bound >= value: le
+        flat = label_ids.astype(np.int64) * self._width + bucket
+        counts = np.bincount(flat, minlength=self.labels * self._width)
+        self.counts += counts.reshape(self.labels, self._width).astype(np.uint64)
+        self.sums += np.bincount(label_ids, weights=values, minlength=self.labels)
+
+    def snapshot(self) -> HistogramSnapshot:
+        return HistogramSnapshot(self.bounds, self.counts.copy(), self.sums.copy())
+
+    def reset(self) -> None:
+        self.counts[:] = 0
+        self.sums[:] = 0.0

@@ -1,0 +1,354 @@
+"""Block-lifecycle state of one engine, updated a whole :class:`EventBatch` at a time.
+
+Counters and residency are exact over every block hash. Lifecycle histograms (lifetime, idle
+before evict, reuse gap, restore gap, accesses before evict) come from the spatially sampled
+hashes: a hash is tracked iff a hash of it falls under the sample ratio, so a tracked block is
+followed through its whole life. Durations are differences of engine timestamps.
+
+Operations on different keys commute, so a batch is applied in rounds: round *r* holds the
+*r*-th occurrence of every key, in stream order, and each round is one vectorized pass.
+``AllBlocksCleared`` rows split the batch, since they touch every key.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+from ..protocol.batch import OP_ACCESS, OP_CLEAR, OP_REMOVE, OP_STORE, EventBatch, LabelTable
+from .histogram import (
+    ACCESS_COUNT_BUCKETS,
+    RESIDENCY_BUCKETS,
+    HistogramSet,
+    HistogramSnapshot,
+    validate_buckets,
+)
+from .table import GHOST, RESIDENT, BlockTable
+
+_SAMPLE_MUL1: Final = np.uint64(0xBF58476D1CE4E5B9)
+_SAMPLE_MUL2: Final = np.uint64(0x94D049BB133111EB)
+_U64 = npt.NDArray[np.uint64]
+_F64 = npt.NDArray[np.float64]
+_BOOL = npt.NDArray[np.bool_]
+
+REASON_CLEARED: Final = "cleared"
+REASON_RESTART: Final = "engine_restart"
+DEFAULT_REASONS: Final = ("evicted", REASON_CLEARED, REASON_RESTART)
+
+
+def sample_hash(keys: _U64) -> _U64:
+    """splitmix64's finalizer: a second hash, independent of the table's slot hash."""
+    z = keys ^ (keys >> np.uint64(30))
+    z = z * _SAMPLE_MUL1
+    z = z ^ (z >> np.uint64(27))
+    z = z * _SAMPLE_MUL2
+    return z ^ (z >> np.uint64(31))
+
+
+@dataclass(frozen=True, slots=True)
+class CollectorConfig:
+    """How much the collector tracks and how it buckets what it measures."""
+
+    sample_ratio: float = 1.0
+    max_tracked_blocks: int = 4_000_000
+    removed_memory: int = 1_000_000
+    duration_buckets: tuple[float, ...] = RESIDENCY_BUCKETS
+    access_buckets: tuple[float, ...] = ACCESS_COUNT_BUCKETS
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.sample_ratio <= 1.0:
+            raise ValueError(f"sample ratio must be in (0, 1], got {self.sample_ratio}")
+        if self.max_tracked_blocks < 1:
+            raise ValueError("max tracked blocks must be at least 1")
+        if self.removed_memory < 0:
+            raise ValueError("removed-block memory cannot be negative")
+        validate_buckets(self.duration_buckets, "duration buckets")
+        validate_buckets(self.access_buckets, "access-count buckets")
+
+
+@dataclass(frozen=True, slots=True)
+class CollectorSnapshot:
+    """A consistent copy of one engine's numbers, taken under the collector's lock."""
+
+    media: tuple[str, ...]
+    reasons: tuple[str, ...]
+    stored: npt.NDArray[np.uint64]  # [media]
+    accessed: npt.NDArray[np.uint64]
+    restores: npt.NDArray[np.uint64]
+    resident: npt.NDArray[np.int64]
+    removed: npt.NDArray[np.uint64]  # [media, reasons]
+    unknown_removals: int
+    unknown_accesses: int
+    untracked_stores: int
+    clears: int
+    tracked: int
+    table_bytes: int
+    histograms: dict[str, HistogramSnapshot] = field(default_factory=dict)
+
+
+HISTOGRAMS: Final = ("lifetime", "idle_before_evict", "reuse_gap", "restore_gap")
+
+
+class BlockLifecycleCollector:
+    """Exact counters and sampled lifecycle histograms for one engine's block stream."""
+
+    def __init__(
+        self,
+        config: CollectorConfig | None = None,
+        media: LabelTable | None = None,
+        reasons: LabelTable | None = None,
+    ) -> None:
+        self.config = config or CollectorConfig()
+        self.media = media or LabelTable("unknown")
+        self.reasons = reasons or LabelTable("evicted", seed=DEFAULT_REASONS)
+        self.lock = threading.Lock()
+        self._threshold = (
+            None
+            if self.config.sample_ratio >= 1.0
+            else np.uint64(min(int(self.config.sample_ratio * 2.0**64), 2**64 - 1))
+        )
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        m, r = self.media.capacity, self.reasons.capacity
+        self.table = BlockTable()
+        self.stored = np.zeros(m, np.uint64)
+        self.accessed = np.zeros(m, np.uint64)
+        self.restores = np.zeros(m, np.uint64)
+        self.resident = np.zeros(m, np.int64)
+        self.removed = np.zeros((m, r), np.uint64)
+        self.unknown_removals = 0
+        self.unknown_accesses = 0
+        self.untracked_stores = 0
+        self.clears = 0
+        self.tracked = 0
+        self.hist = {name: HistogramSet(self.config.duration_buckets, m) for name in HISTOGRAMS}
+        self.accesses_before_evict = HistogramSet(self.config.access_buckets, m)
+        self._ghosts: deque[tuple[_U64, npt.NDArray[np.uint8], _F64]] = deque()
+        self._ghost_count = 0
+
+    # --- applying batches ------------------------------------------------------------------
+    def apply(self, batch: EventBatch) -> None:
+        """Apply one batch of block operations, in stream order."""
+        if not len(batch):
+            return
+        with self.lock:
+            clears = np.flatnonzero(batch.op == OP_CLEAR)
+            start = 0
+            for row in clears.tolist():
+                self._apply_segment(batch.slice(start, row))
+                self._clear(float(batch.ts[row]), self.reasons.id_of(REASON_CLEARED))
+                self.clears += 1
+                start = row + 1
+            self._apply_segment(batch.slice(start, len(batch)))
+            self._forget_oldest_ghosts()
+
+    def clear(self, ts: float, reason: str) -> None:
+        """Remove every resident block (an engine reset or restart), counted under ``reason``."""
+        with self.lock:
+            self._clear(ts, self.reasons.id_of(reason))
+            self._forget_oldest_ghosts()
+
+    def _sampled(self, keys: _U64) -> _BOOL:
+        if self._threshold is None:
+            return np.ones(keys.shape[0], bool)
+        return sample_hash(keys) < self._threshold
+
+    def _apply_segment(self, seg: EventBatch) -> None:
+        n = len(seg)
+        if not n:
+            return
+        # Occurrence rank of each row among rows with the same (hash, medium) key.
+        key = seg.block_hash ^ (seg.medium.astype(np.uint64) << np.uint64(56))
+        order = np.argsort(key, kind="stable")
+        sorted_key = key[order]
+        starts = np.empty(n, bool)
+        starts[0] = True
+        np.not_equal(sorted_key[1:], sorted_key[:-1], out=starts[1:])
+        if starts.all():
+            self._apply_round(seg)
+            return
+        positions = np.arange(n)
+        group_start = np.maximum.accumulate(np.where(starts, positions, 0))
+        rank = np.empty(n, np.int64)
+        rank[order] = positions - group_start
+        for r in range(int(rank.max()) + 1):
+            rows = np.flatnonzero(rank == r)
+            self._apply_round(
+                EventBatch(
+                    op=seg.op[rows],
+                    block_hash=seg.block_hash[rows],
+                    ts=seg.ts[rows],
+                    medium=seg.medium[rows],
+                    reason=seg.reason[rows],
+                )
+            )
+
+    def _apply_round(self, rnd: EventBatch) -> None:
+        """Apply rows whose keys are all distinct: one vectorized pass."""
+        op, keys, ts, med = rnd.op, rnd.block_hash, rnd.ts, rnd.medium
+        table = self.table
+        m = self.media.capacity
+        is_store = op == OP_STORE
+        table.reserve(int(np.count_nonzero(is_store)))
+        slot = table.find(keys, med)
+        state = table.state[np.where(slot >= 0, slot, 0)]
+        state[slot < 0] = 0
+        resident = state == RESIDENT
+        sampled = self._sampled(keys)
+
+        # Accesses: reported hits, and re-announcements of resident blocks (SPEC §2.1.1).
+        is_access = op == OP_ACCESS
+        hit = resident & (is_access | is_store)
+        if hit.any():
+            s, t = slot[hit], ts[hit]
+            previous = table.t_store[s] + table.t_access[s]
+            obs = sampled[hit]
+            self.hist["reuse_gap"].observe(med[hit][obs], (t - previous)[obs])
+            table.t_access[s] = (t - table.t_store[s]).astype(np.float32)
+            table.accesses[s] += np.uint32(1)
+            self.accessed += np.bincount(med[hit], minlength=m).astype(np.uint64)
+        self.unknown_accesses += int(np.count_nonzero(is_access & ~resident))
+
+        is_remove = op == OP_REMOVE
+        if is_remove.any():
+            self._remove(slot, resident & is_remove, ts, med, sampled)
+            self.unknown_removals += int(np.count_nonzero(is_remove & ~resident))
+            self.removed += (
+                np.bincount(
+                    med[is_remove].astype(np.int64) * self.reasons.capacity + rnd.reason[is_remove],
+                    minlength=m * self.reasons.capacity,
+                )
+                .reshape(m, self.reasons.capacity)
+                .astype(np.uint64)
+            )
+
+        restore = is_store & (state == GHOST)
+        if restore.any():
+            s, t = slot[restore], ts[restore]
+            obs = sampled[restore]
+            self.hist["restore_gap"].observe(med[restore][obs], (t - table.t_store[s])[obs])
+            table.state[s] = RESIDENT
+            self._start_life(s, t)
+            self.restores += np.bincount(med[restore], minlength=m).astype(np.uint64)
+            self._count_stored(med[restore], obs)
+
+        new = is_store & (slot < 0)
+        if new.any():
+            rows = np.flatnonzero(new)
+            room = self.config.max_tracked_blocks - int(self.resident.sum())
+            if rows.size > room:
+                # Full: keep what fits, count the rest (stored_total stays exact).
+                self.untracked_stores += int(rows.size - max(room, 0))
+                self.stored += np.bincount(med[rows[max(room, 0) :]], minlength=m).astype(
+                    np.uint64
+                )
+                rows = rows[: max(room, 0)]
+            s = table.insert(keys[rows], med[rows], RESIDENT)
+            self._start_life(s, ts[rows])
+            self._count_stored(med[rows], sampled[rows])
+
+    def _start_life(self, slots: npt.NDArray[np.int64], ts: _F64) -> None:
+        self.table.t_store[slots] = ts
+        self.table.t_access[slots] = 0.0
+        self.table.accesses[slots] = 0
+
+    def _count_stored(self, med: npt.NDArray[np.uint8], sampled: _BOOL) -> None:
+        counts = np.bincount(med, minlength=self.media.capacity)
+        self.stored += counts.astype(np.uint64)
+        self.resident += counts
+        self.tracked += int(np.count_nonzero(sampled))
+
+    def _remove(
+        self,
+        slot: npt.NDArray[np.int64],
+        mask: _BOOL,
+        ts: _F64,
+        med: npt.NDArray[np.uint8],
+        sampled: _BOOL,
+    ) -> None:
+        """Resident blocks at ``slot[mask]`` are removed at ``ts``: observe, then ghost them."""
+        s, t, md, obs = slot[mask], ts[mask], med[mask], sampled[mask]
+        self._observe_removal(s, t, md, obs)
+        self.resident -= np.bincount(md, minlength=self.media.capacity)
+        self.tracked -= int(np.count_nonzero(obs))
+        self._ghost(s, t)
+
+    def _observe_removal(
+        self, s: npt.NDArray[np.int64], t: _F64, md: npt.NDArray[np.uint8], obs: _BOOL
+    ) -> None:
+        table = self.table
+        s, t, md = s[obs], t[obs], md[obs]
+        store = table.t_store[s]
+        self.hist["lifetime"].observe(md, t - store)
+        self.hist["idle_before_evict"].observe(md, t - (store + table.t_access[s]))
+        self.accesses_before_evict.observe(md, table.accesses[s].astype(np.float64))
+
+    def _ghost(self, slots: npt.NDArray[np.int64], ts: _F64) -> None:
+        """Turn removed slots into ghosts, remembered in removal order."""
+        table = self.table
+        table.state[slots] = GHOST
+        table.t_store[slots] = ts
+        self._ghosts.append((table.key[slots].copy(), table.medium[slots].copy(), ts.copy()))
+        self._ghost_count += int(slots.shape[0])
+
+    def _forget_oldest_ghosts(self) -> None:
+        """Keep at most ``removed_memory`` ghosts; runs after a whole batch, so no slot that a
+        round still holds is deleted under it."""
+        table = self.table
+        excess = self._ghost_count - self.config.removed_memory
+        while excess > 0:
+            keys, media, times = self._ghosts[0]
+            take = min(excess, keys.shape[0])
+            if take == keys.shape[0]:
+                self._ghosts.popleft()
+            else:
+                self._ghosts[0] = (keys[take:], media[take:], times[take:])
+            found = table.find(keys[:take], media[:take])
+            ok = found >= 0
+            found, old_times = found[ok], times[:take][ok]
+            # A ghost restored and removed again since has a newer time: it stays.
+            stale = found[(table.state[found] == GHOST) & (table.t_store[found] == old_times)]
+            table.delete(stale)
+            self._ghost_count -= take
+            excess -= take
+
+    def _clear(self, ts: float, reason_id: int) -> None:
+        table = self.table
+        slots = table.slots_in_state(RESIDENT)
+        md = table.medium[slots]
+        t = np.full(slots.shape[0], ts)
+        self._observe_removal(slots, t, md, self._sampled(table.key[slots]))
+        self.removed[:, reason_id] += np.bincount(md, minlength=self.media.capacity).astype(
+            np.uint64
+        )
+        self.resident[:] = 0
+        self.tracked = 0
+        self._ghost(slots, t)
+
+    # --- reading ---------------------------------------------------------------------------
+    def snapshot(self) -> CollectorSnapshot:
+        with self.lock:
+            hists = {name: h.snapshot() for name, h in self.hist.items()}
+            hists["accesses_before_evict"] = self.accesses_before_evict.snapshot()
+            return CollectorSnapshot(
+                media=tuple(self.media.names),
+                reasons=tuple(self.reasons.names),
+                stored=self.stored.copy(),
+                accessed=self.accessed.copy(),
+                restores=self.restores.copy(),
+                resident=self.resident.copy(),
+                removed=self.removed.copy(),
+                unknown_removals=self.unknown_removals,
+                unknown_accesses=self.unknown_accesses,
+                untracked_stores=self.untracked_stores,
+                clears=self.clears,
+                tracked=self.tracked,
+                table_bytes=self.table.nbytes + 17 * self._ghost_count,
+                histograms=hists,
+            )

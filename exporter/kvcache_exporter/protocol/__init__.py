@@ -1,0 +1,1 @@
+"""Engine wire formats: framing, payload decoding into columnar batches, and the publisher."""

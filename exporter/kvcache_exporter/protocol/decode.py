@@ -1,0 +1,400 @@
+"""Decoding the engines' KV-event payloads into columnar :class:`EventBatch` rows.
+
+Every engine (vLLM, SGLang, TensorRT-LLM) sends a msgpack batch ``[ts, events(, dp_rank)]``.
+Events are maps with a ``"type"`` key (vLLM >= 0.24, SGLang) or arrays whose first element is
+the type name (vLLM <= 0.23). The fast path decodes a whole payload with typed msgspec structs
+that reject anything unexpected; only when it fails does the slow path take the payload apart
+event by event, so one bad or unknown event is counted and skipped without losing the rest.
+Per-event work on the fast path is C-level ``map`` over the decoded structs; rows are built
+with numpy once per flush, so many small messages coalesce into one batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import chain
+from operator import attrgetter
+from typing import Any, ClassVar, Final
+
+import msgspec
+import numpy as np
+
+from .batch import (
+    OP_ACCESS,
+    OP_CLEAR,
+    OP_REMOVE,
+    OP_STORE,
+    DecodeStats,
+    EventBatch,
+    LabelTable,
+)
+
+U64_MASK: Final = (1 << 64) - 1
+Hash = int | bytes
+
+# Names of the event fields this exporter knows, per type (wire map keys, array positions).
+STORED_FIELDS: Final = (
+    "block_hashes",
+    "parent_block_hash",
+    "token_ids",
+    "block_size",
+    "lora_id",
+    "medium",
+    "lora_name",
+)
+REMOVED_FIELDS: Final = ("block_hashes", "medium", "reason")
+ACCESSED_FIELDS: Final = ("block_hashes", "medium")
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeLimits:
+    """Bounds that keep a hostile or broken producer from exhausting memory."""
+
+    max_payload_bytes: int = 64 * 1024 * 1024
+    max_events_per_batch: int = 1_000_000
+    max_hashes_per_event: int = 1_000_000
+
+
+class DecodeError(Exception):
+    """A whole message could not be read; ``reason`` is the metric label."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+# --- map form (vLLM >= 0.24, SGLang, TensorRT-LLM, native extension) ---------------------
+class _MapStored(msgspec.Struct, tag="BlockStored", tag_field="type", forbid_unknown_fields=True):
+    block_hashes: list[Hash]
+    parent_block_hash: Hash | None = None
+    token_ids: msgspec.Raw = msgspec.Raw(b"\x90")
+    block_size: int | None = None
+    lora_id: int | None = None
+    medium: str | None = None
+    lora_name: str | None = None
+    reason: ClassVar[None] = None
+
+
+class _MapRemoved(
+    msgspec.Struct, tag="BlockRemoved", tag_field="type", forbid_unknown_fields=True
+):
+    block_hashes: list[Hash]
+    medium: str | None = None
+    reason: str | None = None
+
+
+class _MapAccessed(
+    msgspec.Struct, tag="BlockAccessed", tag_field="type", forbid_unknown_fields=True
+):
+    block_hashes: list[Hash]
+    medium: str | None = None
+    reason: ClassVar[None] = None
+
+
+class _MapCleared(
+    msgspec.Struct, tag="AllBlocksCleared", tag_field="type", forbid_unknown_fields=True
+):
+    block_hashes: ClassVar[tuple[int]] = (0,)
+    medium: ClassVar[None] = None
+    reason: ClassVar[None] = None
+
+
+# --- array form (vLLM <= 0.23): fields by position, trailing ones optional ---------------
+class _ArrStored(msgspec.Struct, tag="BlockStored", array_like=True, forbid_unknown_fields=True):
+    block_hashes: list[Hash]
+    parent_block_hash: Hash | None = None
+    token_ids: msgspec.Raw = msgspec.Raw(b"\x90")
+    block_size: int | None = None
+    lora_id: int | None = None
+    medium: str | None = None
+    lora_name: str | None = None
+    # Positions vLLM 0.23 declares after lora_name; read and ignored.
+    pos7: Any = None
+    pos8: Any = None
+    pos9: Any = None
+    pos10: Any = None
+    pos11: Any = None
+    reason: ClassVar[None] = None
+
+
+class _ArrRemoved(msgspec.Struct, tag="BlockRemoved", array_like=True, forbid_unknown_fields=True):
+    block_hashes: list[Hash]
+    medium: str | None = None
+    pos2: Any = None
+    reason: ClassVar[None] = None
+
+
+class _ArrAccessed(
+    msgspec.Struct, tag="BlockAccessed", array_like=True, forbid_unknown_fields=True
+):
+    block_hashes: list[Hash]
+    medium: str | None = None
+    reason: ClassVar[None] = None
+
+
+class _ArrCleared(
+    msgspec.Struct, tag="AllBlocksCleared", array_like=True, forbid_unknown_fields=True
+):
+    block_hashes: ClassVar[tuple[int]] = (0,)
+    medium: ClassVar[None] = None
+    reason: ClassVar[None] = None
+
+
+_MapEvent = _MapStored | _MapRemoved | _MapAccessed | _MapCleared
+_ArrEvent = _ArrStored | _ArrRemoved | _ArrAccessed | _ArrCleared
+
+
+class _MapBatch(msgspec.Struct, array_like=True):
+    ts: float
+    events: list[_MapEvent]
+    dp_rank: int | None = None
+
+
+class _ArrBatch(msgspec.Struct, array_like=True):
+    ts: float
+    events: list[_ArrEvent]
+    dp_rank: int | None = None
+
+
+class _LooseBatch(msgspec.Struct, array_like=True):
+    ts: float
+    events: list[msgspec.Raw]
+    dp_rank: Any = None
+
+
+_OP_OF: Final[dict[type, int]] = {
+    _MapStored: OP_STORE,
+    _ArrStored: OP_STORE,
+    _MapRemoved: OP_REMOVE,
+    _ArrRemoved: OP_REMOVE,
+    _MapAccessed: OP_ACCESS,
+    _ArrAccessed: OP_ACCESS,
+    _MapCleared: OP_CLEAR,
+    _ArrCleared: OP_CLEAR,
+}
+EVENT_NAMES: Final = {
+    OP_STORE: "BlockStored",
+    OP_REMOVE: "BlockRemoved",
+    OP_ACCESS: "BlockAccessed",
+    OP_CLEAR: "AllBlocksCleared",
+}
+_KNOWN_FIELDS: Final = {
+    "BlockStored": frozenset(STORED_FIELDS),
+    "BlockRemoved": frozenset(REMOVED_FIELDS),
+    "BlockAccessed": frozenset(ACCESSED_FIELDS),
+    "AllBlocksCleared": frozenset(),
+}
+# How many array positions each type declares, vLLM's trailing ones included.
+_ARRAY_WIDTH: Final = {"BlockStored": 12, "BlockRemoved": 3, "BlockAccessed": 2, "AllBlocksCleared": 0}
+_MAP_LENIENT: Final = {
+    name: type(f"Lenient{cls.__name__}", (cls,), {}, forbid_unknown_fields=False, tag=name)
+    for name, cls in (
+        ("BlockStored", _MapStored),
+        ("BlockRemoved", _MapRemoved),
+        ("BlockAccessed", _MapAccessed),
+        ("AllBlocksCleared", _MapCleared),
+    )
+}
+for _name, _cls in _MAP_LENIENT.items():
+    _OP_OF[_cls] = _OP_OF[_cls.__mro__[1]]
+
+_ARR_BY_NAME: Final[dict[str, type]] = {
+    "BlockStored": _ArrStored,
+    "BlockRemoved": _ArrRemoved,
+    "BlockAccessed": _ArrAccessed,
+    "AllBlocksCleared": _ArrCleared,
+}
+
+_get_hashes = attrgetter("block_hashes")
+_get_medium = attrgetter("medium")
+_get_reason = attrgetter("reason")
+_get_tokens = attrgetter("token_ids")
+
+
+def fold_hash(value: object) -> int:
+    """Fold a wire hash to uint64: ints by two's complement, bytes by their last 8 bytes."""
+    if isinstance(value, bool):
+        raise TypeError("a bool is not a block hash")
+    if isinstance(value, int):
+        return value & U64_MASK
+    if isinstance(value, bytes | bytearray | memoryview):
+        return int.from_bytes(bytes(value)[-8:], "big")
+    raise TypeError(f"a block hash is an int or bytes, not {type(value).__name__}")
+
+
+def hashes_to_array(hashes: list[Hash]) -> np.ndarray[Any, np.dtype[np.uint64]]:
+    """uint64 array of folded hashes; the common all-non-negative-int case stays in C."""
+    try:
+        return np.array(hashes, dtype=np.uint64)
+    except (OverflowError, TypeError, ValueError):
+        return np.fromiter(map(fold_hash, hashes), dtype=np.uint64, count=len(hashes))
+
+
+def msgpack_array_length(raw: msgspec.Raw) -> int:
+    """Element count of a msgpack array from its header alone (token_ids are never decoded)."""
+    view = memoryview(raw)
+    if not view:
+        return 0
+    head = view[0]
+    if 0x90 <= head <= 0x9F:
+        return head & 0x0F
+    if head == 0xDC and len(view) >= 3:
+        return int.from_bytes(view[1:3], "big")
+    if head == 0xDD and len(view) >= 5:
+        return int.from_bytes(view[1:5], "big")
+    return 0
+
+
+class PayloadDecoder:
+    """Decodes payloads of one source into pending rows; :meth:`flush` returns them as a batch.
+
+    Not thread-safe: one decoder per source, used by the thread that reads the socket.
+    """
+
+    def __init__(
+        self,
+        media: LabelTable,
+        reasons: LabelTable,
+        limits: DecodeLimits | None = None,
+    ) -> None:
+        self.media = media
+        self.reasons = reasons
+        self.limits = limits or DecodeLimits()
+        self.stats = DecodeStats()
+        self._map = msgspec.msgpack.Decoder(_MapBatch)
+        self._arr = msgspec.msgpack.Decoder(_ArrBatch)
+        self._loose = msgspec.msgpack.Decoder(_LooseBatch)
+        self._generic = msgspec.msgpack.Decoder()
+        self._first: msgspec.msgpack.Decoder[Any] = self._map
+        self._second: msgspec.msgpack.Decoder[Any] = self._arr
+        self._events: list[Any] = []
+        self._event_ts: list[float] = []
+        self.last_ts: float | None = None
+        self.last_dp_rank: int | None = None
+
+    def feed(self, payload: bytes | memoryview) -> int:
+        """Decode one payload into the pending rows; returns the events it held.
+
+        Raises :class:`DecodeError` when nothing of the message can be used; problems with
+        single events are counted in :attr:`stats` and those events skipped.
+        """
+        if len(payload) > self.limits.max_payload_bytes:
+            raise DecodeError("too_large", f"payload of {len(payload)} bytes")
+        batch: _MapBatch | _ArrBatch | _LooseBatch
+        try:
+            batch = self._first.decode(payload)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            try:
+                batch = self._second.decode(payload)
+                self._first, self._second = self._second, self._first
+            except (msgspec.ValidationError, msgspec.DecodeError):
+                batch = self._decode_loose(payload)
+        events: list[Any] = batch.events
+        if len(events) > self.limits.max_events_per_batch:
+            raise DecodeError("too_large", f"{len(events)} events in one batch")
+        if isinstance(batch, _LooseBatch):
+            events = self._decode_events_one_by_one(events)
+        if not np.isfinite(batch.ts):
+            raise DecodeError("schema", "batch timestamp is not finite")
+        self._events.extend(events)
+        self._event_ts.extend([batch.ts] * len(events))
+        self.last_ts = batch.ts
+        if isinstance(batch.dp_rank, int):
+            self.last_dp_rank = batch.dp_rank
+        return len(events)
+
+    def _decode_loose(self, payload: bytes | memoryview) -> _LooseBatch:
+        try:
+            return self._loose.decode(payload)
+        except msgspec.ValidationError as exc:
+            raise DecodeError("schema", str(exc)) from None
+        except msgspec.DecodeError as exc:
+            truncated = "truncated" in str(exc).lower()
+            raise DecodeError("truncated" if truncated else "msgpack", str(exc)) from None
+
+    def _decode_events_one_by_one(self, raws: list[msgspec.Raw]) -> list[Any]:
+        events: list[Any] = []
+        for raw in raws:
+            event = self._decode_event(raw)
+            if event is not None:
+                events.append(event)
+        return events
+
+    def _decode_event(self, raw: msgspec.Raw) -> Any:
+        """One event on the slow path: unknown types and fields are counted and skipped."""
+        try:
+            value = self._generic.decode(raw)
+        except msgspec.DecodeError:
+            self.stats.add_error("event_msgpack")
+            return None
+        if isinstance(value, dict):
+            name = value.get("type")
+            fields = set(value) - {"type"}
+        elif isinstance(value, list) and value:
+            name = value[0]
+            fields = set()
+            width = _ARRAY_WIDTH.get(name, 0) if isinstance(name, str) else 0
+            self.stats.unknown_fields += sum(1 for v in value[1 + width :] if v is not None)
+            value = value[: 1 + width]
+        else:
+            self.stats.add_error("event_schema")
+            return None
+        if not isinstance(name, str) or name not in _KNOWN_FIELDS:
+            self.stats.add_event("unknown")
+            return None
+        self.stats.unknown_fields += len(fields - _KNOWN_FIELDS[name])
+        lenient = _MAP_LENIENT[name] if isinstance(value, dict) else _ARR_BY_NAME[name]
+        try:
+            event = msgspec.convert(value, lenient)
+        except msgspec.ValidationError:
+            self.stats.add_error("event_schema")
+            return None
+        if len(getattr(event, "block_hashes", ())) > self.limits.max_hashes_per_event:
+            self.stats.add_error("too_large")
+            return None
+        return event
+
+    @property
+    def pending_events(self) -> int:
+        return len(self._events)
+
+    def flush(self) -> EventBatch:
+        """All rows fed since the last flush, as one columnar batch."""
+        events, event_ts = self._events, self._event_ts
+        self._events, self._event_ts = [], []
+        if not events:
+            return EventBatch.empty()
+        ops = list(map(_OP_OF.__getitem__, map(type, events)))
+        hash_lists = list(map(_get_hashes, events))
+        counts = np.fromiter(map(len, hash_lists), dtype=np.int64, count=len(events))
+        if int(counts.max(initial=0)) > self.limits.max_hashes_per_event:
+            return self._flush_oversized(events, event_ts)
+        op_ev = np.array(ops, dtype=np.uint8)
+        self._count_events(op_ev, events)
+        media = self.media.ids_of(list(map(_get_medium, events)))
+        reasons = self.reasons.ids_of(list(map(_get_reason, events)))
+        hashes = hashes_to_array(list(chain.from_iterable(hash_lists)))
+        return EventBatch(
+            op=np.repeat(op_ev, counts),
+            block_hash=hashes,
+            ts=np.repeat(np.array(event_ts, dtype=np.float64), counts),
+            medium=np.repeat(np.array(media, dtype=np.uint8), counts),
+            reason=np.repeat(np.array(reasons, dtype=np.uint8), counts),
+        )
+
+    def _flush_oversized(self, events: list[Any], event_ts: list[float]) -> EventBatch:
+        limit = self.limits.max_hashes_per_event
+        keep = [len(_get_hashes(e)) <= limit for e in events]
+        self.stats.add_error("too_large", keep.count(False))
+        self._events = [e for e, k in zip(events, keep, strict=True) if k]
+        self._event_ts = [t for t, k in zip(event_ts, keep, strict=True) if k]
+        return self.flush()
+
+    def _count_events(self, op_ev: np.ndarray[Any, np.dtype[np.uint8]], events: list[Any]) -> None:
+        per_op = np.bincount(op_ev, minlength=4)
+        for op, count in enumerate(per_op.tolist()):
+            if count:
+                self.stats.add_event(EVENT_NAMES[op], count)
+        if per_op[OP_STORE]:
+            stored = map(events.__getitem__, np.flatnonzero(op_ev == OP_STORE).tolist())
+            self.stats.tokens_stored += sum(map(msgpack_array_length, map(_get_tokens, stored)))
