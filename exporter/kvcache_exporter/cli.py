@@ -1,0 +1,60 @@
+"""The ``kvcache-exporter`` command: serve by default, plus tool subcommands."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from types import FrameType
+
+import zmq
+
+from . import config as config_mod
+from . import logs
+from .app import Exporter
+
+log = logging.getLogger("kvcache_exporter")
+PROG = "kvcache-exporter"
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return code
+
+
+def serve(argv: Sequence[str]) -> int:
+    """Run the exporter until SIGTERM or SIGINT."""
+    try:
+        cfg = config_mod.load(argv)
+    except config_mod.ConfigError as exc:
+        return _fail(str(exc), 2)
+    logs.setup(cfg.log_level, cfg.log_format)
+    exporter = Exporter(cfg)
+    try:
+        exporter.start()
+    except (OSError, zmq.ZMQError) as exc:
+        exporter.stop()
+        return _fail(f"cannot start: {exc}", 1)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("shutting down", extra={"signal": signal.Signals(signum).name})
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not stop.wait(0.5):
+        pass
+    exporter.stop()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    return serve(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,303 @@
+"""Flags, environment variables and the YAML config file (SPEC §5), merged and validated.
+
+Precedence, lowest first: built-in defaults, ``--config.file``, ``KVCACHE_EXPORTER_*``
+environment variables, command-line flags. Every bad value is reported as one line that
+names where it came from; the CLI turns it into exit code 2 before anything starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, NoReturn
+
+import yaml
+
+from . import __version__
+from .collector import CollectorConfig
+from .collector.histogram import ACCESS_COUNT_BUCKETS, RESIDENCY_BUCKETS, validate_buckets
+from .sinks.http import parse_listen_address
+from .sources.spec import SourceSpec, SourceSpecError
+
+ENV_PREFIX: Final = "KVCACHE_EXPORTER_"
+DEFAULT_SOURCE: Final = "engine=tcp://127.0.0.1:5557"
+LOG_LEVELS: Final = ("debug", "info", "warn", "error")
+LOG_FORMATS: Final = ("logfmt", "json")
+OTLP_PROTOCOLS: Final = ("grpc", "http/protobuf")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, already phrased as the one line the user sees."""
+
+
+@dataclass(frozen=True, slots=True)
+class ExporterConfig:
+    """Everything the exporter process needs, validated."""
+
+    sources: tuple[SourceSpec, ...]
+    listen_address: str = ":9477"
+    telemetry_path: str = "/metrics"
+    web_config_file: str | None = None
+    otlp_endpoint: str | None = None
+    otlp_protocol: str = "grpc"
+    otlp_interval: float = 15.0
+    collector: CollectorConfig = CollectorConfig()
+    receive_hwm: int = 200_000
+    log_level: str = "info"
+    log_format: str = "logfmt"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(f"must be zero or more, got {text}")
+    return value
+
+
+def _ratio(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text.removesuffix("s"))
+    if not 0.0 < value < 86_400:
+        raise ValueError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def _buckets(text: str) -> tuple[float, ...]:
+    return validate_buckets([float(part) for part in text.split(",") if part.strip()])
+
+
+def _choice(options: Sequence[str]) -> Callable[[str], str]:
+    def check(text: str) -> str:
+        if text not in options:
+            raise ValueError(f"must be one of {', '.join(options)}, got {text!r}")
+        return text
+
+    return check
+
+
+def _path(text: str) -> str:
+    if not text.startswith("/"):
+        raise ValueError(f"must start with '/', got {text!r}")
+    return text
+
+
+def _listen(text: str) -> str:
+    parse_listen_address(text)
+    return text
+
+
+def _existing_file(text: str) -> str:
+    if not Path(text).is_file():
+        raise ValueError(f"no such file: {text}")
+    return text
+
+
+def _identity(text: str) -> str:
+    return text
+
+
+@dataclass(frozen=True, slots=True)
+class _Option:
+    flag: str
+    convert: Callable[[str], Any]
+    default: Any
+    help: str
+    metavar: str = ""
+
+    @property
+    def key(self) -> str:
+        return self.flag.removeprefix("--")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + re.sub(r"[.-]", "_", self.key).upper()
+
+
+OPTIONS: Final = (
+    _Option("--web.listen-address", _listen, ":9477", "address to serve HTTP on", "[HOST]:PORT"),
+    _Option("--web.telemetry-path", _path, "/metrics", "path of the metrics page", "PATH"),
+    _Option("--web.config.file", _existing_file, None,
+            "exporter-toolkit web config (TLS, basic auth)", "FILE"),
+    _Option("--otlp.endpoint", _identity, None, "OTLP collector endpoint (off when unset)", "URL"),
+    _Option("--otlp.protocol", _choice(OTLP_PROTOCOLS), "grpc", "grpc or http/protobuf", "PROTO"),
+    _Option("--otlp.interval", _seconds, 15.0, "seconds between OTLP exports", "SECONDS"),
+    _Option("--collector.sample-ratio", _ratio, 1.0,
+            "fraction of block hashes whose lifecycle is tracked, in (0, 1]", "RATIO"),
+    _Option("--collector.max-tracked-blocks", _positive_int, 4_000_000,
+            "most resident blocks held per engine; stores beyond are counted, not tracked", "N"),
+    _Option("--collector.removed-memory", _non_negative_int, 1_000_000,
+            "removed hashes remembered per engine to recognise restores", "N"),
+    _Option("--collector.duration-buckets", _buckets, RESIDENCY_BUCKETS,
+            "bucket bounds in seconds for lifetime/idle/reuse/restore histograms", "B1,B2,..."),
+    _Option("--collector.access-buckets", _buckets, ACCESS_COUNT_BUCKETS,
+            "bucket bounds for accesses-before-evict", "B1,B2,..."),
+    _Option("--source.receive-hwm", _positive_int, 200_000,
+            "ZeroMQ receive high-water mark per source, in messages", "N"),
+    _Option("--log.level", _choice(LOG_LEVELS), "info", "debug, info, warn or error", "LEVEL"),
+    _Option("--log.format", _choice(LOG_FORMATS), "logfmt", "logfmt or json", "FORMAT"),
+)  # fmt: skip
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but errors are one line and exit 2 (the exporter convention)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(message)
+
+
+def build_parser(prog: str = "kvcache-exporter") -> argparse.ArgumentParser:
+    parser = _OneLineParser(
+        prog=prog,
+        description="Prometheus/OTLP exporter for LLM inference engines' KV-cache events.",
+        epilog=f"Every flag can also be set as {ENV_PREFIX}<FLAG_IN_UPPER_SNAKE_CASE> "
+        "or as a key of the --config.file YAML.",
+    )
+    parser.add_argument(
+        "--source",
+        action="append",
+        metavar="NAME=ENDPOINT[,replay=EP][,topic=PREFIX][,bind]",
+        help=f"an engine's event endpoint (repeatable; default {DEFAULT_SOURCE})",
+    )
+    parser.add_argument("--config.file", dest="config_file", metavar="FILE", help="YAML config")
+    for opt in OPTIONS:
+        parser.add_argument(opt.flag, dest=opt.key, metavar=opt.metavar, help=opt.help)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def _load_file(path: str) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"--config.file {path}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"--config.file {path}:{where} not valid YAML") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config.file {path}: expected a mapping of flag names to values")
+    known = {opt.key for opt in OPTIONS} | {"source"}
+    unknown = sorted(set(map(str, data)) - known)
+    if unknown:
+        raise ConfigError(f"--config.file {path}: unknown key {unknown[0]!r}")
+    return data
+
+
+def _file_sources(value: object, path: str) -> list[str]:
+    items = value if isinstance(value, list) else [value]
+    texts = []
+    for item in items:
+        if isinstance(item, str):
+            texts.append(item)
+        elif isinstance(item, Mapping) and "name" in item and "endpoint" in item:
+            text = f"{item['name']}={item['endpoint']}"
+            if item.get("replay"):
+                text += f",replay={item['replay']}"
+            if item.get("topic"):
+                text += f",topic={item['topic']}"
+            if item.get("bind"):
+                text += ",bind"
+            texts.append(text)
+        else:
+            raise ConfigError(
+                f"--config.file {path}: source: expected 'NAME=ENDPOINT' or a mapping "
+                "with name and endpoint"
+            )
+    return texts
+
+
+def load(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> ExporterConfig:
+    """Parse and validate; raises :class:`ConfigError` with a one-line message."""
+    env = os.environ if environ is None else environ
+    args = vars(build_parser().parse_args(list(argv)))
+    config_file = args.pop("config_file") or env.get(ENV_PREFIX + "CONFIG_FILE")
+    file_values = _load_file(config_file) if config_file else {}
+
+    values: dict[str, Any] = {}
+    for opt in OPTIONS:
+        raw: object = None
+        where = ""
+        if args.get(opt.key) is not None:
+            raw, where = args[opt.key], opt.flag
+        elif env.get(opt.env):
+            raw, where = env[opt.env], opt.env
+        elif opt.key in file_values:
+            raw, where = file_values[opt.key], f"--config.file {config_file}: {opt.key}"
+        if raw is None:
+            values[opt.key] = opt.default
+            continue
+        text = ",".join(map(str, raw)) if isinstance(raw, list) else str(raw)
+        try:
+            values[opt.key] = opt.convert(text)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+
+    source_texts: list[str]
+    if args.get("source"):
+        source_texts, where = args["source"], "--source"
+    elif env.get(ENV_PREFIX + "SOURCE"):
+        source_texts = re.split(r"[;\s]+", env[ENV_PREFIX + "SOURCE"].strip())
+        where = ENV_PREFIX + "SOURCE"
+    elif "source" in file_values:
+        source_texts = _file_sources(file_values["source"], str(config_file))
+        where = f"--config.file {config_file}"
+    else:
+        source_texts, where = [DEFAULT_SOURCE], "default source"
+    try:
+        sources = tuple(SourceSpec.parse(text) for text in source_texts)
+    except SourceSpecError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    names = [s.name for s in sources]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"{where}: source name {duplicates[0]!r} given twice")
+    if values["otlp.endpoint"] is not None:
+        raise ConfigError(
+            "--otlp.endpoint: OTLP export is not available in this version yet; "
+            "scrape /metrics instead"
+        )
+    if values["web.config.file"] is not None:
+        raise ConfigError(
+            "--web.config.file: TLS and basic auth are not available in this version yet"
+        )
+
+    return ExporterConfig(
+        sources=sources,
+        listen_address=values["web.listen-address"],
+        telemetry_path=values["web.telemetry-path"],
+        web_config_file=values["web.config.file"],
+        otlp_endpoint=values["otlp.endpoint"],
+        otlp_protocol=values["otlp.protocol"],
+        otlp_interval=values["otlp.interval"],
+        collector=CollectorConfig(
+            sample_ratio=values["collector.sample-ratio"],
+            max_tracked_blocks=values["collector.max-tracked-blocks"],
+            removed_memory=values["collector.removed-memory"],
+            duration_buckets=values["collector.duration-buckets"],
+            access_buckets=values["collector.access-buckets"],
+        ),
+        receive_hwm=values["source.receive-hwm"],
+        log_level=values["log.level"],
+        log_format=values["log.format"],
+    )

@@ -1,0 +1,1 @@
+"""Outputs: Prometheus exposition, the HTTP server and its JSON API."""

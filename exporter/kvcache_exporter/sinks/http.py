@@ -1,0 +1,141 @@
+"""The HTTP server: ``/metrics``, the landing page, health, readiness and the JSON API."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Final
+
+from .. import __version__
+
+log = logging.getLogger("kvcache_exporter.http")
+
+MAX_REQUEST_LINE: Final = 8192
+
+
+@dataclass(frozen=True, slots=True)
+class Routes:
+    """What the server answers with; each callable runs on the request's thread."""
+
+    telemetry_path: str
+    metrics: Callable[[], str]
+    ready: Callable[[], tuple[bool, str]]
+    summary: Callable[[], dict[str, Any]]
+
+
+def parse_listen_address(address: str) -> tuple[str, int]:
+    """``host:port``, ``:port`` or ``[v6]:port`` → (host, port). Raises ValueError."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"listen address {address!r}: expected [HOST]:PORT")
+    host = host.strip("[]")
+    return host, int(port)
+
+
+def _landing(telemetry_path: str) -> bytes:
+    links = "".join(
+        f'<li><a href="{path}">{path}</a> — {text}</li>'
+        for path, text in (
+            (telemetry_path, "Prometheus metrics"),
+            ("/healthz", "liveness"),
+            ("/readyz", "readiness: 200 once every source is connected"),
+            ("/api/v1/summary", "collector summary (JSON)"),
+        )
+    )
+    return (
+        "<!doctype html><html><head><title>kvcache-exporter</title></head><body>"
+        f"<h1>kvcache-exporter {__version__}</h1>"
+        "<p>KV-cache block lifecycle metrics for LLM inference engines.</p>"
+        f"<ul>{links}</ul></body></html>"
+    ).encode()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: MetricsHTTPServer
+    protocol_version = "HTTP/1.1"
+    server_version = f"kvcache-exporter/{__version__}"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        log.debug("http request", extra={"client": self.client_address[0], "line": format % args})
+
+    def _send(self, status: int, body: bytes, content_type: str) -> None:
+        gzip_ok = "gzip" in self.headers.get("Accept-Encoding", "") and len(body) > 1024
+        if gzip_ok:
+            body = gzip.compress(body, compresslevel=1)
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        if gzip_ok:
+            self.send_header("Content-Encoding", "gzip")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def do_HEAD(self) -> None:
+        self.do_GET()
+
+    def do_GET(self) -> None:
+        routes = self.server.routes
+        path = self.path.split("?", 1)[0]
+        try:
+            if path == routes.telemetry_path:
+                started = time.perf_counter()
+                text = routes.metrics()
+                self.server.last_scrape_seconds = time.perf_counter() - started
+                self._send(200, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
+            elif path == "/":
+                self._send(200, _landing(routes.telemetry_path), "text/html; charset=utf-8")
+            elif path == "/healthz":
+                self._send(200, b"ok\n", "text/plain; charset=utf-8")
+            elif path == "/readyz":
+                ready, detail = routes.ready()
+                status = HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE
+                self._send(status, (detail + "\n").encode(), "text/plain; charset=utf-8")
+            elif path == "/api/v1/summary":
+                body = json.dumps(routes.summary(), indent=2).encode()
+                self._send(200, body, "application/json")
+            else:
+                self._send(404, b"not found\n", "text/plain; charset=utf-8")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        except Exception:
+            log.exception("request failed", extra={"path": path})
+            self._send(500, b"internal error\n", "text/plain; charset=utf-8")
+
+
+class MetricsHTTPServer(ThreadingHTTPServer):
+    """A threading HTTP server; request threads are daemons so shutdown never waits on a
+    slow client."""
+
+    daemon_threads = True
+    request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int], routes: Routes) -> None:
+        host = address[0]
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        super().__init__((host or "0.0.0.0", address[1]), _Handler)
+        self.routes = routes
+        self.last_scrape_seconds = 0.0
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return int(self.server_address[1])
+
+    def start(self) -> None:
+        self._thread = threading.Thread(
+            target=self.serve_forever, kwargs={"poll_interval": 0.1}, name="http", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()

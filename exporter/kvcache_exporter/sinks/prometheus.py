@@ -1,0 +1,221 @@
+"""Prometheus text exposition (format 0.0.4), written straight from collector snapshots.
+
+No ``prometheus_client`` objects sit on the ingest path: a scrape takes one snapshot per
+engine and formats numpy arrays into text, family by family, so every family's samples are
+contiguous as the format requires.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+
+from .. import __version__
+from ..collector import CollectorSnapshot
+from ..collector.histogram import HistogramSnapshot
+from ..sources.subscriber import SourceStats
+
+CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+
+HISTOGRAM_FAMILIES: Final = (
+    ("lifetime", "kvcache_block_lifetime_seconds", "Block lifetime, stored to removed."),
+    (
+        "idle_before_evict",
+        "kvcache_block_idle_before_evict_seconds",
+        "Time from a block's last access (or store) to its removal.",
+    ),
+    (
+        "reuse_gap",
+        "kvcache_block_reuse_gap_seconds",
+        "Time between consecutive accesses of a resident block.",
+    ),
+    (
+        "restore_gap",
+        "kvcache_block_restore_gap_seconds",
+        "Time from a block's removal to its being stored again.",
+    ),
+    (
+        "accesses_before_evict",
+        "kvcache_block_accesses_before_evict",
+        "Accesses a block got after its store and before its removal.",
+    ),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineView:
+    """Everything the exposition needs about one engine, copied at scrape time."""
+
+    name: str
+    collector: CollectorSnapshot
+    source: SourceStats
+    events: dict[str, int]
+    decode_errors: dict[str, int]
+    unknown_fields: int
+    tokens_stored: int
+    sample_ratio: float
+
+
+def escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def fmt(value: float) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "NaN"
+        if math.isinf(value):
+            return "+Inf" if value > 0 else "-Inf"
+        return repr(value)
+    return str(value)
+
+
+def _labels(pairs: Iterable[tuple[str, str]]) -> str:
+    inner = ",".join(f'{k}="{escape(v)}"' for k, v in pairs)
+    return "{" + inner + "}" if inner else ""
+
+
+class Exposition:
+    """Builds the text of one scrape."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def family(self, name: str, kind: str, help_text: str) -> None:
+        self.lines.append(f"# HELP {name} {help_text}")
+        self.lines.append(f"# TYPE {name} {kind}")
+
+    def sample(self, name: str, labels: Sequence[tuple[str, str]], value: float) -> None:
+        self.lines.append(f"{name}{_labels(labels)} {fmt(value)}")
+
+    def histogram(
+        self, name: str, labels: Sequence[tuple[str, str]], hist: HistogramSnapshot, row: int
+    ) -> None:
+        cumulative = np.cumsum(hist.counts[row]).tolist()
+        for bound, count in zip(hist.bounds, cumulative, strict=False):
+            self.sample(f"{name}_bucket", [*labels, ("le", fmt(float(bound)))], count)
+        self.sample(f"{name}_bucket", [*labels, ("le", "+Inf")], cumulative[-1])
+        self.sample(f"{name}_sum", labels, float(hist.sums[row]))
+        self.sample(f"{name}_count", labels, cumulative[-1])
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+def _active_media(snap: CollectorSnapshot) -> list[int]:
+    """Media to label: every medium seen on the wire, ``unknown`` only once it has data."""
+    active = []
+    for i, _ in enumerate(snap.media):
+        used = bool(snap.stored[i] or snap.removed[i].any() or snap.accessed[i] or snap.resident[i])
+        if i > 0 or used:
+            active.append(i)
+    return active
+
+
+def render(views: Sequence[EngineView]) -> str:
+    """The whole ``/metrics`` page for these engines."""
+    out = Exposition()
+    media = {v.name: _active_media(v.collector) for v in views}
+
+    def per_medium(name: str, kind: str, help_text: str, attr: str) -> None:
+        out.family(name, kind, help_text)
+        for v in views:
+            values = getattr(v.collector, attr)
+            for i in media[v.name]:
+                out.sample(name, [("engine", v.name), ("medium", v.collector.media[i])], int(values[i]))
+
+    def per_engine(name: str, kind: str, help_text: str, values: dict[str, float | None]) -> None:
+        out.family(name, kind, help_text)
+        for engine, value in values.items():
+            if value is not None:
+                out.sample(name, [("engine", engine)], value)
+
+    out.family("kvcache_events_total", "counter", "Events decoded, by event type.")
+    for v in views:
+        for kind, count in sorted(v.events.items()):
+            out.sample("kvcache_events_total", [("engine", v.name), ("type", kind)], count)
+
+    per_medium("kvcache_blocks_stored_total", "counter",
+               "Blocks newly stored (a re-announcement of a resident block is an access).", "stored")
+    out.family("kvcache_blocks_removed_total", "counter",
+               "Block hashes removed, by reason (cleared for AllBlocksCleared).")
+    for v in views:
+        snap = v.collector
+        for i in media[v.name]:
+            for r, reason in enumerate(snap.reasons):
+                if snap.removed[i, r] or r == 0:
+                    out.sample("kvcache_blocks_removed_total",
+                               [("engine", v.name), ("medium", snap.media[i]), ("reason", reason)],
+                               int(snap.removed[i, r]))
+    per_medium("kvcache_blocks_accessed_total", "counter",
+               "Hits on resident blocks, where the engine reports them.", "accessed")
+    per_medium("kvcache_block_restores_total", "counter",
+               "Blocks stored again after they had been removed (recomputation).", "restores")
+    per_engine("kvcache_cache_clears_total", "counter", "AllBlocksCleared events.",
+               {v.name: v.collector.clears for v in views})
+    per_medium("kvcache_resident_blocks", "gauge", "Blocks resident now.", "resident")
+    per_engine("kvcache_tracked_blocks", "gauge", "Resident blocks whose lifecycle is tracked (sampled).",
+               {v.name: v.collector.tracked for v in views})
+    per_engine("kvcache_stored_tokens_total", "counter", "Tokens in stored blocks, as the engine reported them.",
+               {v.name: v.tokens_stored for v in views})
+
+    for key, name, help_text in HISTOGRAM_FAMILIES:
+        out.family(name, "histogram", help_text)
+        for v in views:
+            hist = v.collector.histograms[key]
+            for i in media[v.name]:
+                out.histogram(name, [("engine", v.name), ("medium", v.collector.media[i])], hist, i)
+
+    out.family("kvcache_exporter_build_info", "gauge", "Always 1; the version is a label.")
+    out.sample("kvcache_exporter_build_info", [("version", __version__)], 1)
+    per_engine("kvcache_exporter_messages_total", "counter", "ZeroMQ messages received.",
+               {v.name: v.source.messages for v in views})
+    out.family("kvcache_exporter_decode_errors_total", "counter",
+               "Messages or events that could not be read, by reason.")
+    for v in views:
+        for reason, count in sorted(v.decode_errors.items()):
+            out.sample("kvcache_exporter_decode_errors_total", [("engine", v.name), ("reason", reason)], count)
+    per_engine("kvcache_exporter_unknown_fields_total", "counter",
+               "Event fields this exporter does not know, skipped.",
+               {v.name: v.unknown_fields for v in views})
+    per_engine("kvcache_exporter_sequence_gaps_total", "counter", "Gaps seen in the sequence numbers.",
+               {v.name: v.source.sequence_gaps for v in views})
+    per_engine("kvcache_exporter_batches_lost_total", "counter",
+               "Batches missing after replay was tried (or with no replay configured).",
+               {v.name: v.source.batches_lost for v in views})
+    per_engine("kvcache_exporter_batches_replayed_total", "counter", "Batches recovered by replay.",
+               {v.name: v.source.batches_replayed for v in views})
+    per_engine("kvcache_exporter_duplicate_batches_total", "counter",
+               "Batches whose sequence number was already seen, ignored.",
+               {v.name: v.source.duplicates for v in views})
+    per_engine("kvcache_exporter_engine_restarts_total", "counter",
+               "Publisher restarts (sequence back to 0); the engine's residency is reset.",
+               {v.name: v.source.engine_restarts for v in views})
+    per_engine("kvcache_exporter_last_event_timestamp_seconds", "gauge",
+               "Engine timestamp of the newest batch.", {v.name: v.source.last_event_ts for v in views})
+    per_engine("kvcache_exporter_event_lag_seconds", "gauge",
+               "Arrival time minus engine timestamp of the newest batch.",
+               {v.name: (v.source.last_arrival - v.source.last_event_ts)
+                if v.source.last_arrival is not None and v.source.last_event_ts is not None else None
+                for v in views})
+    per_engine("kvcache_exporter_source_up", "gauge",
+               "1 while the source's socket has a live connection to an engine.",
+               {v.name: int(v.source.up) for v in views})
+    per_engine("kvcache_exporter_sample_ratio", "gauge", "Fraction of block hashes tracked.",
+               {v.name: v.sample_ratio for v in views})
+    per_engine("kvcache_exporter_unknown_removals_total", "counter",
+               "Removals of hashes not known to be resident.",
+               {v.name: v.collector.unknown_removals for v in views})
+    per_engine("kvcache_exporter_unknown_accesses_total", "counter",
+               "Accesses reported for hashes not known to be resident.",
+               {v.name: v.collector.unknown_accesses for v in views})
+    per_engine("kvcache_exporter_untracked_stores_total", "counter",
+               "Stores not tracked because the block table was full (--collector.max-tracked-blocks).",
+               {v.name: v.collector.untracked_stores for v in views})
+    per_engine("kvcache_exporter_collector_bytes", "gauge", "Memory held by the engine's block state.",
+               {v.name: v.collector.table_bytes for v in views})
+    return out.text()

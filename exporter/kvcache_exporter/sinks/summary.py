@@ -1,0 +1,70 @@
+"""The collector summary served as JSON on ``/api/v1/summary``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..collector.histogram import HistogramSnapshot
+from .prometheus import HISTOGRAM_FAMILIES, EngineView
+
+
+def quantile(hist: HistogramSnapshot, row: int, q: float) -> float | None:
+    """Bucket-interpolated quantile, as PromQL's histogram_quantile computes it."""
+    counts = hist.counts[row].astype(np.float64)
+    total = counts.sum()
+    if total == 0:
+        return None
+    cumulative = np.cumsum(counts)
+    rank = q * total
+    bucket = int(np.searchsorted(cumulative, rank, side="left"))
+    if bucket >= len(hist.bounds):
+        return float(hist.bounds[-1])
+    lower = 0.0 if bucket == 0 else hist.bounds[bucket - 1]
+    below = 0.0 if bucket == 0 else cumulative[bucket - 1]
+    in_bucket = counts[bucket]
+    fraction = (rank - below) / in_bucket if in_bucket else 0.0
+    return float(lower + (hist.bounds[bucket] - lower) * fraction)
+
+
+def summarize(view: EngineView) -> dict[str, Any]:
+    snap = view.collector
+    media: dict[str, Any] = {}
+    for i, name in enumerate(snap.media):
+        stored = int(snap.stored[i])
+        entry: dict[str, Any] = {
+            "resident_blocks": int(snap.resident[i]),
+            "stored_total": stored,
+            "removed_total": {r: int(snap.removed[i, j]) for j, r in enumerate(snap.reasons)
+                              if snap.removed[i, j]},
+            "accessed_total": int(snap.accessed[i]),
+            "restores_total": int(snap.restores[i]),
+            "restore_ratio": int(snap.restores[i]) / stored if stored else None,
+        }
+        for key, _, _ in HISTOGRAM_FAMILIES:
+            hist = snap.histograms[key]
+            entry[key] = {
+                "count": int(hist.counts[i].sum()),
+                "sum": float(hist.sums[i]),
+                **{f"p{int(q * 100)}": quantile(hist, i, q) for q in (0.5, 0.9, 0.99)},
+            }
+        if stored or snap.resident[i] or snap.removed[i].any():
+            media[name] = entry
+    return {
+        "engine": view.name,
+        "source": {
+            "up": view.source.up,
+            "messages_total": view.source.messages,
+            "sequence_gaps_total": view.source.sequence_gaps,
+            "batches_lost_total": view.source.batches_lost,
+            "last_event_timestamp_seconds": view.source.last_event_ts,
+        },
+        "events_total": view.events,
+        "decode_errors_total": view.decode_errors,
+        "tracked_blocks": snap.tracked,
+        "sample_ratio": view.sample_ratio,
+        "cache_clears_total": snap.clears,
+        "unknown_removals_total": snap.unknown_removals,
+        "media": media,
+    }

@@ -1,0 +1,1 @@
+"""Inputs: ZeroMQ subscriptions to engines' KV-event streams."""

@@ -1,0 +1,94 @@
+"""What a ``--source`` flag says: a named engine endpoint and how to reach it."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Final
+from urllib.parse import urlsplit
+
+_NAME: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,62}$")
+_BIND_HOSTS: Final = frozenset({"*", "0.0.0.0", "::", "[::]"})
+_TRANSPORTS: Final = ("tcp://", "ipc://", "inproc://")
+
+
+class SourceSpecError(ValueError):
+    """A ``--source`` value that cannot be used; the message says why."""
+
+
+def _host_of(endpoint: str) -> str:
+    rest = endpoint[len("tcp://") :]
+    if rest.startswith("["):
+        return rest[: rest.find("]") + 1] if "]" in rest else rest
+    return rest.rsplit(":", 1)[0]
+
+
+def _check_endpoint(endpoint: str, what: str) -> None:
+    if not endpoint.startswith(_TRANSPORTS):
+        raise SourceSpecError(f"{what} {endpoint!r}: expected tcp://, ipc:// or inproc://")
+    if endpoint.startswith("tcp://"):
+        rest = endpoint[len("tcp://") :]
+        port = rest.rsplit(":", 1)[-1] if ":" in rest else ""
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise SourceSpecError(f"{what} {endpoint!r}: needs a port in 1..65535")
+        if not _host_of(endpoint):
+            raise SourceSpecError(f"{what} {endpoint!r}: needs a host")
+        urlsplit(endpoint)  # rejects malformed IPv6 brackets
+
+
+@dataclass(frozen=True, slots=True)
+class SourceSpec:
+    """One engine event stream: ``NAME=ENDPOINT[,replay=ENDPOINT][,topic=PREFIX][,bind]``."""
+
+    name: str
+    endpoint: str
+    replay: str | None = None
+    topic: str = ""
+    bind_flag: bool = False
+
+    @property
+    def binds(self) -> bool:
+        """SPEC §2.1: wildcard tcp hosts are bound (engines connect to us); other tcp hosts
+        are connected to; ipc/inproc endpoints are connected to unless marked ``bind``."""
+        if self.bind_flag:
+            return True
+        if self.endpoint.startswith("tcp://"):
+            return _host_of(self.endpoint) in _BIND_HOSTS
+        return False
+
+    @property
+    def zmq_endpoint(self) -> str:
+        """The endpoint as libzmq spells it (``tcp://*:5557`` for every wildcard host)."""
+        if self.endpoint.startswith("tcp://") and _host_of(self.endpoint) in _BIND_HOSTS:
+            return "tcp://*:" + self.endpoint.rsplit(":", 1)[1]
+        return self.endpoint
+
+    @classmethod
+    def parse(cls, text: str) -> SourceSpec:
+        name, sep, rest = text.partition("=")
+        name = name.strip()
+        if not sep or not rest:
+            raise SourceSpecError(f"source {text!r}: expected NAME=ENDPOINT[,options]")
+        if not _NAME.match(name):
+            raise SourceSpecError(
+                f"source {text!r}: name {name!r} must match [A-Za-z_][A-Za-z0-9_.:-]*"
+            )
+        endpoint, *options = (part.strip() for part in rest.split(","))
+        _check_endpoint(endpoint, f"source {name}: endpoint")
+        replay: str | None = None
+        topic = ""
+        bind = False
+        for option in options:
+            key, has_value, value = option.partition("=")
+            if key == "bind" and not has_value:
+                bind = True
+            elif key == "replay" and value:
+                _check_endpoint(value, f"source {name}: replay endpoint")
+                replay = value
+            elif key == "topic" and has_value:
+                topic = value
+            else:
+                raise SourceSpecError(
+                    f"source {name}: unknown option {option!r} (replay=, topic=, bind)"
+                )
+        return cls(name=name, endpoint=endpoint, replay=replay, topic=topic, bind_flag=bind)
