@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import zmq
@@ -17,9 +18,25 @@ from .protocol.batch import LabelTable
 from .sinks.http import MetricsHTTPServer, Routes, parse_listen_address
 from .sinks.prometheus import EngineView, render
 from .sinks.summary import summarize
+from .sources.stream import EventStream
 from .sources.subscriber import IngestLoop, SubscriberSource
 
 log = logging.getLogger("kvcache_exporter")
+
+
+def engine_view(name: str, collector: BlockLifecycleCollector, stream: EventStream) -> EngineView:
+    """What the sinks read of one engine: its collector snapshot and its stream's counters."""
+    decoded = stream.decoder.stats
+    return EngineView(
+        name=name,
+        collector=collector.snapshot(),
+        source=stream.stats,
+        events=dict(decoded.events),
+        decode_errors=stream.decode_errors(),
+        unknown_fields=decoded.unknown_fields,
+        tokens_stored=decoded.tokens_stored,
+        sample_ratio=collector.config.sample_ratio,
+    )
 
 
 @dataclass(slots=True)
@@ -31,25 +48,7 @@ class Engine:
     source: SubscriberSource
 
     def view(self) -> EngineView:
-        stats = self.source.decoder.stats
-        events = dict(stats.events)
-        return EngineView(
-            name=self.name,
-            collector=self.collector.snapshot(),
-            source=self.source.stats,
-            events=events,
-            decode_errors=_add(self.source.stats.decode_errors, stats.errors),
-            unknown_fields=stats.unknown_fields,
-            tokens_stored=stats.tokens_stored,
-            sample_ratio=self.collector.config.sample_ratio,
-        )
-
-
-def _add(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
-    total = dict(a)
-    for key, count in dict(b).items():
-        total[key] = total.get(key, 0) + count
-    return total
+        return engine_view(self.name, self.collector, self.source.stream)
 
 
 class Exporter:
@@ -67,7 +66,7 @@ class Exporter:
                 spec,
                 self.context,
                 on_batch=collector.apply,
-                on_restart=lambda ts, c=collector: c.clear(ts, REASON_RESTART),
+                on_restart=partial(collector.clear, reason=REASON_RESTART),
                 media=media,
                 reasons=reasons,
                 rcvhwm=config.receive_hwm,

@@ -47,7 +47,8 @@ def sample_hash(keys: _U64) -> _U64:
     z = z * _SAMPLE_MUL1
     z = z ^ (z >> np.uint64(27))
     z = z * _SAMPLE_MUL2
-    return z ^ (z >> np.uint64(31))
+    result: _U64 = z ^ (z >> np.uint64(31))
+    return result
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,8 +20,8 @@ TOMBSTONE: Final = 3
 
 _MEDIUM_MIX: Final = np.uint64(0xC2B2AE3D27D4EB4F)
 _SLOT_MUL: Final = np.uint64(0x9E3779B97F4A7C15)
-_MAX_LOAD: Final = 0.8
-_TARGET_LOAD: Final = 0.55
+_MAX_LOAD: Final = 0.6
+_TARGET_LOAD: Final = 0.4
 _MIN_BITS: Final = 10
 
 I64Array = npt.NDArray[np.int64]

@@ -17,7 +17,7 @@ import numpy as np
 from .. import __version__
 from ..collector import CollectorSnapshot
 from ..collector.histogram import HistogramSnapshot
-from ..sources.subscriber import SourceStats
+from ..sources.stream import SourceStats
 
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 

@@ -1,0 +1,699 @@
+"""The engine side: encode KV-cache events the way the engines do and publish them over ZeroMQ.
+
+An engine written in Python emits the stream this exporter reads with a few lines::
+
+    with KVEventPublisher("tcp://*:5557", replay_endpoint="tcp://*:5558") as pub:
+        pub.stored([h1, h2], token_count=32)
+        pub.accessed([h1])
+        pub.removed([h2], reason="freed")
+        pub.publish()
+
+Framing is vLLM's: a PUB socket sends ``[topic, seq (8 bytes big-endian), payload]`` with
+``seq`` counting from 0 and ``payload`` the msgpack batch ``[ts, events, dp_rank]``. Three
+wire forms are offered (:class:`WireForm`); each matches the bytes of the engine it is named
+after as far as msgspec allows (``tests/fixtures/vectors``):
+
+- ``vllm``: events are maps with a ``"type"`` key (vLLM >= 0.24). vLLM's own declared fields
+  are always written, ``null`` included, exactly as vLLM does; the extension field ``reason``
+  is written only when given (msgspec ``omit_defaults``). Byte-identical to vLLM 0.25's
+  encoder. vLLM 0.33 differs only in a ``map16`` header for ``BlockStored`` (msgspec picks it
+  because vLLM 0.33 declares more than 15 fields); the decoded values are the same.
+- ``vllm-array``: events are arrays (vLLM <= 0.23):
+  ``["BlockStored", block_hashes, parent_block_hash, token_ids, block_size, lora_id, medium,
+  lora_name]``, ``["BlockRemoved", block_hashes, medium(, reason)]``,
+  ``["AllBlocksCleared"]``. vLLM 0.18 / 0.23 pad further positions with nulls; consumers read
+  by position and ignore the padding, so it is left out.
+- ``sglang``: maps like SGLang 0.5: ``medium`` and ``lora_name`` are omitted when null, the
+  topic is conventionally empty. Byte-identical to SGLang 0.5.23's encoder.
+
+The native extension (SPEC §2.2) adds ``BlockAccessed {block_hashes, medium}`` and an optional
+``reason`` on ``BlockRemoved``; engines that never send them stay wire-compatible with vLLM.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from enum import StrEnum
+from functools import lru_cache
+from itertools import islice
+from types import TracebackType
+from typing import Any, Final, Self
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+import zmq
+
+__all__ = [
+    "END_SEQ",
+    "Accessed",
+    "Cleared",
+    "Event",
+    "Hash",
+    "Hashes",
+    "KVEventPublisher",
+    "Removed",
+    "Stored",
+    "WireForm",
+    "encode_batch",
+    "endpoint_binds",
+    "frames",
+]
+
+log = logging.getLogger(__name__)
+
+Hash = int | bytes
+"""A block hash as engines send it: an int (uint64; SGLang may send it signed) or raw bytes."""
+Hashes = Sequence[Hash] | npt.NDArray[np.uint64] | npt.NDArray[np.int64]
+"""Block hashes in order: a list or tuple, or a numpy array (sent via ``tolist()``)."""
+
+END_SEQ: Final = b"\xff" * 8
+"""The replay end marker: sequence number -1 as 8 big-endian bytes."""
+
+_U64: Final = (1 << 64) - 1
+
+
+class WireForm(StrEnum):
+    """How events are laid out inside the msgpack batch (see the module docstring)."""
+
+    VLLM = "vllm"
+    VLLM_ARRAY = "vllm-array"
+    SGLANG = "sglang"
+
+
+# --- the public event records --------------------------------------------------------------
+# Plain msgspec structs: cheap to build in an engine's hot path, compared by value in tests.
+class Stored(msgspec.Struct, frozen=True, gc=False):
+    """Blocks newly stored on ``medium``; ``parent_block_hash`` is the block before them.
+
+    Engines send the blocks' token ids; the exporter only counts them. Give ``token_ids``, or
+    just ``token_count`` (sent as that many zeros); with neither, ``block_size`` tokens per
+    block are sent, as an engine storing full blocks does.
+    """
+
+    block_hashes: Hashes
+    parent_block_hash: Hash | None = None
+    token_ids: Sequence[int] | None = None
+    token_count: int | None = None
+    block_size: int = 16
+    lora_id: int | None = None
+    medium: str | None = "GPU"
+    lora_name: str | None = None
+
+
+class Removed(msgspec.Struct, frozen=True, gc=False):
+    """Blocks removed from ``medium``; ``reason`` (``evicted``, ``freed``, …) is the extension."""
+
+    block_hashes: Hashes
+    medium: str | None = "GPU"
+    reason: str | None = None
+
+
+class Accessed(msgspec.Struct, frozen=True, gc=False):
+    """A cache hit on resident blocks (native extension ``BlockAccessed``)."""
+
+    block_hashes: Hashes
+    medium: str | None = "GPU"
+
+
+class Cleared(msgspec.Struct, frozen=True, gc=False):
+    """Every block of the cache is gone (``AllBlocksCleared``)."""
+
+
+Event = Stored | Removed | Accessed | Cleared
+
+
+# --- wire structs, one set per form ----------------------------------------------------------
+# Field order is the wire order (map key order, array position). Fields without a default are
+# always written, null included; fields with a default are left out when they hold it.
+class _VStored(msgspec.Struct, tag="BlockStored", tag_field="type", omit_defaults=True, gc=False):
+    block_hashes: Sequence[Hash]
+    parent_block_hash: Hash | None
+    token_ids: Any
+    block_size: int
+    lora_id: int | None
+    medium: str | None
+    lora_name: str | None
+
+
+class _VRemoved(msgspec.Struct, tag="BlockRemoved", tag_field="type", omit_defaults=True, gc=False):
+    block_hashes: Sequence[Hash]
+    medium: str | None
+    reason: str | None = None
+
+
+class _VAccessed(
+    msgspec.Struct, tag="BlockAccessed", tag_field="type", omit_defaults=True, gc=False
+):
+    block_hashes: Sequence[Hash]
+    medium: str | None
+
+
+class _VCleared(msgspec.Struct, tag="AllBlocksCleared", tag_field="type", gc=False):
+    pass
+
+
+class _AStored(msgspec.Struct, tag="BlockStored", array_like=True, gc=False):
+    block_hashes: Sequence[Hash]
+    parent_block_hash: Hash | None
+    token_ids: Any
+    block_size: int
+    lora_id: int | None
+    medium: str | None
+    lora_name: str | None
+
+
+# msgspec writes every position of an array-like struct, defaults included, so a removal with
+# a reason is its own struct: the reason then sits at position 3, after medium.
+class _ARemoved(msgspec.Struct, tag="BlockRemoved", array_like=True, gc=False):
+    block_hashes: Sequence[Hash]
+    medium: str | None
+
+
+class _ARemovedWithReason(msgspec.Struct, tag="BlockRemoved", array_like=True, gc=False):
+    block_hashes: Sequence[Hash]
+    medium: str | None
+    reason: str
+
+
+class _AAccessed(msgspec.Struct, tag="BlockAccessed", array_like=True, gc=False):
+    block_hashes: Sequence[Hash]
+    medium: str | None
+
+
+class _ACleared(msgspec.Struct, tag="AllBlocksCleared", array_like=True, gc=False):
+    pass
+
+
+class _SStored(msgspec.Struct, tag="BlockStored", tag_field="type", omit_defaults=True, gc=False):
+    block_hashes: Sequence[Hash]
+    parent_block_hash: Hash | None
+    token_ids: Any
+    block_size: int
+    lora_id: int | None
+    medium: str | None = None
+    lora_name: str | None = None
+
+
+class _SRemoved(msgspec.Struct, tag="BlockRemoved", tag_field="type", omit_defaults=True, gc=False):
+    block_hashes: Sequence[Hash]
+    medium: str | None = None
+    reason: str | None = None
+
+
+class _SAccessed(
+    msgspec.Struct, tag="BlockAccessed", tag_field="type", omit_defaults=True, gc=False
+):
+    block_hashes: Sequence[Hash]
+    medium: str | None = None
+
+
+class _Batch(msgspec.Struct, array_like=True, gc=False):
+    ts: float
+    events: list[Any]
+    dp_rank: int | None
+
+
+_encoder: Final = msgspec.msgpack.Encoder()
+
+
+def _seq(values: Sequence[Any] | npt.NDArray[Any]) -> Sequence[Any]:
+    """A list or tuple msgspec can write; numpy arrays and other sequences are converted."""
+    if type(values) is list or type(values) is tuple:
+        return values
+    tolist: Callable[[], list[Any]] | None = getattr(values, "tolist", None)
+    return tolist() if tolist is not None else list(values)
+
+
+@lru_cache(maxsize=256)
+def _zeros(count: int) -> msgspec.Raw:
+    """A msgpack array of ``count`` zeros, built once per length and embedded as raw bytes."""
+    if count < 0:
+        raise ValueError(f"token_count must be >= 0, not {count}")
+    if count <= 15:
+        head = bytes((0x90 | count,))
+    elif count <= 0xFFFF:
+        head = b"\xdc" + count.to_bytes(2, "big")
+    else:
+        head = b"\xdd" + count.to_bytes(4, "big")
+    return msgspec.Raw(head + bytes(count))
+
+
+def _tokens(event: Stored) -> Any:
+    if event.token_ids is not None:
+        return _seq(event.token_ids)
+    count = event.token_count
+    if count is None:
+        count = event.block_size * len(event.block_hashes)
+    return _zeros(count)
+
+
+def _vllm(event: Event) -> Any:
+    if type(event) is Stored:
+        return _VStored(
+            _seq(event.block_hashes),
+            event.parent_block_hash,
+            _tokens(event),
+            event.block_size,
+            event.lora_id,
+            event.medium,
+            event.lora_name,
+        )
+    if type(event) is Removed:
+        return _VRemoved(_seq(event.block_hashes), event.medium, event.reason)
+    if type(event) is Accessed:
+        return _VAccessed(_seq(event.block_hashes), event.medium)
+    if type(event) is Cleared:
+        return _VCleared()
+    raise TypeError(f"not a KV event: {event!r}")
+
+
+def _vllm_array(event: Event) -> Any:
+    if type(event) is Stored:
+        return _AStored(
+            _seq(event.block_hashes),
+            event.parent_block_hash,
+            _tokens(event),
+            event.block_size,
+            event.lora_id,
+            event.medium,
+            event.lora_name,
+        )
+    if type(event) is Removed:
+        if event.reason is None:
+            return _ARemoved(_seq(event.block_hashes), event.medium)
+        return _ARemovedWithReason(_seq(event.block_hashes), event.medium, event.reason)
+    if type(event) is Accessed:
+        return _AAccessed(_seq(event.block_hashes), event.medium)
+    if type(event) is Cleared:
+        return _ACleared()
+    raise TypeError(f"not a KV event: {event!r}")
+
+
+def _sglang(event: Event) -> Any:
+    if type(event) is Stored:
+        return _SStored(
+            _seq(event.block_hashes),
+            event.parent_block_hash,
+            _tokens(event),
+            event.block_size,
+            event.lora_id,
+            event.medium,
+            event.lora_name,
+        )
+    if type(event) is Removed:
+        return _SRemoved(_seq(event.block_hashes), event.medium, event.reason)
+    if type(event) is Accessed:
+        return _SAccessed(_seq(event.block_hashes), event.medium)
+    if type(event) is Cleared:
+        return _VCleared()  # SGLang's map form is the same: {"type": "AllBlocksCleared"}
+    raise TypeError(f"not a KV event: {event!r}")
+
+
+_TO_WIRE: Final[dict[WireForm, Callable[[Event], Any]]] = {
+    WireForm.VLLM: _vllm,
+    WireForm.VLLM_ARRAY: _vllm_array,
+    WireForm.SGLANG: _sglang,
+}
+
+
+def encode_batch(
+    ts: float,
+    events: Iterable[Event],
+    form: WireForm | str = WireForm.VLLM,
+    dp_rank: int | None = 0,
+) -> bytes:
+    """The msgpack payload ``[ts, events, dp_rank]`` of one batch in the given wire form.
+
+    ``ts`` is the engine's wall clock in seconds; durations the exporter reports are measured
+    on it. Pure: no sockets, usable to write test vectors or feed another transport.
+    """
+    to_wire = _TO_WIRE[WireForm(form)]
+    return _encoder.encode(_Batch(float(ts), list(map(to_wire, events)), dp_rank))
+
+
+def frames(topic: str | bytes, seq: int, payload: bytes) -> list[bytes]:
+    """The multipart message ``[topic, seq (8 bytes big-endian), payload]`` a PUB socket sends."""
+    topic_bytes = topic.encode("utf-8") if isinstance(topic, str) else bytes(topic)
+    return [topic_bytes, (seq & _U64).to_bytes(8, "big"), payload]
+
+
+_BIND_HOSTS: Final = frozenset({"*", "0.0.0.0", "::", "[::]"})
+
+
+def _tcp_host(endpoint: str) -> str | None:
+    if not endpoint.startswith("tcp://"):
+        return None
+    address = endpoint[len("tcp://") :].split(";")[-1]  # "source;destination" connect syntax
+    return address.rsplit(":", 1)[0] if ":" in address else address
+
+
+def _open(ctx: zmq.Context[Any], kind: int, endpoint: str) -> zmq.Socket[Any]:
+    """A socket of ``kind``; IPv6 switched on when the endpoint names an IPv6 host."""
+    sock: zmq.Socket[Any] = ctx.socket(kind)
+    host = _tcp_host(endpoint)
+    if host is not None and ":" in host:  # ZeroMQ refuses "[::]" and "[::1]" without it
+        sock.setsockopt(zmq.IPV6, 1)
+    return sock
+
+
+def _last_endpoint(sock: zmq.Socket[Any]) -> str:
+    value = sock.getsockopt(zmq.LAST_ENDPOINT)
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def endpoint_binds(endpoint: str) -> bool:
+    """Whether the stable side binds ``endpoint``: a wildcard tcp host, or ipc / inproc.
+
+    vLLM and SGLang decide with a substring test (``"*"`` or ``"::"`` anywhere, or an ipc /
+    inproc scheme); this looks at the host instead, so ``tcp://[::1]:5557`` connects (vLLM
+    would bind it) and ``tcp://0.0.0.0:5557`` binds (vLLM would connect to it). For the
+    endpoints engines are normally given (``tcp://*:5557``, ``tcp://<host>:5557``, ipc) both
+    agree, and the rule is the exporter's own (SPEC §2.1), so the two sides pair up.
+    """
+    if endpoint.startswith(("ipc://", "inproc://")):
+        return True
+    return _tcp_host(endpoint) in _BIND_HOSTS
+
+
+class KVEventPublisher:
+    """A ZeroMQ PUB publisher of KV events with optional replay, wire-compatible with vLLM.
+
+    Events are queued with :meth:`stored`, :meth:`removed`, :meth:`accessed` and
+    :meth:`cleared` and sent as one batch by :meth:`publish`. The endpoint is bound or
+    connected by :func:`endpoint_binds` unless ``bind`` says otherwise.
+
+    With ``replay_endpoint``, a ROUTER socket is bound there and the last ``replay_buffer``
+    batches are kept. A DEALER sends ``[b"", start_seq (8 bytes big-endian)]`` and gets
+    ``[b"", topic, seq, payload]`` for every kept batch with ``seq >= start_seq``, then
+    ``[b"", b"", END_SEQ, b""]``; with ``replay_topic_frame=False``, ``[b"", seq, payload]``
+    and ``[b"", END_SEQ, b""]`` (vLLM before 0.26, SGLang). A background thread answers, so
+    replay works while the engine is idle.
+
+    ``dp_rank`` is written into every batch. Unlike vLLM, the endpoint is used as given: a
+    data-parallel engine gives rank k its own endpoint (vLLM adds k to the port).
+
+    Not thread-safe: one thread queues and publishes (the replay thread is internal).
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        topic: str = "kv-events",
+        form: WireForm | str = WireForm.VLLM,
+        replay_endpoint: str | None = None,
+        replay_buffer: int = 10_000,
+        dp_rank: int | None = 0,
+        sndhwm: int = 100_000,
+        context: zmq.Context[Any] | None = None,
+        replay_topic_frame: bool = True,
+        bind: bool | None = None,
+        linger_ms: int = 1000,
+    ) -> None:
+        if replay_buffer < 1:
+            raise ValueError(f"replay_buffer must be >= 1, not {replay_buffer}")
+        self.endpoint = endpoint
+        self.topic = topic
+        self.form = WireForm(form)
+        self.dp_rank = dp_rank
+        self.replay_topic_frame = replay_topic_frame
+        self._topic_bytes = topic.encode("utf-8")
+        self._to_wire = _TO_WIRE[self.form]
+        self._pending: list[Any] = []
+        self._next_seq = 0
+        self._linger_ms = linger_ms
+        self._closed = True  # until fully built, so __del__ leaves a half-made one alone
+        self._ctx: zmq.Context[Any] = context if context is not None else zmq.Context.instance()
+        self.binds = endpoint_binds(endpoint) if bind is None else bind
+
+        self._pub = _open(self._ctx, zmq.PUB, endpoint)
+        try:
+            self._pub.setsockopt(zmq.SNDHWM, sndhwm)
+            if self.binds:
+                self._pub.bind(endpoint)
+            else:
+                self._pub.connect(endpoint)
+        except BaseException:
+            self._pub.close(linger=0)
+            raise
+
+        self._ring = _ReplayRing(replay_buffer)
+        self._replay: _ReplayServer | None = None
+        if replay_endpoint is not None:
+            try:
+                topic_frame = self._topic_bytes if replay_topic_frame else None
+                self._replay = _ReplayServer(self._ctx, replay_endpoint, self._ring, topic_frame)
+            except BaseException:
+                self._pub.close(linger=0)
+                raise
+        self._closed = False
+
+    # --- queueing ---------------------------------------------------------------------
+    def stored(
+        self,
+        block_hashes: Hashes,
+        parent_block_hash: Hash | None = None,
+        token_ids: Sequence[int] | None = None,
+        *,
+        token_count: int | None = None,
+        block_size: int = 16,
+        lora_id: int | None = None,
+        medium: str | None = "GPU",
+        lora_name: str | None = None,
+    ) -> None:
+        """Queue a ``BlockStored`` (see :class:`Stored`)."""
+        self.add(
+            Stored(
+                block_hashes,
+                parent_block_hash,
+                token_ids,
+                token_count,
+                block_size,
+                lora_id,
+                medium,
+                lora_name,
+            )
+        )
+
+    def removed(
+        self, block_hashes: Hashes, medium: str | None = "GPU", reason: str | None = None
+    ) -> None:
+        """Queue a ``BlockRemoved``; ``reason`` is sent only when given."""
+        self.add(Removed(block_hashes, medium, reason))
+
+    def accessed(self, block_hashes: Hashes, medium: str | None = "GPU") -> None:
+        """Queue a ``BlockAccessed`` (cache hits on resident blocks)."""
+        self.add(Accessed(block_hashes, medium))
+
+    def cleared(self) -> None:
+        """Queue an ``AllBlocksCleared``."""
+        self.add(Cleared())
+
+    def add(self, event: Event) -> None:
+        """Queue one event record."""
+        # Converted now, so a bad event fails at the call that made it, not at publish().
+        self._pending.append(self._to_wire(event))
+
+    @property
+    def pending(self) -> int:
+        """Events queued for the next :meth:`publish`."""
+        return len(self._pending)
+
+    @property
+    def next_seq(self) -> int:
+        """The sequence number the next batch will carry."""
+        return self._next_seq
+
+    # --- sending ----------------------------------------------------------------------
+    def publish(self, ts: float | None = None) -> int:
+        """Send the queued events as one batch (even none) and return its sequence number.
+
+        ``ts`` is the engine's clock for the batch, ``time.time()`` by default.
+        """
+        events, self._pending = self._pending, []
+        return self._send(time.time() if ts is None else ts, events)
+
+    def send_batch(self, ts: float, events: Iterable[Event]) -> int:
+        """Send ``events`` as one batch right away (the queue is left alone); returns its seq."""
+        return self._send(ts, list(map(self._to_wire, events)))
+
+    def _send(self, ts: float, wire_events: list[Any]) -> int:
+        if self._closed:
+            raise RuntimeError("the publisher is closed")
+        payload = _encoder.encode(_Batch(float(ts), wire_events, self.dp_rank))
+        seq = self._next_seq
+        self._next_seq = seq + 1
+        # PUB never blocks: past SNDHWM, ZeroMQ drops for that subscriber (the exporter then
+        # sees a seq gap and can replay).
+        self._pub.send_multipart(
+            (self._topic_bytes, (seq & _U64).to_bytes(8, "big"), payload), copy=False
+        )
+        if self._replay is not None:
+            self._ring.append(seq, payload)
+        return seq
+
+    def replay_batches(self, start_seq: int) -> list[tuple[int, bytes]]:
+        """The kept ``(seq, payload)`` pairs with ``seq >= start_seq``, oldest first."""
+        return self._ring.since(start_seq)
+
+    # --- endpoints and lifetime -----------------------------------------------------------
+    @property
+    def last_endpoint(self) -> str:
+        """The PUB socket's resolved endpoint (the real port after binding port ``*`` or 0)."""
+        return _last_endpoint(self._pub)
+
+    @property
+    def replay_last_endpoint(self) -> str | None:
+        """The replay ROUTER's resolved endpoint, or None without replay."""
+        return None if self._replay is None else self._replay.last_endpoint
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Stop the replay thread and close the sockets. Idempotent; queued events are dropped.
+
+        The context is left alone (it may be shared); sent messages linger up to
+        ``linger_ms`` in it.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        if self._replay is not None:
+            self._replay.stop()
+        self._pub.close(linger=self._linger_ms)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # A forgotten publisher must not leave its replay thread polling forever; the thread
+        # holds only the ring, not the publisher, so this does run.
+        if not getattr(self, "_closed", True):
+            self.close()
+
+
+class _ReplayRing:
+    """The last ``capacity`` ``(seq, payload)`` pairs, shared by the sender and replay thread."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: deque[tuple[int, bytes]] = deque(maxlen=capacity)
+        self._lock = threading.Lock()
+
+    def append(self, seq: int, payload: bytes) -> None:
+        with self._lock:
+            self._items.append((seq, payload))
+
+    def since(self, start_seq: int) -> list[tuple[int, bytes]]:
+        with self._lock:
+            if not self._items:
+                return []
+            # Seqs in the ring are consecutive, so the first wanted one is found by offset.
+            skip = max(0, start_seq - self._items[0][0])
+            return list(islice(self._items, skip, None))
+
+
+_stop_ids = iter(range(1 << 62))
+
+
+class _ReplayServer:
+    """The replay ROUTER and the thread that answers it.
+
+    Frames follow vLLM's ``ZmqEventPublisher._service_replay`` (vllm/distributed/kv_events.py,
+    topic frame added by vllm-project/vllm#45177, vLLM >= 0.26): the request is
+    ``[identity, b"", start_seq]`` (exactly three frames, anything else is ignored); each kept
+    batch goes back as ``[identity, b"", topic, seq, payload]``, and the end marker as
+    ``[identity, b"", b"", END_SEQ, b""]`` (an empty topic frame, as vLLM sends it). Without
+    the topic frame (older vLLM, SGLang) these are ``[identity, b"", seq, payload]`` and
+    ``[identity, b"", END_SEQ, b""]``.
+    """
+
+    def __init__(
+        self, ctx: zmq.Context[Any], endpoint: str, ring: _ReplayRing, topic: bytes | None
+    ) -> None:
+        self._ring = ring
+        self._topic = topic
+        capacity = ring.capacity
+        self._router = _open(ctx, zmq.ROUTER, endpoint)
+        # Report unroutable peers instead of dropping silently, and let one full replay fit in
+        # the pipe; a client too slow for that loses the rest of its answer, not the engine.
+        self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._router.setsockopt(zmq.SNDHWM, capacity + 16)
+        self._router.setsockopt(zmq.LINGER, 0)
+        # A PAIR over inproc wakes the thread at once on stop (no polling interval).
+        wake = f"inproc://kvcache-publisher-stop-{id(self)}-{next(_stop_ids)}"
+        self._wake_rx: zmq.Socket[Any] = ctx.socket(zmq.PAIR)
+        self._wake_tx: zmq.Socket[Any] = ctx.socket(zmq.PAIR)
+        try:
+            self._router.bind(endpoint)
+            self._wake_rx.bind(wake)
+            self._wake_tx.connect(wake)
+        except BaseException:
+            for sock in (self._router, self._wake_rx, self._wake_tx):
+                sock.close(linger=0)
+            raise
+        self.last_endpoint = _last_endpoint(self._router)
+        self._thread = threading.Thread(
+            target=self._run, name="kvcache-publisher-replay", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(self._wake_rx, zmq.POLLIN)
+        try:
+            while True:
+                ready = dict(poller.poll())
+                if self._wake_rx in ready:
+                    return
+                if self._router in ready:
+                    self._serve_one()
+        finally:
+            self._router.close(linger=0)
+            self._wake_rx.close(linger=0)
+
+    def _serve_one(self) -> None:
+        request = self._router.recv_multipart()
+        if len(request) != 3:
+            log.warning("ignoring a replay request of %d frames", len(request))
+            return
+        identity, _, start_bytes = request
+        start_seq = int.from_bytes(start_bytes, "big")
+        topic = self._topic
+        send = self._router.send_multipart
+        try:
+            for seq, payload in self._ring.since(start_seq):
+                seq_bytes = (seq & _U64).to_bytes(8, "big")
+                if topic is None:
+                    send((identity, b"", seq_bytes, payload), flags=zmq.NOBLOCK, copy=False)
+                else:
+                    send((identity, b"", topic, seq_bytes, payload), flags=zmq.NOBLOCK, copy=False)
+            if topic is None:
+                send((identity, b"", END_SEQ, b""), flags=zmq.NOBLOCK)
+            else:
+                send((identity, b"", b"", END_SEQ, b""), flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # peer gone (EHOSTUNREACH) or its pipe full (EAGAIN)
+            log.warning("replay to a client abandoned: %s", exc)
+
+    def stop(self) -> None:
+        try:
+            self._wake_tx.send(b"")
+        finally:
+            self._thread.join(timeout=5)
+            self._wake_tx.close(linger=0)

@@ -1,0 +1,126 @@
+"""One engine's message stream, independent of where the frames come from.
+
+Framing, sequence tracking and decoding live here so that the live subscriber, a recording
+read back offline and the benchmarks all produce the same batches and the same counters.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Final
+
+from ..protocol.batch import EventBatch, LabelTable
+from ..protocol.decode import DecodeError, DecodeLimits, PayloadDecoder
+from ..protocol.framing import parse_live
+from .sequence import SequenceTracker, Verdict
+
+FLUSH_EVENTS: Final = 65_536  # pending events that force a flush
+
+log = logging.getLogger("kvcache_exporter.source")
+
+
+@dataclass(slots=True)
+class SourceStats:
+    """What one source has seen, as counters for the exposition."""
+
+    messages: int = 0
+    decode_errors: dict[str, int] = field(default_factory=dict)
+    sequence_gaps: int = 0
+    batches_lost: int = 0
+    batches_replayed: int = 0
+    duplicates: int = 0
+    engine_restarts: int = 0
+    last_event_ts: float | None = None
+    last_arrival: float | None = None
+    connections: int = 0
+    listening: bool = False
+
+    @property
+    def up(self) -> bool:
+        return self.connections > 0
+
+    def add_error(self, reason: str) -> None:
+        self.decode_errors[reason] = self.decode_errors.get(reason, 0) + 1
+
+
+BatchSink = Callable[[EventBatch], None]
+RestartSink = Callable[[float], None]
+
+
+class EventStream:
+    """Turns one publisher's multipart messages into batches for ``on_batch``.
+
+    Call :meth:`handle` per message and :meth:`flush` after a burst; nothing read from the
+    wire raises out of here: unusable messages are counted by reason and skipped.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        on_batch: BatchSink,
+        on_restart: RestartSink,
+        media: LabelTable,
+        reasons: LabelTable,
+        limits: DecodeLimits | None = None,
+    ) -> None:
+        self.name = name
+        self.stats = SourceStats()
+        self.decoder = PayloadDecoder(media, reasons, limits)
+        self.sequence = SequenceTracker()
+        self._on_batch = on_batch
+        self._on_restart = on_restart
+        self._log = log.getChild(name)
+
+    def handle(self, frames: list[bytes], arrival: float | None = None) -> None:
+        """One received multipart message."""
+        self.stats.messages += 1
+        self.stats.last_arrival = time.time() if arrival is None else arrival
+        try:
+            message = parse_live(frames)
+        except DecodeError as exc:
+            self.stats.add_error(exc.reason)
+            return
+        verdict = self.sequence.check(message.seq)
+        if verdict is Verdict.DUPLICATE:
+            self.stats.duplicates += 1
+            return
+        if verdict is Verdict.GAP:
+            self.stats.sequence_gaps += 1
+            self.stats.batches_lost += self.sequence.missing
+            self._log.warning(
+                "sequence gap: batches lost",
+                extra={"missing": self.sequence.missing, "seq": message.seq},
+            )
+        elif verdict is Verdict.RESTART:
+            self.flush()
+            self.stats.engine_restarts += 1
+            self._log.warning(
+                "publisher restarted (sequence went back); the engine's cache starts empty",
+                extra={"seq": message.seq},
+            )
+            self._on_restart(self.decoder.last_ts or self.stats.last_arrival)
+        try:
+            self.decoder.feed(message.payload)
+        except DecodeError as exc:
+            self.stats.add_error(exc.reason)
+            self._log.debug("message skipped", extra={"reason": exc.reason, "seq": message.seq})
+            return
+        self.stats.last_event_ts = self.decoder.last_ts
+        if self.decoder.pending_events >= FLUSH_EVENTS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Hand everything decoded since the last flush on as one batch."""
+        batch = self.decoder.flush()
+        if len(batch):
+            self._on_batch(batch)
+
+    def decode_errors(self) -> dict[str, int]:
+        """Errors of whole messages and of single events, together by reason."""
+        total = dict(self.stats.decode_errors)
+        for reason, count in dict(self.decoder.stats.errors).items():
+            total[reason] = total.get(reason, 0) + count
+        return total

@@ -1,0 +1,85 @@
+"""Flags, environment and config file: precedence, validation and one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kvcache_exporter.config import DEFAULT_SOURCE, ConfigError, load
+
+
+def test_defaults_subscribe_to_the_default_engine_endpoint() -> None:
+    cfg = load([], environ={})
+    assert [f"{s.name}={s.endpoint}" for s in cfg.sources] == [DEFAULT_SOURCE]
+    assert cfg.listen_address == ":9477"
+    assert cfg.telemetry_path == "/metrics"
+    assert cfg.collector.sample_ratio == 1.0
+    assert cfg.receive_hwm >= 100_000
+
+
+def test_flags_beat_environment_beat_file(tmp_path: Path) -> None:
+    file = tmp_path / "c.yaml"
+    file.write_text(
+        "collector.sample-ratio: 0.25\nweb.listen-address: ':1'\nlog.level: debug\n"
+        "source:\n  - name: a\n    endpoint: tcp://127.0.0.1:5557\n    replay: tcp://127.0.0.1:5558\n"
+    )
+    env = {"KVCACHE_EXPORTER_WEB_LISTEN_ADDRESS": ":2", "KVCACHE_EXPORTER_LOG_LEVEL": "warn"}
+    cfg = load(["--config.file", str(file), "--log.level", "error"], environ=env)
+    assert cfg.collector.sample_ratio == 0.25  # file only
+    assert cfg.listen_address == ":2"  # env beats file
+    assert cfg.log_level == "error"  # flag beats env
+    assert cfg.sources[0].replay == "tcp://127.0.0.1:5558"
+
+
+def test_repeatable_sources_from_flags_and_env() -> None:
+    cfg = load(["--source", "a=tcp://127.0.0.1:1", "--source", "b=tcp://*:2,bind"], environ={})
+    assert [s.name for s in cfg.sources] == ["a", "b"]
+    assert cfg.sources[1].binds
+    cfg = load([], environ={"KVCACHE_EXPORTER_SOURCE": "a=tcp://h:1;b=ipc:///tmp/x,bind"})
+    assert [s.endpoint for s in cfg.sources] == ["tcp://h:1", "ipc:///tmp/x"]
+
+
+def test_buckets_from_flag() -> None:
+    cfg = load(["--collector.duration-buckets", "0.5,1,10"], environ={})
+    assert cfg.collector.duration_buckets == (0.5, 1.0, 10.0)
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "needle"),
+    [
+        (["--collector.sample-ratio", "2"], {}, "--collector.sample-ratio: must be in (0, 1]"),
+        (["--collector.sample-ratio", "x"], {}, "--collector.sample-ratio"),
+        (["--web.listen-address", "nope"], {}, "--web.listen-address"),
+        (["--web.telemetry-path", "metrics"], {}, "--web.telemetry-path"),
+        (["--log.level", "loud"], {}, "--log.level"),
+        (["--collector.duration-buckets", "3,2"], {}, "ascending"),
+        (["--source", "novalue"], {}, "--source"),
+        (["--source", "a=http://x:1"], {}, "tcp://"),
+        (["--source", "a=tcp://x"], {}, "port"),
+        (["--source", "a=tcp://x:1,frob"], {}, "unknown option"),
+        (["--source", "a=tcp://x:1", "--source", "a=tcp://y:1"], {}, "given twice"),
+        (["--no-such-flag"], {}, "unrecognized arguments"),
+        ([], {"KVCACHE_EXPORTER_COLLECTOR_MAX_TRACKED_BLOCKS": "-3"}, "MAX_TRACKED_BLOCKS"),
+        (["--config.file", "/nonexistent.yaml"], {}, "--config.file /nonexistent.yaml"),
+        (["--otlp.endpoint", "http://x:4317"], {}, "--otlp.endpoint"),
+    ],
+)
+def test_bad_values_are_one_line_errors_naming_the_setting(
+    argv: list[str], env: dict[str, str], needle: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(argv, environ=env)
+    message = str(info.value)
+    assert needle in message
+    assert "\n" not in message
+
+
+def test_bad_config_files(tmp_path: Path) -> None:
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("a: [\n")
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("colector.sample-ratio: 0.5\n")
+    for path, needle in ((bad_yaml, "not valid YAML"), (unknown, "unknown key")):
+        with pytest.raises(ConfigError, match=needle):
+            load(["--config.file", str(path)], environ={})

@@ -1,0 +1,43 @@
+"""--source parsing and the SPEC §2.1 bind/connect rule."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvcache_exporter.sources.spec import SourceSpec, SourceSpecError
+
+
+@pytest.mark.parametrize(
+    ("text", "binds", "zmq_endpoint"),
+    [
+        ("a=tcp://127.0.0.1:5557", False, "tcp://127.0.0.1:5557"),
+        ("a=tcp://engine.svc:5557", False, "tcp://engine.svc:5557"),
+        ("a=tcp://*:5557", True, "tcp://*:5557"),
+        ("a=tcp://0.0.0.0:5557", True, "tcp://*:5557"),
+        ("a=tcp://[::]:5557", True, "tcp://*:5557"),
+        ("a=tcp://127.0.0.1:5557,bind", True, "tcp://127.0.0.1:5557"),
+        ("a=ipc:///tmp/kv.sock", False, "ipc:///tmp/kv.sock"),
+        ("a=ipc:///tmp/kv.sock,bind", True, "ipc:///tmp/kv.sock"),
+    ],
+)
+def test_bind_or_connect(text: str, binds: bool, zmq_endpoint: str) -> None:
+    spec = SourceSpec.parse(text)
+    assert spec.binds is binds
+    assert spec.zmq_endpoint == zmq_endpoint
+
+
+def test_options() -> None:
+    spec = SourceSpec.parse("vllm-0=tcp://h:5557,replay=tcp://h:5558,topic=kv-events")
+    assert spec.name == "vllm-0"
+    assert spec.replay == "tcp://h:5558"
+    assert spec.topic == "kv-events"
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "a", "=tcp://h:1", "1a=tcp://h:1", "a b=tcp://h:1", "a=tcp://h:0", "a=tcp://h:99999",
+     "a=tcp://:1", "a=udp://h:1", "a=tcp://h:1,replay=", "a=tcp://h:1,replay=h:2", "a=tcp://h:1,x=1"],
+)  # fmt: skip
+def test_rejects(text: str) -> None:
+    with pytest.raises(SourceSpecError):
+        SourceSpec.parse(text)
