@@ -11,7 +11,7 @@ from typing import Any
 import zmq
 
 from . import __version__
-from .collector import BlockLifecycleCollector
+from .collector import BlockLifecycleCollector, CollectorConfig
 from .collector.lifecycle import DEFAULT_REASONS, REASON_RESTART
 from .config import ExporterConfig
 from .protocol.batch import LabelTable
@@ -51,6 +51,21 @@ class Engine:
         return engine_view(self.name, self.collector, self.source.stream)
 
 
+def new_pipeline(name: str, config: CollectorConfig) -> tuple[BlockLifecycleCollector, EventStream]:
+    """A collector and the stream that feeds it, sharing their label tables."""
+    media = LabelTable("unknown")
+    reasons = LabelTable("evicted", seed=DEFAULT_REASONS)
+    collector = BlockLifecycleCollector(config, media, reasons)
+    stream = EventStream(
+        name,
+        on_batch=collector.apply,
+        on_restart=partial(collector.clear, reason=REASON_RESTART),
+        media=media,
+        reasons=reasons,
+    )
+    return collector, stream
+
+
 class Exporter:
     """The running exporter: sockets, the ingest thread and the HTTP server."""
 
@@ -59,18 +74,8 @@ class Exporter:
         self.context = context or zmq.Context()
         self.engines: list[Engine] = []
         for spec in config.sources:
-            media = LabelTable("unknown")
-            reasons = LabelTable("evicted", seed=DEFAULT_REASONS)
-            collector = BlockLifecycleCollector(config.collector, media, reasons)
-            source = SubscriberSource(
-                spec,
-                self.context,
-                on_batch=collector.apply,
-                on_restart=partial(collector.clear, reason=REASON_RESTART),
-                media=media,
-                reasons=reasons,
-                rcvhwm=config.receive_hwm,
-            )
+            collector, stream = new_pipeline(spec.name, config.collector)
+            source = SubscriberSource(spec, self.context, stream, rcvhwm=config.receive_hwm)
             self.engines.append(Engine(spec.name, collector, source))
         self._stop = threading.Event()
         self._ingest: threading.Thread | None = None

@@ -6,7 +6,7 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
 
 import zmq
@@ -14,6 +14,8 @@ import zmq
 from . import config as config_mod
 from . import logs
 from .app import Exporter
+from .commands import analyze, demo, record, replay
+from .commands.common import UsageError
 
 log = logging.getLogger("kvcache_exporter")
 PROG = "kvcache-exporter"
@@ -51,8 +53,25 @@ def serve(argv: Sequence[str]) -> int:
     return 0
 
 
+SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
+    "demo": demo.run,
+    "replay": replay.run,
+    "record": record.run,
+    "analyze": analyze.run,
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """``kvcache-exporter [FLAGS]`` serves; ``kvcache-exporter demo|replay|record|analyze``
+    runs a tool (each has its own ``--help``)."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in SUBCOMMANDS:
+        try:
+            return SUBCOMMANDS[args[0]](args[1:])
+        except UsageError as exc:
+            return _fail(str(exc), 2)
+        except KeyboardInterrupt:
+            return 130
     return serve(args)
 
 

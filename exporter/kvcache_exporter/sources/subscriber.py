@@ -14,10 +14,8 @@ from typing import Any, Final
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from ..protocol.batch import LabelTable
-from ..protocol.decode import DecodeLimits
 from .spec import SourceSpec
-from .stream import BatchSink, EventStream, RestartSink, SourceStats
+from .stream import EventStream, SourceStats
 
 DEFAULT_RCVHWM: Final = 200_000
 MAX_DRAIN: Final = 4096  # messages read before giving other sockets a turn
@@ -41,15 +39,11 @@ class SubscriberSource:
         self,
         spec: SourceSpec,
         context: zmq.Context[Any],
-        on_batch: BatchSink,
-        on_restart: RestartSink,
-        media: LabelTable,
-        reasons: LabelTable,
+        stream: EventStream,
         rcvhwm: int = DEFAULT_RCVHWM,
-        limits: DecodeLimits | None = None,
     ) -> None:
         self.spec = spec
-        self.stream = EventStream(spec.name, on_batch, on_restart, media, reasons, limits)
+        self.stream = stream
         self.socket = context.socket(zmq.SUB)
         self.socket.setsockopt(zmq.RCVHWM, rcvhwm)
         self.socket.setsockopt(zmq.LINGER, 0)

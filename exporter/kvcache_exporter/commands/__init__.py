@@ -1,0 +1,1 @@
+"""The tool subcommands of ``kvcache-exporter``: demo, replay, record and analyze."""
