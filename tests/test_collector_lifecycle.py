@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -225,7 +227,7 @@ def test_random_streams_match_the_reference(
     col = BlockLifecycleCollector()
     ref = ReferenceCollector()
     bounds = sorted({0, len(timed), *(c for c in cuts if c <= len(timed))})
-    for start, stop in zip(bounds, bounds[1:], strict=False):
+    for start, stop in pairwise(bounds):
         col.apply(make_batch(timed[start:stop], col.media))
     feed_reference(ref, timed)
     assert_same(col, ref)

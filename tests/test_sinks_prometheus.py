@@ -44,7 +44,9 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 def test_promtool_accepts_the_exposition(promtool: str) -> None:
-    text = render([view_of_vector("vllm-0.33.0.jsonl"), view_of_vector("sglang-0.5.23.jsonl", "sg")])
+    text = render(
+        [view_of_vector("vllm-0.33.0.jsonl"), view_of_vector("sglang-0.5.23.jsonl", "sg")]
+    )
     result = subprocess.run(
         [promtool, "check", "metrics"], input=text, capture_output=True, text=True, check=False
     )

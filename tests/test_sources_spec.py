@@ -35,9 +35,21 @@ def test_options() -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["", "a", "=tcp://h:1", "1a=tcp://h:1", "a b=tcp://h:1", "a=tcp://h:0", "a=tcp://h:99999",
-     "a=tcp://:1", "a=udp://h:1", "a=tcp://h:1,replay=", "a=tcp://h:1,replay=h:2", "a=tcp://h:1,x=1"],
-)  # fmt: skip
+    [
+        "",
+        "a",
+        "=tcp://h:1",
+        "1a=tcp://h:1",
+        "a b=tcp://h:1",
+        "a=tcp://h:0",
+        "a=tcp://h:99999",
+        "a=tcp://:1",
+        "a=udp://h:1",
+        "a=tcp://h:1,replay=",
+        "a=tcp://h:1,replay=h:2",
+        "a=tcp://h:1,x=1",
+    ],
+)
 def test_rejects(text: str) -> None:
     with pytest.raises(SourceSpecError):
         SourceSpec.parse(text)

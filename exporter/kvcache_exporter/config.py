@@ -11,7 +11,7 @@ import argparse
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, NoReturn
 
@@ -45,7 +45,7 @@ class ExporterConfig:
     otlp_endpoint: str | None = None
     otlp_protocol: str = "grpc"
     otlp_interval: float = 15.0
-    collector: CollectorConfig = CollectorConfig()
+    collector: CollectorConfig = field(default_factory=CollectorConfig)
     receive_hwm: int = 200_000
     log_level: str = "info"
     log_format: str = "logfmt"

@@ -46,9 +46,9 @@ class OfflinePipeline:
         return result
 
 
-def analyze_recording(path: str | Path, config: CollectorConfig | None = None) -> tuple[
-    list[EngineView], bool
-]:
+def analyze_recording(
+    path: str | Path, config: CollectorConfig | None = None
+) -> tuple[list[EngineView], bool]:
     """Replay a recording through the pipeline; also says whether the file ended in a cut."""
     pipeline = OfflinePipeline(config)
     reader = RecordingReader(path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Final
 
 import numpy as np
@@ -24,7 +25,7 @@ def validate_buckets(bounds: Sequence[float], name: str = "buckets") -> tuple[fl
         raise ValueError(f"{name}: at least one bucket bound is needed")
     if not all(np.isfinite(values)):
         raise ValueError(f"{name}: bucket bounds must be finite (+Inf is implied)")
-    if any(low >= high for low, high in zip(values, values[1:], strict=False)):
+    if any(low >= high for low, high in pairwise(values)):
         raise ValueError(f"{name}: bucket bounds must be strictly ascending")
     return values
 

@@ -246,9 +246,7 @@ class BlockLifecycleCollector:
             if rows.size > room:
                 # Full: keep what fits, count the rest (stored_total stays exact).
                 self.untracked_stores += int(rows.size - max(room, 0))
-                self.stored += np.bincount(med[rows[max(room, 0) :]], minlength=m).astype(
-                    np.uint64
-                )
+                self.stored += np.bincount(med[rows[max(room, 0) :]], minlength=m).astype(np.uint64)
                 rows = rows[: max(room, 0)]
             s = table.insert(keys[rows], med[rows], RESIDENT)
             self._start_life(s, ts[rows])

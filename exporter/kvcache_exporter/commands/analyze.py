@@ -10,7 +10,13 @@ from pathlib import Path
 from ..collector import CollectorConfig
 from ..offline import FORMATS, analyze_recording, analyze_trace, format_views
 from ..sources.recording import MAGIC, RecordingError
-from .common import OneLineParser, UsageError, add_workload_arguments, make_simulator, request_factory
+from .common import (
+    OneLineParser,
+    UsageError,
+    add_workload_arguments,
+    make_simulator,
+    request_factory,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,10 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("file", help="a recording (from `record`) or, with --trace-file, a trace")
     parser.add_argument("--format", choices=FORMATS, default="text")
-    parser.add_argument("--sample-ratio", type=float, default=1.0,
-                        help="as --collector.sample-ratio")
-    parser.add_argument("--trace-file", action="store_true",
-                        help="FILE is a Mooncake trace: simulate it (see workload options)")
+    parser.add_argument(
+        "--sample-ratio", type=float, default=1.0, help="as --collector.sample-ratio"
+    )
+    parser.add_argument(
+        "--trace-file",
+        action="store_true",
+        help="FILE is a Mooncake trace: simulate it (see workload options)",
+    )
     add_workload_arguments(parser)
     return parser
 

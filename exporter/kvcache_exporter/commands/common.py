@@ -44,21 +44,37 @@ def positive_float(text: str) -> float:
 
 def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("workload")
-    group.add_argument("--trace", metavar="FILE",
-                       help="Mooncake-format trace (JSONL: timestamp ms, hash_ids); "
-                       "default: the bundled Mooncake synthetic trace")
-    group.add_argument("--workload", choices=("trace", "synthetic"), default="trace",
-                       help="replay a trace, or generate conversations (seeded)")
+    group.add_argument(
+        "--trace",
+        metavar="FILE",
+        help="Mooncake-format trace (JSONL: timestamp ms, hash_ids); "
+        "default: the bundled Mooncake synthetic trace",
+    )
+    group.add_argument(
+        "--workload",
+        choices=("trace", "synthetic"),
+        default="trace",
+        help="replay a trace, or generate conversations (seeded)",
+    )
     group.add_argument("--seed", type=int, default=0, help="seed of the synthetic workload")
-    group.add_argument("--rate", type=float, default=5.0,
-                       help="synthetic workload: requests per second")
+    group.add_argument(
+        "--rate", type=float, default=5.0, help="synthetic workload: requests per second"
+    )
     group.add_argument("--gpu-blocks", type=int, default=4000, help="GPU prefix-cache blocks")
-    group.add_argument("--cpu-blocks", type=int, default=0,
-                       help="CPU offload tier blocks (0: none)")
-    group.add_argument("--report-hits", action="store_true",
-                       help="also publish BlockAccessed for cache hits (native extension)")
-    group.add_argument("--form", choices=[f.value for f in WireForm], default=WireForm.VLLM.value,
-                       help="wire form: vLLM maps (>= 0.24), vLLM arrays (<= 0.23), SGLang")  # fmt: skip
+    group.add_argument(
+        "--cpu-blocks", type=int, default=0, help="CPU offload tier blocks (0: none)"
+    )
+    group.add_argument(
+        "--report-hits",
+        action="store_true",
+        help="also publish BlockAccessed for cache hits (native extension)",
+    )
+    group.add_argument(
+        "--form",
+        choices=[f.value for f in WireForm],
+        default=WireForm.VLLM.value,
+        help="wire form: vLLM maps (>= 0.24), vLLM arrays (<= 0.23), SGLang",
+    )
 
 
 def make_simulator(args: argparse.Namespace) -> PrefixCacheSimulator:

@@ -35,16 +35,30 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start the exporter and a simulated engine (LRU prefix cache over a real "
         "request trace) on loopback, and watch the metrics move.",
     )
-    parser.add_argument("--web.listen-address", dest="listen", default="127.0.0.1:9477",
-                        help="where /metrics is served (default 127.0.0.1:9477)")
-    parser.add_argument("--speed", type=positive_float, default=20.0,
-                        help="trace time runs this many times faster than real time (0: flat out)")
-    parser.add_argument("--duration", type=positive_float, default=0.0,
-                        help="stop after this many seconds (default: run until Ctrl-C)")
-    parser.add_argument("--interval", type=positive_float, default=5.0,
-                        help="seconds between summary lines")
-    parser.add_argument("--log.level", dest="log_level", default="warn",
-                        choices=("debug", "info", "warn", "error"))
+    parser.add_argument(
+        "--web.listen-address",
+        dest="listen",
+        default="127.0.0.1:9477",
+        help="where /metrics is served (default 127.0.0.1:9477)",
+    )
+    parser.add_argument(
+        "--speed",
+        type=positive_float,
+        default=20.0,
+        help="trace time runs this many times faster than real time (0: flat out)",
+    )
+    parser.add_argument(
+        "--duration",
+        type=positive_float,
+        default=0.0,
+        help="stop after this many seconds (default: run until Ctrl-C)",
+    )
+    parser.add_argument(
+        "--interval", type=positive_float, default=5.0, help="seconds between summary lines"
+    )
+    parser.add_argument(
+        "--log.level", dest="log_level", default="warn", choices=("debug", "info", "warn", "error")
+    )
     add_workload_arguments(parser)
     return parser
 
@@ -86,8 +100,9 @@ def run(argv: Sequence[str]) -> int:
     time.sleep(0.3)  # let the subscription reach the publisher before the first batch
 
     driver = SimulatedEngine(simulator, publisher, speed=args.speed)
-    thread = threading.Thread(target=driver.run, args=(requests,), kwargs={"stop": stop},
-                              name="engine", daemon=True)  # fmt: skip
+    thread = threading.Thread(
+        target=driver.run, args=(requests,), kwargs={"stop": stop}, name="engine", daemon=True
+    )
     host, _ = parse_listen_address(args.listen)
     url = f"http://{host or '127.0.0.1'}:{exporter.http.port}/metrics"
     print(f"kvcache-exporter demo: metrics at {url}  (Ctrl-C to stop)", flush=True)

@@ -20,15 +20,29 @@ def build_parser() -> argparse.ArgumentParser:
         description="Subscribe to engines and append their raw multipart frames, with arrival "
         "times, to a recording (docs/recording.md). Safe to stop at any moment.",
     )
-    parser.add_argument("--source", action="append", required=True,
-                        metavar="NAME=ENDPOINT[,topic=PREFIX][,bind]",
-                        help="as for the exporter (repeatable)")
-    parser.add_argument("--output", "-o", required=True, metavar="FILE",
-                        help="recording to append to (created if new)")
-    parser.add_argument("--duration", type=positive_float, default=0.0,
-                        help="stop after this many seconds (default: until Ctrl-C)")
-    parser.add_argument("--progress", type=positive_float, default=2.0,
-                        help="seconds between progress lines")
+    parser.add_argument(
+        "--source",
+        action="append",
+        required=True,
+        metavar="NAME=ENDPOINT[,topic=PREFIX][,bind]",
+        help="as for the exporter (repeatable)",
+    )
+    parser.add_argument(
+        "--output",
+        "-o",
+        required=True,
+        metavar="FILE",
+        help="recording to append to (created if new)",
+    )
+    parser.add_argument(
+        "--duration",
+        type=positive_float,
+        default=0.0,
+        help="stop after this many seconds (default: until Ctrl-C)",
+    )
+    parser.add_argument(
+        "--progress", type=positive_float, default=2.0, help="seconds between progress lines"
+    )
     return parser
 
 
@@ -42,7 +56,7 @@ def run(argv: Sequence[str]) -> int:
         writer = RecordingWriter(args.output)
     except (RecordingError, OSError) as exc:
         raise UsageError(f"--output: {exc}") from None
-    context = zmq.Context.instance()
+    context: zmq.Context[Any] = zmq.Context.instance()
     poller = zmq.Poller()
     names: dict[Any, str] = {}
     for spec in specs:
@@ -68,8 +82,10 @@ def run(argv: Sequence[str]) -> int:
             writer.flush()
             now = time.monotonic()
             if now - last_progress >= args.progress:
-                status(f"recorded {writer.messages} messages, {writer.bytes / 1e6:.1f} MB "
-                       f"to {args.output}")  # fmt: skip
+                status(
+                    f"recorded {writer.messages} messages, {writer.bytes / 1e6:.1f} MB "
+                    f"to {args.output}"
+                )
                 last_progress = now
             if args.duration and now - started >= args.duration:
                 break

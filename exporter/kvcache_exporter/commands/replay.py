@@ -31,19 +31,30 @@ def build_parser() -> argparse.ArgumentParser:
         description="Publish KV events to an endpoint as an engine would: from a request trace "
         "through the simulated prefix cache, or the raw frames of a recording.",
     )
-    parser.add_argument("--endpoint", default="tcp://*:5557",
-                        help="where to publish; wildcard hosts are bound (the exporter connects), "
-                        "others connected to (default tcp://*:5557, like vLLM)")
+    parser.add_argument(
+        "--endpoint",
+        default="tcp://*:5557",
+        help="where to publish; wildcard hosts are bound (the exporter connects), "
+        "others connected to (default tcp://*:5557, like vLLM)",
+    )
     parser.add_argument("--recording", metavar="FILE", help="replay a recording's raw frames")
     parser.add_argument("--source", help="with --recording: only this recorded source")
-    parser.add_argument("--speed", type=positive_float, default=1.0,
-                        help="1 real time, N times faster, 0 as fast as possible")
+    parser.add_argument(
+        "--speed",
+        type=positive_float,
+        default=1.0,
+        help="1 real time, N times faster, 0 as fast as possible",
+    )
     parser.add_argument("--topic", default="kv-events", help="topic frame (trace replay)")
     parser.add_argument("--replay-endpoint", help="also serve vLLM-style replay here (trace)")
     parser.add_argument("--requests-per-batch", type=int, default=1)
     parser.add_argument("--limit", type=int, help="stop after this many requests (trace)")
-    parser.add_argument("--wait", type=positive_float, default=1.0,
-                        help="seconds to let subscribers connect before publishing")
+    parser.add_argument(
+        "--wait",
+        type=positive_float,
+        default=1.0,
+        help="seconds to let subscribers connect before publishing",
+    )
     add_workload_arguments(parser)
     return parser
 
@@ -56,7 +67,7 @@ def _replay_recording(args: argparse.Namespace, stop: Any) -> int:
                 raise UsageError(f"--recording {path}: not a kvcache-exporter recording")
     except OSError as exc:
         raise UsageError(f"--recording {path}: {exc.strerror}") from None
-    context = zmq.Context.instance()
+    context: zmq.Context[Any] = zmq.Context.instance()
     sock = context.socket(zmq.PUB)
     sock.setsockopt(zmq.SNDHWM, 0)
     sock.setsockopt(zmq.LINGER, 5000)
@@ -82,7 +93,10 @@ def _replay_recording(args: argparse.Namespace, stop: Any) -> int:
             sent += 1
     except RecordingError as exc:
         raise UsageError(str(exc)) from None
-    status(f"replayed {sent} messages from {path}" + (" (file ends in a cut)" if reader.truncated else ""))
+    status(
+        f"replayed {sent} messages from {path}"
+        + (" (file ends in a cut)" if reader.truncated else "")
+    )
     sock.close()
     return 0
 
@@ -94,11 +108,13 @@ def run(argv: Sequence[str]) -> int:
         return _replay_recording(args, stop)
     make = request_factory(args)
     simulator = make_simulator(args)
-    with KVEventPublisher(args.endpoint, topic=args.topic, form=args.form,
-                          replay_endpoint=args.replay_endpoint) as publisher:  # fmt: skip
+    with KVEventPublisher(
+        args.endpoint, topic=args.topic, form=args.form, replay_endpoint=args.replay_endpoint
+    ) as publisher:
         time.sleep(args.wait)
-        driver = SimulatedEngine(simulator, publisher, speed=args.speed,
-                                 requests_per_batch=args.requests_per_batch)  # fmt: skip
+        driver = SimulatedEngine(
+            simulator, publisher, speed=args.speed, requests_per_batch=args.requests_per_batch
+        )
         result = driver.run(make(), stop=stop, limit=args.limit)
         status(f"published {result.batches} batches, {result.events} events to {args.endpoint}")
     return 0

@@ -126,7 +126,9 @@ def render(views: Sequence[EngineView]) -> str:
         for v in views:
             values = getattr(v.collector, attr)
             for i in media[v.name]:
-                out.sample(name, [("engine", v.name), ("medium", v.collector.media[i])], int(values[i]))
+                out.sample(
+                    name, [("engine", v.name), ("medium", v.collector.media[i])], int(values[i])
+                )
 
     def per_engine(name: str, kind: str, help_text: str, values: dict[str, float | None]) -> None:
         out.family(name, kind, help_text)
@@ -139,29 +141,58 @@ def render(views: Sequence[EngineView]) -> str:
         for kind, count in sorted(v.events.items()):
             out.sample("kvcache_events_total", [("engine", v.name), ("type", kind)], count)
 
-    per_medium("kvcache_blocks_stored_total", "counter",
-               "Blocks newly stored (a re-announcement of a resident block is an access).", "stored")
-    out.family("kvcache_blocks_removed_total", "counter",
-               "Block hashes removed, by reason (cleared for AllBlocksCleared).")
+    per_medium(
+        "kvcache_blocks_stored_total",
+        "counter",
+        "Blocks newly stored (a re-announcement of a resident block is an access).",
+        "stored",
+    )
+    out.family(
+        "kvcache_blocks_removed_total",
+        "counter",
+        "Block hashes removed, by reason (cleared for AllBlocksCleared).",
+    )
     for v in views:
         snap = v.collector
         for i in media[v.name]:
             for r, reason in enumerate(snap.reasons):
                 if snap.removed[i, r] or r == 0:
-                    out.sample("kvcache_blocks_removed_total",
-                               [("engine", v.name), ("medium", snap.media[i]), ("reason", reason)],
-                               int(snap.removed[i, r]))
-    per_medium("kvcache_blocks_accessed_total", "counter",
-               "Hits on resident blocks, where the engine reports them.", "accessed")
-    per_medium("kvcache_block_restores_total", "counter",
-               "Blocks stored again after they had been removed (recomputation).", "restores")
-    per_engine("kvcache_cache_clears_total", "counter", "AllBlocksCleared events.",
-               {v.name: v.collector.clears for v in views})
+                    out.sample(
+                        "kvcache_blocks_removed_total",
+                        [("engine", v.name), ("medium", snap.media[i]), ("reason", reason)],
+                        int(snap.removed[i, r]),
+                    )
+    per_medium(
+        "kvcache_blocks_accessed_total",
+        "counter",
+        "Hits on resident blocks, where the engine reports them.",
+        "accessed",
+    )
+    per_medium(
+        "kvcache_block_restores_total",
+        "counter",
+        "Blocks stored again after they had been removed (recomputation).",
+        "restores",
+    )
+    per_engine(
+        "kvcache_cache_clears_total",
+        "counter",
+        "AllBlocksCleared events.",
+        {v.name: v.collector.clears for v in views},
+    )
     per_medium("kvcache_resident_blocks", "gauge", "Blocks resident now.", "resident")
-    per_engine("kvcache_tracked_blocks", "gauge", "Resident blocks whose lifecycle is tracked (sampled).",
-               {v.name: v.collector.tracked for v in views})
-    per_engine("kvcache_stored_tokens_total", "counter", "Tokens in stored blocks, as the engine reported them.",
-               {v.name: v.tokens_stored for v in views})
+    per_engine(
+        "kvcache_tracked_blocks",
+        "gauge",
+        "Resident blocks whose lifecycle is tracked (sampled).",
+        {v.name: v.collector.tracked for v in views},
+    )
+    per_engine(
+        "kvcache_stored_tokens_total",
+        "counter",
+        "Tokens in stored blocks, as the engine reported them.",
+        {v.name: v.tokens_stored for v in views},
+    )
 
     for key, name, help_text in HISTOGRAM_FAMILIES:
         out.family(name, "histogram", help_text)
@@ -172,50 +203,111 @@ def render(views: Sequence[EngineView]) -> str:
 
     out.family("kvcache_exporter_build_info", "gauge", "Always 1; the version is a label.")
     out.sample("kvcache_exporter_build_info", [("version", __version__)], 1)
-    per_engine("kvcache_exporter_messages_total", "counter", "ZeroMQ messages received.",
-               {v.name: v.source.messages for v in views})
-    out.family("kvcache_exporter_decode_errors_total", "counter",
-               "Messages or events that could not be read, by reason.")
+    per_engine(
+        "kvcache_exporter_messages_total",
+        "counter",
+        "ZeroMQ messages received.",
+        {v.name: v.source.messages for v in views},
+    )
+    out.family(
+        "kvcache_exporter_decode_errors_total",
+        "counter",
+        "Messages or events that could not be read, by reason.",
+    )
     for v in views:
         for reason, count in sorted(v.decode_errors.items()):
-            out.sample("kvcache_exporter_decode_errors_total", [("engine", v.name), ("reason", reason)], count)
-    per_engine("kvcache_exporter_unknown_fields_total", "counter",
-               "Event fields this exporter does not know, skipped.",
-               {v.name: v.unknown_fields for v in views})
-    per_engine("kvcache_exporter_sequence_gaps_total", "counter", "Gaps seen in the sequence numbers.",
-               {v.name: v.source.sequence_gaps for v in views})
-    per_engine("kvcache_exporter_batches_lost_total", "counter",
-               "Batches missing after replay was tried (or with no replay configured).",
-               {v.name: v.source.batches_lost for v in views})
-    per_engine("kvcache_exporter_batches_replayed_total", "counter", "Batches recovered by replay.",
-               {v.name: v.source.batches_replayed for v in views})
-    per_engine("kvcache_exporter_duplicate_batches_total", "counter",
-               "Batches whose sequence number was already seen, ignored.",
-               {v.name: v.source.duplicates for v in views})
-    per_engine("kvcache_exporter_engine_restarts_total", "counter",
-               "Publisher restarts (sequence back to 0); the engine's residency is reset.",
-               {v.name: v.source.engine_restarts for v in views})
-    per_engine("kvcache_exporter_last_event_timestamp_seconds", "gauge",
-               "Engine timestamp of the newest batch.", {v.name: v.source.last_event_ts for v in views})
-    per_engine("kvcache_exporter_event_lag_seconds", "gauge",
-               "Arrival time minus engine timestamp of the newest batch.",
-               {v.name: (v.source.last_arrival - v.source.last_event_ts)
-                if v.source.last_arrival is not None and v.source.last_event_ts is not None else None
-                for v in views})
-    per_engine("kvcache_exporter_source_up", "gauge",
-               "1 while the source's socket has a live connection to an engine.",
-               {v.name: int(v.source.up) for v in views})
-    per_engine("kvcache_exporter_sample_ratio", "gauge", "Fraction of block hashes tracked.",
-               {v.name: v.sample_ratio for v in views})
-    per_engine("kvcache_exporter_unknown_removals_total", "counter",
-               "Removals of hashes not known to be resident.",
-               {v.name: v.collector.unknown_removals for v in views})
-    per_engine("kvcache_exporter_unknown_accesses_total", "counter",
-               "Accesses reported for hashes not known to be resident.",
-               {v.name: v.collector.unknown_accesses for v in views})
-    per_engine("kvcache_exporter_untracked_stores_total", "counter",
-               "Stores not tracked because the block table was full (--collector.max-tracked-blocks).",
-               {v.name: v.collector.untracked_stores for v in views})
-    per_engine("kvcache_exporter_collector_bytes", "gauge", "Memory held by the engine's block state.",
-               {v.name: v.collector.table_bytes for v in views})
+            out.sample(
+                "kvcache_exporter_decode_errors_total",
+                [("engine", v.name), ("reason", reason)],
+                count,
+            )
+    per_engine(
+        "kvcache_exporter_unknown_fields_total",
+        "counter",
+        "Event fields this exporter does not know, skipped.",
+        {v.name: v.unknown_fields for v in views},
+    )
+    per_engine(
+        "kvcache_exporter_sequence_gaps_total",
+        "counter",
+        "Gaps seen in the sequence numbers.",
+        {v.name: v.source.sequence_gaps for v in views},
+    )
+    per_engine(
+        "kvcache_exporter_batches_lost_total",
+        "counter",
+        "Batches missing after replay was tried (or with no replay configured).",
+        {v.name: v.source.batches_lost for v in views},
+    )
+    per_engine(
+        "kvcache_exporter_batches_replayed_total",
+        "counter",
+        "Batches recovered by replay.",
+        {v.name: v.source.batches_replayed for v in views},
+    )
+    per_engine(
+        "kvcache_exporter_duplicate_batches_total",
+        "counter",
+        "Batches whose sequence number was already seen, ignored.",
+        {v.name: v.source.duplicates for v in views},
+    )
+    per_engine(
+        "kvcache_exporter_engine_restarts_total",
+        "counter",
+        "Publisher restarts (sequence back to 0); the engine's residency is reset.",
+        {v.name: v.source.engine_restarts for v in views},
+    )
+    per_engine(
+        "kvcache_exporter_last_event_timestamp_seconds",
+        "gauge",
+        "Engine timestamp of the newest batch.",
+        {v.name: v.source.last_event_ts for v in views},
+    )
+    per_engine(
+        "kvcache_exporter_event_lag_seconds",
+        "gauge",
+        "Arrival time minus engine timestamp of the newest batch.",
+        {
+            v.name: (v.source.last_arrival - v.source.last_event_ts)
+            if v.source.last_arrival is not None and v.source.last_event_ts is not None
+            else None
+            for v in views
+        },
+    )
+    per_engine(
+        "kvcache_exporter_source_up",
+        "gauge",
+        "1 while the source's socket has a live connection to an engine.",
+        {v.name: int(v.source.up) for v in views},
+    )
+    per_engine(
+        "kvcache_exporter_sample_ratio",
+        "gauge",
+        "Fraction of block hashes tracked.",
+        {v.name: v.sample_ratio for v in views},
+    )
+    per_engine(
+        "kvcache_exporter_unknown_removals_total",
+        "counter",
+        "Removals of hashes not known to be resident.",
+        {v.name: v.collector.unknown_removals for v in views},
+    )
+    per_engine(
+        "kvcache_exporter_unknown_accesses_total",
+        "counter",
+        "Accesses reported for hashes not known to be resident.",
+        {v.name: v.collector.unknown_accesses for v in views},
+    )
+    per_engine(
+        "kvcache_exporter_untracked_stores_total",
+        "counter",
+        "Stores not tracked because the block table was full (--collector.max-tracked-blocks).",
+        {v.name: v.collector.untracked_stores for v in views},
+    )
+    per_engine(
+        "kvcache_exporter_collector_bytes",
+        "gauge",
+        "Memory held by the engine's block state.",
+        {v.name: v.collector.table_bytes for v in views},
+    )
     return out.text()

@@ -36,8 +36,9 @@ def summarize(view: EngineView) -> dict[str, Any]:
         entry: dict[str, Any] = {
             "resident_blocks": int(snap.resident[i]),
             "stored_total": stored,
-            "removed_total": {r: int(snap.removed[i, j]) for j, r in enumerate(snap.reasons)
-                              if snap.removed[i, j]},
+            "removed_total": {
+                r: int(snap.removed[i, j]) for j, r in enumerate(snap.reasons) if snap.removed[i, j]
+            },
             "accessed_total": int(snap.accessed[i]),
             "restores_total": int(snap.restores[i]),
             "restore_ratio": int(snap.restores[i]) / stored if stored else None,
