@@ -124,7 +124,7 @@ def test_extension_events_in_each_form() -> None:
     array = msgspec.msgpack.decode(encode_batch(1.0, events, WireForm.VLLM_ARRAY))[1]
     assert array == [
         ["BlockAccessed", [5, 6], "GPU"],
-        ["BlockRemoved", [5], "CPU", "freed"],
+        ["BlockRemoved", [5], "CPU", None, None, "freed"],
         ["BlockRemoved", [6], "GPU"],
     ]
     sglang = msgspec.msgpack.decode(encode_batch(1.0, [*events, Removed([7], None)], "sglang"))

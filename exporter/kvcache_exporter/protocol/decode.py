@@ -41,8 +41,13 @@ STORED_FIELDS: Final = (
     "lora_id",
     "medium",
     "lora_name",
+    # vLLM >= 0.26 (hybrid KV cache groups, multimodal keys): read and ignored.
+    "extra_keys",
+    "group_idx",
+    "kv_cache_spec_kind",
+    "kv_cache_spec_sliding_window",
 )
-REMOVED_FIELDS: Final = ("block_hashes", "medium", "reason")
+REMOVED_FIELDS: Final = ("block_hashes", "medium", "group_idx", "remaining_copy_counts", "reason")
 ACCESSED_FIELDS: Final = ("block_hashes", "medium")
 
 
@@ -50,7 +55,7 @@ ACCESSED_FIELDS: Final = ("block_hashes", "medium")
 class DecodeLimits:
     """Bounds that keep a hostile or broken producer from exhausting memory."""
 
-    max_payload_bytes: int = 64 * 1024 * 1024
+    max_payload_bytes: int = 16 * 1024 * 1024
     max_events_per_batch: int = 1_000_000
     max_hashes_per_event: int = 1_000_000
 
@@ -64,7 +69,12 @@ class DecodeError(Exception):
 
 
 # --- map form (vLLM >= 0.24, SGLang, TensorRT-LLM, native extension) ---------------------
-class _MapStored(msgspec.Struct, tag="BlockStored", tag_field="type", forbid_unknown_fields=True):
+_NULL: Final = msgspec.Raw(b"\xc0")
+
+
+class _MapStored(
+    msgspec.Struct, tag="BlockStored", tag_field="type", forbid_unknown_fields=True, gc=False
+):
     block_hashes: list[Hash]
     parent_block_hash: Hash | None = None
     token_ids: msgspec.Raw = msgspec.Raw(b"\x90")
@@ -72,19 +82,25 @@ class _MapStored(msgspec.Struct, tag="BlockStored", tag_field="type", forbid_unk
     lora_id: int | None = None
     medium: str | None = None
     lora_name: str | None = None
+    extra_keys: msgspec.Raw = _NULL
+    group_idx: Any = None
+    kv_cache_spec_kind: Any = None
+    kv_cache_spec_sliding_window: Any = None
     reason: ClassVar[None] = None
 
 
 class _MapRemoved(
-    msgspec.Struct, tag="BlockRemoved", tag_field="type", forbid_unknown_fields=True
+    msgspec.Struct, tag="BlockRemoved", tag_field="type", forbid_unknown_fields=True, gc=False
 ):
     block_hashes: list[Hash]
     medium: str | None = None
+    group_idx: Any = None
+    remaining_copy_counts: msgspec.Raw = _NULL
     reason: str | None = None
 
 
 class _MapAccessed(
-    msgspec.Struct, tag="BlockAccessed", tag_field="type", forbid_unknown_fields=True
+    msgspec.Struct, tag="BlockAccessed", tag_field="type", forbid_unknown_fields=True, gc=False
 ):
     block_hashes: list[Hash]
     medium: str | None = None
@@ -92,7 +108,7 @@ class _MapAccessed(
 
 
 class _MapCleared(
-    msgspec.Struct, tag="AllBlocksCleared", tag_field="type", forbid_unknown_fields=True
+    msgspec.Struct, tag="AllBlocksCleared", tag_field="type", forbid_unknown_fields=True, gc=False
 ):
     block_hashes: ClassVar[tuple[int]] = (0,)
     medium: ClassVar[None] = None
@@ -100,7 +116,9 @@ class _MapCleared(
 
 
 # --- array form (vLLM <= 0.23): fields by position, trailing ones optional ---------------
-class _ArrStored(msgspec.Struct, tag="BlockStored", array_like=True, forbid_unknown_fields=True):
+class _ArrStored(
+    msgspec.Struct, tag="BlockStored", array_like=True, forbid_unknown_fields=True, gc=False
+):
     block_hashes: list[Hash]
     parent_block_hash: Hash | None = None
     token_ids: msgspec.Raw = msgspec.Raw(b"\x90")
@@ -117,15 +135,19 @@ class _ArrStored(msgspec.Struct, tag="BlockStored", array_like=True, forbid_unkn
     reason: ClassVar[None] = None
 
 
-class _ArrRemoved(msgspec.Struct, tag="BlockRemoved", array_like=True, forbid_unknown_fields=True):
+class _ArrRemoved(
+    msgspec.Struct, tag="BlockRemoved", array_like=True, forbid_unknown_fields=True, gc=False
+):
     block_hashes: list[Hash]
     medium: str | None = None
-    pos2: Any = None
-    reason: ClassVar[None] = None
+    # vLLM's group_idx and remaining_copy_counts come first; the native reason follows them.
+    group_idx: Any = None
+    remaining_copy_counts: msgspec.Raw = _NULL
+    reason: str | None = None
 
 
 class _ArrAccessed(
-    msgspec.Struct, tag="BlockAccessed", array_like=True, forbid_unknown_fields=True
+    msgspec.Struct, tag="BlockAccessed", array_like=True, forbid_unknown_fields=True, gc=False
 ):
     block_hashes: list[Hash]
     medium: str | None = None
@@ -133,7 +155,7 @@ class _ArrAccessed(
 
 
 class _ArrCleared(
-    msgspec.Struct, tag="AllBlocksCleared", array_like=True, forbid_unknown_fields=True
+    msgspec.Struct, tag="AllBlocksCleared", array_like=True, forbid_unknown_fields=True, gc=False
 ):
     block_hashes: ClassVar[tuple[int]] = (0,)
     medium: ClassVar[None] = None
@@ -185,7 +207,12 @@ _KNOWN_FIELDS: Final = {
     "AllBlocksCleared": frozenset(),
 }
 # How many array positions each type declares, vLLM's trailing ones included.
-_ARRAY_WIDTH: Final = {"BlockStored": 12, "BlockRemoved": 3, "BlockAccessed": 2, "AllBlocksCleared": 0}
+_ARRAY_WIDTH: Final = {
+    "BlockStored": 12,
+    "BlockRemoved": 5,
+    "BlockAccessed": 2,
+    "AllBlocksCleared": 0,
+}
 _MAP_LENIENT: Final = {
     name: type(f"Lenient{cls.__name__}", (cls,), {}, forbid_unknown_fields=False, tag=name)
     for name, cls in (
@@ -195,15 +222,21 @@ _MAP_LENIENT: Final = {
         ("AllBlocksCleared", _MapCleared),
     )
 }
-for _name, _cls in _MAP_LENIENT.items():
-    _OP_OF[_cls] = _OP_OF[_cls.__mro__[1]]
-
 _ARR_BY_NAME: Final[dict[str, type]] = {
     "BlockStored": _ArrStored,
     "BlockRemoved": _ArrRemoved,
     "BlockAccessed": _ArrAccessed,
     "AllBlocksCleared": _ArrCleared,
 }
+# Array form on the slow path: positions past the declared ones are ignored (counted before).
+_ARR_LENIENT: Final = {
+    name: type(
+        f"Lenient{cls.__name__}", (cls,), {}, forbid_unknown_fields=False, tag=name, array_like=True
+    )
+    for name, cls in _ARR_BY_NAME.items()
+}
+for _cls in chain(_MAP_LENIENT.values(), _ARR_LENIENT.values()):
+    _OP_OF[_cls] = _OP_OF[_cls.__mro__[1]]
 
 _get_hashes = attrgetter("block_hashes")
 _get_medium = attrgetter("medium")
@@ -224,10 +257,17 @@ def fold_hash(value: object) -> int:
 
 def hashes_to_array(hashes: list[Hash]) -> np.ndarray[Any, np.dtype[np.uint64]]:
     """uint64 array of folded hashes; the common all-non-negative-int case stays in C."""
-    try:
-        return np.array(hashes, dtype=np.uint64)
-    except (OverflowError, TypeError, ValueError):
-        return np.fromiter(map(fold_hash, hashes), dtype=np.uint64, count=len(hashes))
+    # numpy parses bytes as decimal text (b"12" -> 12), so bytes never take the fast path.
+    if bytes not in set(map(type, hashes)):
+        try:
+            return np.array(hashes, dtype=np.uint64)
+        except (OverflowError, TypeError, ValueError):
+            pass
+        try:  # signed 64-bit hashes (SGLang): the same bits
+            return np.array(hashes, dtype=np.int64).view(np.uint64)
+        except (OverflowError, TypeError, ValueError):
+            pass
+    return np.fromiter(map(fold_hash, hashes), dtype=np.uint64, count=len(hashes))
 
 
 def msgpack_array_length(raw: msgspec.Raw) -> int:
@@ -283,23 +323,23 @@ class PayloadDecoder:
         batch: _MapBatch | _ArrBatch | _LooseBatch
         try:
             batch = self._first.decode(payload)
-        except (msgspec.ValidationError, msgspec.DecodeError):
+        except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
             try:
                 batch = self._second.decode(payload)
                 self._first, self._second = self._second, self._first
-            except (msgspec.ValidationError, msgspec.DecodeError):
+            except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
                 batch = self._decode_loose(payload)
         events: list[Any] = batch.events
         if len(events) > self.limits.max_events_per_batch:
             raise DecodeError("too_large", f"{len(events)} events in one batch")
-        if isinstance(batch, _LooseBatch):
-            events = self._decode_events_one_by_one(events)
         if not np.isfinite(batch.ts):
             raise DecodeError("schema", "batch timestamp is not finite")
+        if isinstance(batch, _LooseBatch):
+            events = self._decode_events_one_by_one(events)
         self._events.extend(events)
         self._event_ts.extend([batch.ts] * len(events))
         self.last_ts = batch.ts
-        if isinstance(batch.dp_rank, int):
+        if isinstance(batch.dp_rank, int) and not isinstance(batch.dp_rank, bool):
             self.last_dp_rank = batch.dp_rank
         return len(events)
 
@@ -311,6 +351,8 @@ class PayloadDecoder:
         except msgspec.DecodeError as exc:
             truncated = "truncated" in str(exc).lower()
             raise DecodeError("truncated" if truncated else "msgpack", str(exc)) from None
+        except RecursionError:
+            raise DecodeError("msgpack", "nested too deeply") from None
 
     def _decode_events_one_by_one(self, raws: list[msgspec.Raw]) -> list[Any]:
         events: list[Any] = []
@@ -324,7 +366,7 @@ class PayloadDecoder:
         """One event on the slow path: unknown types and fields are counted and skipped."""
         try:
             value = self._generic.decode(raw)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):
             self.stats.add_error("event_msgpack")
             return None
         if isinstance(value, dict):
@@ -343,10 +385,12 @@ class PayloadDecoder:
             self.stats.add_event("unknown")
             return None
         self.stats.unknown_fields += len(fields - _KNOWN_FIELDS[name])
-        lenient = _MAP_LENIENT[name] if isinstance(value, dict) else _ARR_BY_NAME[name]
+        lenient = _MAP_LENIENT[name] if isinstance(value, dict) else _ARR_LENIENT[name]
+        # Typed decode of the raw bytes, not convert(value): convert cannot fill the
+        # msgspec.Raw token_ids field from a decoded list, so every BlockStored failed here.
         try:
-            event = msgspec.convert(value, lenient)
-        except msgspec.ValidationError:
+            event: Any = msgspec.msgpack.decode(raw, type=lenient)
+        except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
             self.stats.add_error("event_schema")
             return None
         if len(getattr(event, "block_hashes", ())) > self.limits.max_hashes_per_event:

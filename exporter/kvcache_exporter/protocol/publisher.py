@@ -20,7 +20,7 @@ after as far as msgspec allows (``tests/fixtures/vectors``):
   because vLLM 0.33 declares more than 15 fields); the decoded values are the same.
 - ``vllm-array``: events are arrays (vLLM <= 0.23):
   ``["BlockStored", block_hashes, parent_block_hash, token_ids, block_size, lora_id, medium,
-  lora_name]``, ``["BlockRemoved", block_hashes, medium(, reason)]``,
+  lora_name]``, ``["BlockRemoved", block_hashes, medium(, null, null, reason)]``,
   ``["AllBlocksCleared"]``. vLLM 0.18 / 0.23 pad further positions with nulls; consumers read
   by position and ignore the padding, so it is left out.
 - ``sglang``: maps like SGLang 0.5: ``medium`` and ``lora_name`` are omitted when null, the
@@ -168,7 +168,8 @@ class _AStored(msgspec.Struct, tag="BlockStored", array_like=True, gc=False):
 
 
 # msgspec writes every position of an array-like struct, defaults included, so a removal with
-# a reason is its own struct: the reason then sits at position 3, after medium.
+# a reason is its own struct. The reason follows the positions vLLM declares after medium
+# (group_idx, remaining_copy_counts), sent as nulls, so it never lands in one of vLLM's slots.
 class _ARemoved(msgspec.Struct, tag="BlockRemoved", array_like=True, gc=False):
     block_hashes: Sequence[Hash]
     medium: str | None
@@ -177,6 +178,8 @@ class _ARemoved(msgspec.Struct, tag="BlockRemoved", array_like=True, gc=False):
 class _ARemovedWithReason(msgspec.Struct, tag="BlockRemoved", array_like=True, gc=False):
     block_hashes: Sequence[Hash]
     medium: str | None
+    group_idx: None
+    remaining_copy_counts: None
     reason: str
 
 
@@ -286,7 +289,7 @@ def _vllm_array(event: Event) -> Any:
     if type(event) is Removed:
         if event.reason is None:
             return _ARemoved(_seq(event.block_hashes), event.medium)
-        return _ARemovedWithReason(_seq(event.block_hashes), event.medium, event.reason)
+        return _ARemovedWithReason(_seq(event.block_hashes), event.medium, None, None, event.reason)
     if type(event) is Accessed:
         return _AAccessed(_seq(event.block_hashes), event.medium)
     if type(event) is Cleared:
