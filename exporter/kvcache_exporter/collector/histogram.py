@@ -16,6 +16,7 @@ RESIDENCY_BUCKETS: Final = (
     1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0,
 )  # fmt: skip
 ACCESS_COUNT_BUCKETS: Final = (0.0, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0, 100.0, 1000.0)
+PREFIX_DEPTH_BUCKETS: Final = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0)
 
 
 def validate_buckets(bounds: Sequence[float], name: str = "buckets") -> tuple[float, ...]:

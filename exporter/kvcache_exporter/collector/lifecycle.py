@@ -21,8 +21,10 @@ import numpy as np
 import numpy.typing as npt
 
 from ..protocol.batch import OP_ACCESS, OP_CLEAR, OP_REMOVE, OP_STORE, EventBatch, LabelTable
+from .eviction_log import EvictionLog
 from .histogram import (
     ACCESS_COUNT_BUCKETS,
+    PREFIX_DEPTH_BUCKETS,
     RESIDENCY_BUCKETS,
     HistogramSet,
     HistogramSnapshot,
@@ -60,6 +62,8 @@ class CollectorConfig:
     removed_memory: int = 1_000_000
     duration_buckets: tuple[float, ...] = RESIDENCY_BUCKETS
     access_buckets: tuple[float, ...] = ACCESS_COUNT_BUCKETS
+    depth_buckets: tuple[float, ...] = PREFIX_DEPTH_BUCKETS
+    eviction_log_size: int = 10_000
 
     def __post_init__(self) -> None:
         if not 0.0 < self.sample_ratio <= 1.0:
@@ -68,8 +72,11 @@ class CollectorConfig:
             raise ValueError("max tracked blocks must be at least 1")
         if self.removed_memory < 0:
             raise ValueError("removed-block memory cannot be negative")
+        if self.eviction_log_size < 0:
+            raise ValueError("eviction log size cannot be negative")
         validate_buckets(self.duration_buckets, "duration buckets")
         validate_buckets(self.access_buckets, "access-count buckets")
+        validate_buckets(self.depth_buckets, "prefix-depth buckets")
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +137,8 @@ class BlockLifecycleCollector:
         self.tracked = 0
         self.hist = {name: HistogramSet(self.config.duration_buckets, m) for name in HISTOGRAMS}
         self.accesses_before_evict = HistogramSet(self.config.access_buckets, m)
+        self.prefix_depth = HistogramSet(self.config.depth_buckets, m)
+        self.evictions = EvictionLog(self.config.eviction_log_size)
         self._ghosts: deque[tuple[_U64, npt.NDArray[np.uint8], _F64]] = deque()
         self._ghost_count = 0
 
@@ -142,11 +151,11 @@ class BlockLifecycleCollector:
             clears = np.flatnonzero(batch.op == OP_CLEAR)
             start = 0
             for row in clears.tolist():
-                self._apply_segment(batch.slice(start, row))
+                self._apply_segment(batch.take(slice(start, row)))
                 self._clear(float(batch.ts[row]), self.reasons.id_of(REASON_CLEARED))
                 self.clears += 1
                 start = row + 1
-            self._apply_segment(batch.slice(start, len(batch)))
+            self._apply_segment(batch.take(slice(start, len(batch))))
             self._forget_oldest_ghosts()
 
     def clear(self, ts: float, reason: str) -> None:
@@ -179,16 +188,7 @@ class BlockLifecycleCollector:
         rank = np.empty(n, np.int64)
         rank[order] = positions - group_start
         for r in range(int(rank.max()) + 1):
-            rows = np.flatnonzero(rank == r)
-            self._apply_round(
-                EventBatch(
-                    op=seg.op[rows],
-                    block_hash=seg.block_hash[rows],
-                    ts=seg.ts[rows],
-                    medium=seg.medium[rows],
-                    reason=seg.reason[rows],
-                )
-            )
+            self._apply_round(seg.take(np.flatnonzero(rank == r)))
 
     def _apply_round(self, rnd: EventBatch) -> None:
         """Apply rows whose keys are all distinct: one vectorized pass."""
@@ -218,7 +218,7 @@ class BlockLifecycleCollector:
 
         is_remove = op == OP_REMOVE
         if is_remove.any():
-            self._remove(slot, resident & is_remove, ts, med, sampled)
+            self._remove(slot, resident & is_remove, rnd, sampled)
             self.unknown_removals += int(np.count_nonzero(is_remove & ~resident))
             self.removed += (
                 np.bincount(
@@ -238,6 +238,7 @@ class BlockLifecycleCollector:
             self._start_life(s, t)
             self.restores += np.bincount(med[restore], minlength=m).astype(np.uint64)
             self._count_stored(med[restore], obs)
+        started_rows = [np.flatnonzero(restore)]
 
         new = is_store & (slot < 0)
         if new.any():
@@ -251,11 +252,51 @@ class BlockLifecycleCollector:
             s = table.insert(keys[rows], med[rows], RESIDENT)
             self._start_life(s, ts[rows])
             self._count_stored(med[rows], sampled[rows])
+            started_rows.append(rows)
+        if rnd.chain is not None:
+            self._place_in_chains(rnd, np.concatenate(started_rows), sampled)
+
+    def _place_in_chains(
+        self,
+        rnd: EventBatch,
+        rows: npt.NDArray[np.int64],
+        sampled: _BOOL,
+    ) -> None:
+        """Prefix depth of blocks just stored: the parent's depth + offset + 1.
+
+        A parent stored in this same round gets its depth in an earlier pass, so a few passes
+        resolve chains of events that arrived together; a parent never seen leaves depth 0
+        (unknown), and such blocks are not observed.
+        """
+        if not rows.size:
+            return
+        assert rnd.chain is not None
+        table = self.table
+        med = rnd.medium[rows]
+        slots = table.find(rnd.block_hash[rows], med)
+        offset = rnd.chain.offset[rows].astype(np.int64)
+        has_parent = rnd.chain.has_parent[rows]
+        depth = np.where(has_parent, 0, offset + 1)
+        table.depth[slots] = np.minimum(depth, 65535)
+        pending = np.flatnonzero(has_parent)
+        parents = table.find(rnd.chain.parent[rows][pending], med[pending])
+        for _ in range(4):
+            if not pending.size:
+                break
+            known = parents >= 0
+            parent_depth = np.where(known, table.depth[np.where(known, parents, 0)], 0)
+            resolved = parent_depth > 0
+            depth[pending[resolved]] = parent_depth[resolved] + offset[pending[resolved]] + 1
+            table.depth[slots[pending[resolved]]] = np.minimum(depth[pending[resolved]], 65535)
+            pending, parents = pending[~resolved], parents[~resolved]
+        observed = (depth > 0) & sampled[rows]
+        self.prefix_depth.observe(med[observed], depth[observed].astype(np.float64))
 
     def _start_life(self, slots: npt.NDArray[np.int64], ts: _F64) -> None:
         self.table.t_store[slots] = ts
         self.table.t_access[slots] = 0.0
         self.table.accesses[slots] = 0
+        self.table.depth[slots] = 0
 
     def _count_stored(self, med: npt.NDArray[np.uint8], sampled: _BOOL) -> None:
         counts = np.bincount(med, minlength=self.media.capacity)
@@ -264,29 +305,41 @@ class BlockLifecycleCollector:
         self.tracked += int(np.count_nonzero(sampled))
 
     def _remove(
-        self,
-        slot: npt.NDArray[np.int64],
-        mask: _BOOL,
-        ts: _F64,
-        med: npt.NDArray[np.uint8],
-        sampled: _BOOL,
+        self, slot: npt.NDArray[np.int64], mask: _BOOL, rnd: EventBatch, sampled: _BOOL
     ) -> None:
-        """Resident blocks at ``slot[mask]`` are removed at ``ts``: observe, then ghost them."""
-        s, t, md, obs = slot[mask], ts[mask], med[mask], sampled[mask]
-        self._observe_removal(s, t, md, obs)
+        """Resident blocks at ``slot[mask]`` are removed: observe, then ghost them."""
+        s, t, md, obs = slot[mask], rnd.ts[mask], rnd.medium[mask], sampled[mask]
+        self._observe_removal(s, t, md, obs, rnd.reason[mask])
         self.resident -= np.bincount(md, minlength=self.media.capacity)
         self.tracked -= int(np.count_nonzero(obs))
         self._ghost(s, t)
 
     def _observe_removal(
-        self, s: npt.NDArray[np.int64], t: _F64, md: npt.NDArray[np.uint8], obs: _BOOL
+        self,
+        s: npt.NDArray[np.int64],
+        t: _F64,
+        md: npt.NDArray[np.uint8],
+        obs: _BOOL,
+        reason: npt.NDArray[np.uint8],
     ) -> None:
         table = self.table
-        s, t, md = s[obs], t[obs], md[obs]
+        s, t, md, reason = s[obs], t[obs], md[obs], reason[obs]
         store = table.t_store[s]
+        last = store + table.t_access[s]
+        accesses = table.accesses[s]
         self.hist["lifetime"].observe(md, t - store)
-        self.hist["idle_before_evict"].observe(md, t - (store + table.t_access[s]))
-        self.accesses_before_evict.observe(md, table.accesses[s].astype(np.float64))
+        self.hist["idle_before_evict"].observe(md, t - last)
+        self.accesses_before_evict.observe(md, accesses.astype(np.float64))
+        self.evictions.append(
+            block_hash=table.key[s],
+            medium=md,
+            reason=reason,
+            stored_at=store,
+            last_access_at=last,
+            removed_at=t,
+            accesses=accesses,
+            prefix_depth=table.depth[s],
+        )
 
     def _ghost(self, slots: npt.NDArray[np.int64], ts: _F64) -> None:
         """Turn removed slots into ghosts, remembered in removal order."""
@@ -322,7 +375,8 @@ class BlockLifecycleCollector:
         slots = table.slots_in_state(RESIDENT)
         md = table.medium[slots]
         t = np.full(slots.shape[0], ts)
-        self._observe_removal(slots, t, md, self._sampled(table.key[slots]))
+        reasons = np.full(slots.shape[0], reason_id, np.uint8)
+        self._observe_removal(slots, t, md, self._sampled(table.key[slots]), reasons)
         self.removed[:, reason_id] += np.bincount(md, minlength=self.media.capacity).astype(
             np.uint64
         )
@@ -335,6 +389,7 @@ class BlockLifecycleCollector:
         with self.lock:
             hists = {name: h.snapshot() for name, h in self.hist.items()}
             hists["accesses_before_evict"] = self.accesses_before_evict.snapshot()
+            hists["prefix_depth"] = self.prefix_depth.snapshot()
             return CollectorSnapshot(
                 media=tuple(self.media.names),
                 reasons=tuple(self.reasons.names),
@@ -348,6 +403,6 @@ class BlockLifecycleCollector:
                 untracked_stores=self.untracked_stores,
                 clears=self.clears,
                 tracked=self.tracked,
-                table_bytes=self.table.nbytes + 17 * self._ghost_count,
+                table_bytes=self.table.nbytes + 17 * self._ghost_count + self.evictions.nbytes,
                 histograms=hists,
             )

@@ -32,7 +32,8 @@ class BlockTable:
 
     Columns per slot: ``key`` u64, ``medium`` u8, ``state`` u8, ``t_store`` f64 (store time,
     or removal time for a ghost), ``t_access`` f32 (last access minus ``t_store``: a duration
-    needs no absolute precision) and ``accesses`` u32 — 26 bytes.
+    needs no absolute precision), ``accesses`` u32 and ``depth`` u16 (position in its prefix
+    chain, 0 when unknown) — 28 bytes.
     """
 
     def __init__(self, initial_capacity: int = 1 << _MIN_BITS) -> None:
@@ -49,6 +50,7 @@ class BlockTable:
         self.t_store = np.zeros(capacity, np.float64)
         self.t_access = np.zeros(capacity, np.float32)
         self.accesses = np.zeros(capacity, np.uint32)
+        self.depth = np.zeros(capacity, np.uint16)
         self.live = 0  # RESIDENT + GHOST
         self.tombstones = 0
 
@@ -67,6 +69,7 @@ class BlockTable:
                 self.t_store,
                 self.t_access,
                 self.accesses,
+                self.depth,
             )
         )
 
@@ -139,7 +142,15 @@ class BlockTable:
 
     def _rebuild(self, needed: int) -> None:
         """Rehash live slots into a table sized for ``needed`` keys at the target load."""
-        old = (self.key, self.medium, self.state, self.t_store, self.t_access, self.accesses)
+        old = (
+            self.key,
+            self.medium,
+            self.state,
+            self.t_store,
+            self.t_access,
+            self.accesses,
+            self.depth,
+        )
         live = np.flatnonzero((old[2] == RESIDENT) | (old[2] == GHOST))
         bits = max(_MIN_BITS, int(np.ceil(np.log2(max(needed, 1) / _TARGET_LOAD))))
         self._allocate(bits)
@@ -151,6 +162,7 @@ class BlockTable:
             self.t_store[slots] = old[3][rows]
             self.t_access[slots] = old[4][rows]
             self.accesses[slots] = old[5][rows]
+            self.depth[slots] = old[6][rows]
 
     def clear(self) -> None:
         self._allocate(_MIN_BITS)

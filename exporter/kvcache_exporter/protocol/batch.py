@@ -84,13 +84,19 @@ class LabelTable:
 
 @dataclass(frozen=True, slots=True)
 class EventBatch:
-    """Block operations in stream order, as parallel numpy columns (one row per block)."""
+    """Block operations in stream order, as parallel numpy columns (one row per block).
+
+    ``chain`` locates stored blocks in their prefix chains, when the producer said: row *i* is
+    block ``offset[i]`` (0-based) of a ``BlockStored`` whose parent is ``parent[i]``
+    (``has_parent[i]``), so its prefix depth is the parent's depth + offset + 1.
+    """
 
     op: U8Array
     block_hash: U64Array
     ts: F64Array
     medium: U8Array
     reason: U8Array
+    chain: PrefixChain | None = None
 
     def __len__(self) -> int:
         return int(self.op.shape[0])
@@ -105,14 +111,28 @@ class EventBatch:
             reason=np.zeros(0, np.uint8),
         )
 
-    def slice(self, start: int, stop: int) -> EventBatch:
+    def take(self, rows: slice | npt.NDArray[np.int64]) -> EventBatch:
+        """The rows selected by a slice or an index array, in that order."""
         return EventBatch(
-            op=self.op[start:stop],
-            block_hash=self.block_hash[start:stop],
-            ts=self.ts[start:stop],
-            medium=self.medium[start:stop],
-            reason=self.reason[start:stop],
+            op=self.op[rows],
+            block_hash=self.block_hash[rows],
+            ts=self.ts[rows],
+            medium=self.medium[rows],
+            reason=self.reason[rows],
+            chain=None if self.chain is None else self.chain.take(rows),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixChain:
+    """Where each stored block sits in its prefix chain (see :class:`EventBatch`)."""
+
+    parent: U64Array
+    has_parent: npt.NDArray[np.bool_]
+    offset: npt.NDArray[np.uint32]
+
+    def take(self, rows: slice | npt.NDArray[np.int64]) -> PrefixChain:
+        return PrefixChain(self.parent[rows], self.has_parent[rows], self.offset[rows])
 
 
 @dataclass(slots=True)

@@ -12,12 +12,13 @@ with numpy once per flush, so many small messages coalesce into one batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import chain
-from operator import attrgetter
+from itertools import chain, repeat
+from operator import attrgetter, is_not
 from typing import Any, ClassVar, Final
 
 import msgspec
 import numpy as np
+import numpy.typing as npt
 
 from .batch import (
     OP_ACCESS,
@@ -27,6 +28,7 @@ from .batch import (
     DecodeStats,
     EventBatch,
     LabelTable,
+    PrefixChain,
 )
 
 U64_MASK: Final = (1 << 64) - 1
@@ -97,6 +99,7 @@ class _MapRemoved(
     group_idx: Any = None
     remaining_copy_counts: msgspec.Raw = _NULL
     reason: str | None = None
+    parent_block_hash: ClassVar[None] = None
 
 
 class _MapAccessed(
@@ -105,6 +108,7 @@ class _MapAccessed(
     block_hashes: list[Hash]
     medium: str | None = None
     reason: ClassVar[None] = None
+    parent_block_hash: ClassVar[None] = None
 
 
 class _MapCleared(
@@ -113,6 +117,7 @@ class _MapCleared(
     block_hashes: ClassVar[tuple[int]] = (0,)
     medium: ClassVar[None] = None
     reason: ClassVar[None] = None
+    parent_block_hash: ClassVar[None] = None
 
 
 # --- array form (vLLM <= 0.23): fields by position, trailing ones optional ---------------
@@ -144,6 +149,7 @@ class _ArrRemoved(
     group_idx: Any = None
     remaining_copy_counts: msgspec.Raw = _NULL
     reason: str | None = None
+    parent_block_hash: ClassVar[None] = None
 
 
 class _ArrAccessed(
@@ -152,6 +158,7 @@ class _ArrAccessed(
     block_hashes: list[Hash]
     medium: str | None = None
     reason: ClassVar[None] = None
+    parent_block_hash: ClassVar[None] = None
 
 
 class _ArrCleared(
@@ -160,6 +167,7 @@ class _ArrCleared(
     block_hashes: ClassVar[tuple[int]] = (0,)
     medium: ClassVar[None] = None
     reason: ClassVar[None] = None
+    parent_block_hash: ClassVar[None] = None
 
 
 _MapEvent = _MapStored | _MapRemoved | _MapAccessed | _MapCleared
@@ -242,6 +250,7 @@ _get_hashes = attrgetter("block_hashes")
 _get_medium = attrgetter("medium")
 _get_reason = attrgetter("reason")
 _get_tokens = attrgetter("token_ids")
+_get_parent = attrgetter("parent_block_hash")
 
 
 def fold_hash(value: object) -> int:
@@ -283,6 +292,22 @@ def msgpack_array_length(raw: msgspec.Raw) -> int:
     if head == 0xDD and len(view) >= 5:
         return int.from_bytes(view[1:5], "big")
     return 0
+
+
+def _prefix_chain(events: list[Any], counts: npt.NDArray[np.int64]) -> PrefixChain:
+    """Per row: its event's parent hash and its offset inside the event."""
+    parents = list(map(_get_parent, events))
+    has_parent = np.fromiter(map(is_not, parents, repeat(None)), bool, count=len(parents))
+    parent = np.zeros(len(parents), np.uint64)
+    if has_parent.any():
+        parent[has_parent] = hashes_to_array([p for p in parents if p is not None])
+    starts = np.cumsum(counts) - counts
+    offset = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(starts, counts)
+    return PrefixChain(
+        parent=np.repeat(parent, counts),
+        has_parent=np.repeat(has_parent, counts),
+        offset=offset.astype(np.uint32),
+    )
 
 
 class PayloadDecoder:
@@ -424,6 +449,7 @@ class PayloadDecoder:
             ts=np.repeat(np.array(event_ts, dtype=np.float64), counts),
             medium=np.repeat(np.array(media, dtype=np.uint8), counts),
             reason=np.repeat(np.array(reasons, dtype=np.uint8), counts),
+            chain=_prefix_chain(events, counts),
         )
 
     def _flush_oversized(self, events: list[Any], event_ts: list[float]) -> EventBatch:

@@ -43,6 +43,11 @@ HISTOGRAM_FAMILIES: Final = (
         "kvcache_block_accesses_before_evict",
         "Accesses a block got after its store and before its removal.",
     ),
+    (
+        "prefix_depth",
+        "kvcache_block_prefix_depth",
+        "Position of a stored block in its prefix chain (1 = first block of a prompt).",
+    ),
 )
 
 
