@@ -231,3 +231,80 @@ def test_random_streams_match_the_reference(
         col.apply(make_batch(timed[start:stop], col.media))
     feed_reference(ref, timed)
     assert_same(col, ref)
+
+
+def test_results_do_not_depend_on_how_the_stream_is_cut_into_batches() -> None:
+    """The same engine stream (trace through the simulator, hits, CPU tier, chains) applied one
+    message per batch, in bursts of 7 and as one batch gives identical numbers, prefix depth
+    included."""
+    from itertools import islice
+
+    from kvcache_exporter.app import new_pipeline
+    from kvcache_exporter.engine import PrefixCacheSimulator, bundled_trace_path, read_mooncake
+    from kvcache_exporter.offline import simulate_frames
+
+    frames = list(
+        simulate_frames(
+            islice(read_mooncake(bundled_trace_path()), 800),
+            PrefixCacheSimulator(3000, 600, report_hits=True),
+        )
+    )
+
+    def run(every: int) -> list[object]:
+        collector, stream = new_pipeline("x", CollectorConfig())
+        for i, (ts, message) in enumerate(frames):
+            stream.handle(message, ts)
+            if every and i % every == 0:
+                stream.flush()
+        stream.flush()
+        snap = collector.snapshot()
+        hists = [(h.counts.tolist(), h.sums.round(6).tolist()) for h in snap.histograms.values()]
+        return [snap.stored.tolist(), snap.removed.tolist(), snap.accessed.tolist(), hists]
+
+    one, bursts, whole = run(1), run(7), run(0)
+    assert one == bursts == whole
+    depth_counts = one[3][-1][0]
+    assert sum(map(sum, depth_counts)) > 0  # chains were resolved
+
+
+def test_prefix_depth_follows_parent_chains() -> None:
+    """Depth = parent's depth + offset + 1, across events in one batch and across batches,
+    and a CPU copy has its GPU original's depth."""
+    from kvcache_exporter.protocol.batch import PrefixChain
+
+    col = BlockLifecycleCollector()
+    gpu = col.media.id_of("GPU")
+    cpu = col.media.id_of("CPU")
+
+    def stores(rows: list[tuple[int, int, int | None, int]]) -> EventBatch:
+        """rows of (hash, medium id, event parent or None, offset)."""
+        n = len(rows)
+        return EventBatch(
+            op=np.zeros(n, np.uint8),
+            block_hash=np.array([r[0] for r in rows], np.uint64),
+            ts=np.ones(n),
+            medium=np.array([r[1] for r in rows], np.uint8),
+            reason=np.zeros(n, np.uint8),
+            chain=PrefixChain(
+                parent=np.array([r[2] or 0 for r in rows], np.uint64),
+                has_parent=np.array([r[2] is not None for r in rows]),
+                offset=np.array([r[3] for r in rows], np.uint32),
+            ),
+        )
+
+    # Event A: 10, 11, 12 (no parent); event B: 13, 14 with parent 12, in the same batch.
+    col.apply(stores([(10, gpu, None, 0), (11, gpu, None, 1), (12, gpu, None, 2),
+                      (13, gpu, 12, 0), (14, gpu, 12, 1)]))  # fmt: skip
+    # Next batch: 15 with parent 14 on GPU; a CPU copy of 14 (parent 13).
+    col.apply(stores([(15, gpu, 14, 0), (14, cpu, 13, 0)]))
+    # An orphan whose parent was never seen: depth unknown, not observed.
+    col.apply(stores([(99, gpu, 12345, 0)]))
+    depths = {
+        (h, m): col.block(h, m).prefix_depth  # type: ignore[union-attr]
+        for h, m in ((10, gpu), (12, gpu), (13, gpu), (14, gpu), (15, gpu), (14, cpu), (99, gpu))
+    }
+    assert depths == {
+        (10, gpu): 1, (12, gpu): 3, (13, gpu): 4, (14, gpu): 5, (15, gpu): 6,
+        (14, cpu): 5, (99, gpu): 0,
+    }  # fmt: skip
+    assert int(col.snapshot().histograms["prefix_depth"].counts.sum()) == 7

@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..protocol.batch import OP_ACCESS, OP_CLEAR, OP_REMOVE, OP_STORE, EventBatch, LabelTable
-from .eviction_log import EvictionLog
+from .eviction_log import EvictionLog, EvictionRecords
 from .histogram import (
     ACCESS_COUNT_BUCKETS,
     PREFIX_DEPTH_BUCKETS,
@@ -30,6 +30,7 @@ from .histogram import (
     HistogramSnapshot,
     validate_buckets,
 )
+from .prefix import resolve_depths
 from .table import GHOST, RESIDENT, BlockTable
 
 _SAMPLE_MUL1: Final = np.uint64(0xBF58476D1CE4E5B9)
@@ -99,6 +100,25 @@ class CollectorSnapshot:
     histograms: dict[str, HistogramSnapshot] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class ResidentProfile:
+    """Per resident tracked block: accesses since its store, prefix depth, medium id."""
+
+    accesses: npt.NDArray[np.uint32]
+    depth: npt.NDArray[np.uint16]
+    medium: npt.NDArray[np.uint8]
+
+
+@dataclass(frozen=True, slots=True)
+class BlockRecord:
+    """One resident block as the collector holds it (engine-clock times)."""
+
+    stored_at: float
+    last_access_at: float
+    accesses: int
+    prefix_depth: int
+
+
 HISTOGRAMS: Final = ("lifetime", "idle_before_evict", "reuse_gap", "restore_gap")
 
 
@@ -148,14 +168,15 @@ class BlockLifecycleCollector:
         if not len(batch):
             return
         with self.lock:
+            depth = resolve_depths(batch, self._known_depth)
             clears = np.flatnonzero(batch.op == OP_CLEAR)
             start = 0
             for row in clears.tolist():
-                self._apply_segment(batch.take(slice(start, row)))
+                self._apply_segment(batch.take(slice(start, row)), depth[start:row])
                 self._clear(float(batch.ts[row]), self.reasons.id_of(REASON_CLEARED))
                 self.clears += 1
                 start = row + 1
-            self._apply_segment(batch.take(slice(start, len(batch))))
+            self._apply_segment(batch.take(slice(start, len(batch))), depth[start:])
             self._forget_oldest_ghosts()
 
     def clear(self, ts: float, reason: str) -> None:
@@ -169,7 +190,16 @@ class BlockLifecycleCollector:
             return np.ones(keys.shape[0], bool)
         return sample_hash(keys) < self._threshold
 
-    def _apply_segment(self, seg: EventBatch) -> None:
+    def _known_depth(self, hashes: _U64) -> npt.NDArray[np.int64]:
+        """The prefix depth the table holds for each hash, on whatever medium (0: none)."""
+        best = np.zeros(hashes.shape[0], np.int64)
+        for medium_id in range(len(self.media.names)):
+            slots = self.table.find(hashes, np.full(hashes.shape[0], medium_id, np.uint8))
+            found = slots >= 0
+            best[found] = np.maximum(best[found], self.table.depth[slots[found]])
+        return best
+
+    def _apply_segment(self, seg: EventBatch, depth: npt.NDArray[np.int64]) -> None:
         n = len(seg)
         if not n:
             return
@@ -181,16 +211,17 @@ class BlockLifecycleCollector:
         starts[0] = True
         np.not_equal(sorted_key[1:], sorted_key[:-1], out=starts[1:])
         if starts.all():
-            self._apply_round(seg)
+            self._apply_round(seg, depth)
             return
         positions = np.arange(n)
         group_start = np.maximum.accumulate(np.where(starts, positions, 0))
         rank = np.empty(n, np.int64)
         rank[order] = positions - group_start
         for r in range(int(rank.max()) + 1):
-            self._apply_round(seg.take(np.flatnonzero(rank == r)))
+            rows = np.flatnonzero(rank == r)
+            self._apply_round(seg.take(rows), depth[rows])
 
-    def _apply_round(self, rnd: EventBatch) -> None:
+    def _apply_round(self, rnd: EventBatch, depth: npt.NDArray[np.int64]) -> None:
         """Apply rows whose keys are all distinct: one vectorized pass."""
         op, keys, ts, med = rnd.op, rnd.block_hash, rnd.ts, rnd.medium
         table = self.table
@@ -208,10 +239,10 @@ class BlockLifecycleCollector:
         hit = resident & (is_access | is_store)
         if hit.any():
             s, t = slot[hit], ts[hit]
-            previous = table.t_store[s] + table.t_access[s]
+            previous = table.t_access[s]
             obs = sampled[hit]
             self.hist["reuse_gap"].observe(med[hit][obs], (t - previous)[obs])
-            table.t_access[s] = (t - table.t_store[s]).astype(np.float32)
+            table.t_access[s] = t
             table.accesses[s] += np.uint32(1)
             self.accessed += np.bincount(med[hit], minlength=m).astype(np.uint64)
         self.unknown_accesses += int(np.count_nonzero(is_access & ~resident))
@@ -254,47 +285,15 @@ class BlockLifecycleCollector:
             self._count_stored(med[rows], sampled[rows])
             started_rows.append(rows)
         if rnd.chain is not None:
-            self._place_in_chains(rnd, np.concatenate(started_rows), sampled)
-
-    def _place_in_chains(
-        self,
-        rnd: EventBatch,
-        rows: npt.NDArray[np.int64],
-        sampled: _BOOL,
-    ) -> None:
-        """Prefix depth of blocks just stored: the parent's depth + offset + 1.
-
-        A parent stored in this same round gets its depth in an earlier pass, so a few passes
-        resolve chains of events that arrived together; a parent never seen leaves depth 0
-        (unknown), and such blocks are not observed.
-        """
-        if not rows.size:
-            return
-        assert rnd.chain is not None
-        table = self.table
-        med = rnd.medium[rows]
-        slots = table.find(rnd.block_hash[rows], med)
-        offset = rnd.chain.offset[rows].astype(np.int64)
-        has_parent = rnd.chain.has_parent[rows]
-        depth = np.where(has_parent, 0, offset + 1)
-        table.depth[slots] = np.minimum(depth, 65535)
-        pending = np.flatnonzero(has_parent)
-        parents = table.find(rnd.chain.parent[rows][pending], med[pending])
-        for _ in range(4):
-            if not pending.size:
-                break
-            known = parents >= 0
-            parent_depth = np.where(known, table.depth[np.where(known, parents, 0)], 0)
-            resolved = parent_depth > 0
-            depth[pending[resolved]] = parent_depth[resolved] + offset[pending[resolved]] + 1
-            table.depth[slots[pending[resolved]]] = np.minimum(depth[pending[resolved]], 65535)
-            pending, parents = pending[~resolved], parents[~resolved]
-        observed = (depth > 0) & sampled[rows]
-        self.prefix_depth.observe(med[observed], depth[observed].astype(np.float64))
+            rows = np.concatenate(started_rows)
+            row_depth = depth[rows]
+            table.depth[table.find(keys[rows], med[rows])] = np.minimum(row_depth, 65535)
+            observed = (row_depth > 0) & sampled[rows]
+            self.prefix_depth.observe(med[rows][observed], row_depth[observed].astype(np.float64))
 
     def _start_life(self, slots: npt.NDArray[np.int64], ts: _F64) -> None:
         self.table.t_store[slots] = ts
-        self.table.t_access[slots] = 0.0
+        self.table.t_access[slots] = ts
         self.table.accesses[slots] = 0
         self.table.depth[slots] = 0
 
@@ -325,7 +324,7 @@ class BlockLifecycleCollector:
         table = self.table
         s, t, md, reason = s[obs], t[obs], md[obs], reason[obs]
         store = table.t_store[s]
-        last = store + table.t_access[s]
+        last = table.t_access[s]
         accesses = table.accesses[s]
         self.hist["lifetime"].observe(md, t - store)
         self.hist["idle_before_evict"].observe(md, t - last)
@@ -385,6 +384,39 @@ class BlockLifecycleCollector:
         self._ghost(slots, t)
 
     # --- reading ---------------------------------------------------------------------------
+    def resident_profile(self) -> ResidentProfile:
+        """Access counts, prefix depths and media of the resident tracked blocks (a copy)."""
+        with self.lock:
+            table = self.table
+            slots = table.slots_in_state(RESIDENT)
+            slots = slots[self._sampled(table.key[slots])]
+            return ResidentProfile(
+                accesses=table.accesses[slots].copy(),
+                depth=table.depth[slots].copy(),
+                medium=table.medium[slots].copy(),
+            )
+
+    def eviction_records(self) -> EvictionRecords:
+        """The most recent removals of tracked blocks, oldest first (a copy)."""
+        with self.lock:
+            return self.evictions.records()
+
+    def block(self, key: int, medium_id: int) -> BlockRecord | None:
+        """One resident block's state, or None when it is not resident."""
+        with self.lock:
+            slot = int(
+                self.table.find(np.array([key], np.uint64), np.array([medium_id], np.uint8))[0]
+            )
+            if slot < 0 or self.table.state[slot] != RESIDENT:
+                return None
+            stored = float(self.table.t_store[slot])
+            return BlockRecord(
+                stored_at=stored,
+                last_access_at=float(self.table.t_access[slot]),
+                accesses=int(self.table.accesses[slot]),
+                prefix_depth=int(self.table.depth[slot]),
+            )
+
     def snapshot(self) -> CollectorSnapshot:
         with self.lock:
             hists = {name: h.snapshot() for name, h in self.hist.items()}

@@ -31,9 +31,10 @@ class BlockTable:
     """Slots hold a key (hash, medium), a state and the lifecycle columns of one block.
 
     Columns per slot: ``key`` u64, ``medium`` u8, ``state`` u8, ``t_store`` f64 (store time,
-    or removal time for a ghost), ``t_access`` f32 (last access minus ``t_store``: a duration
-    needs no absolute precision), ``accesses`` u32 and ``depth`` u16 (position in its prefix
-    chain, 0 when unknown) — 28 bytes.
+    or removal time for a ghost), ``t_access`` f64 (last access; float64 like ``t_store`` so
+    that a duration landing exactly on a bucket bound is counted in that bucket),
+    ``accesses`` u32 and ``depth`` u16 (position in its prefix chain, 0 when unknown) — 32
+    bytes.
     """
 
     def __init__(self, initial_capacity: int = 1 << _MIN_BITS) -> None:
@@ -48,7 +49,7 @@ class BlockTable:
         self.medium = np.zeros(capacity, np.uint8)
         self.state = np.zeros(capacity, np.uint8)
         self.t_store = np.zeros(capacity, np.float64)
-        self.t_access = np.zeros(capacity, np.float32)
+        self.t_access = np.zeros(capacity, np.float64)
         self.accesses = np.zeros(capacity, np.uint32)
         self.depth = np.zeros(capacity, np.uint16)
         self.live = 0  # RESIDENT + GHOST

@@ -72,11 +72,12 @@ class EventStream:
         self.sequence = SequenceTracker()
         self._on_batch = on_batch
         self._on_restart = on_restart
+        self._unflushed_messages = 0
         self._log = log.getChild(name)
 
     def handle(self, frames: list[bytes], arrival: float | None = None) -> None:
-        """One received multipart message."""
-        self.stats.messages += 1
+        """One received multipart message (counted once what it holds is applied)."""
+        self._unflushed_messages += 1
         self.stats.last_arrival = time.time() if arrival is None else arrival
         try:
             message = parse_live(frames)
@@ -113,10 +114,15 @@ class EventStream:
             self.flush()
 
     def flush(self) -> None:
-        """Hand everything decoded since the last flush on as one batch."""
+        """Hand everything decoded since the last flush on as one batch.
+
+        Messages are counted only after their batch is applied, so a scrape that sees
+        ``messages_total`` reach N also sees the effect of those N messages."""
         batch = self.decoder.flush()
         if len(batch):
             self._on_batch(batch)
+        self.stats.messages += self._unflushed_messages
+        self._unflushed_messages = 0
 
     def decode_errors(self) -> dict[str, int]:
         """Errors of whole messages and of single events, together by reason."""

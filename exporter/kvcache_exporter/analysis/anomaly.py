@@ -1,0 +1,802 @@
+"""Anomaly detection on one engine's point stream: alerts with levels and hysteresis.
+
+The detector is fed one :class:`~.series.EnginePoint` per engine-clock step and keeps only the
+points its longest window needs (plus one older point, so a window always has a start). Every
+window quantity is a difference of cumulative counters between the newest point and the latest
+point at or before the window start, divided by the *actual* time between those two points, so
+irregular spacing and gaps give honest averages instead of fabricated ones.
+
+Alerts (names are the ``alert`` label of ``kvcache_alerts_total`` / ``kvcache_alert_active``):
+
+``eviction_storm``
+    Eviction rate over the short window (default 10 s) against the rate over the baseline window
+    (default 300 s) that *precedes* the short window, so a storm cannot inflate its own
+    baseline. WARNING at ``storm_factor`` (4x), CRITICAL at ``storm_critical_factor`` (10x);
+    both need the short-window rate to reach ``storm_min_rate`` and the baseline to cover at
+    least ``storm_min_baseline_seconds`` of time since the engine's first eviction, so the
+    cache filling up for the first time is not a storm. A sustained higher rate becomes the new
+    baseline after one baseline window and the alert clears: it flags changes, not levels.
+``thrashing``
+    Restores / stores over ``thrash_window_seconds``: WARNING at 0.3, CRITICAL at 0.6, only
+    with at least ``thrash_min_stores`` stores in the window. The window starts no earlier
+    than ``reset_hold_seconds`` after the latest clear or restart: storing again what a clear
+    removed counts as restores, but it is not thrashing.
+``short_residency``
+    Median block lifetime over the short window (bucket-interpolated from the lifetime
+    histogram's count deltas, as PromQL's ``histogram_quantile``) divided by the median over the
+    baseline window preceding it. WARNING at <= 0.25, CRITICAL at <= 0.1, with minimum
+    observation counts in both windows. Neither window reaches back past the latest clear or
+    restart: a clear observes the lifetime of every resident block at once.
+``cache_reset``
+    INFO when the clears counter increases (all blocks removed) or the counters go backwards
+    (engine or collector restart). Held ``reset_hold_seconds`` of engine time after the latest
+    one, then cleared.
+``event_loss``
+    Lost (unrecovered) event batches within ``loss_window_seconds``: WARNING at 1, CRITICAL at
+    ``loss_critical_batches``.
+``source_stalled``
+    Wall clock, via :meth:`AnomalyDetector.check_stalled`: a source that has received messages
+    and then none for ``stall_seconds``. WARNING only: an idle engine is legitimately silent.
+
+Hysteresis (all alerts but ``cache_reset``): an alert is raised, or escalated to CRITICAL, as
+soon as its signal reaches the level's threshold. It steps down (CRITICAL to WARNING, or to
+cleared) only when both hold:
+
+* the signal is past the *clear level* of its current level: below ``threshold * clear_ratio``
+  for signals where higher is worse, above ``threshold / clear_ratio`` for ``short_residency``
+  where lower is worse; every gate (minimum rate, minimum stores, minimum observations) is
+  scaled the same way, and a window without enough data to judge counts as past the clear level;
+* the current level has been held at least ``min_hold_seconds`` (engine time; wall time for
+  ``source_stalled``) since it was entered.
+
+A signal hovering at a threshold therefore raises once and stays raised. ``cache_reset`` has
+its own hold (``reset_hold_seconds``) and ignores ``clear_ratio`` and ``min_hold_seconds``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+
+from .series import AlertLevel, CacheAlert, EnginePoint
+
+EVICTION_STORM: Final = "eviction_storm"
+THRASHING: Final = "thrashing"
+SHORT_RESIDENCY: Final = "short_residency"
+CACHE_RESET: Final = "cache_reset"
+EVENT_LOSS: Final = "event_loss"
+SOURCE_STALLED: Final = "source_stalled"
+
+#: Every alert and the levels it can be raised at, in display order; the label sets of
+#: ``kvcache_alerts_total{alert,severity}`` (pre-create them so the counters exist at zero).
+ALERT_LEVELS: Final[dict[str, tuple[AlertLevel, ...]]] = {
+    EVICTION_STORM: (AlertLevel.WARNING, AlertLevel.CRITICAL),
+    THRASHING: (AlertLevel.WARNING, AlertLevel.CRITICAL),
+    SHORT_RESIDENCY: (AlertLevel.WARNING, AlertLevel.CRITICAL),
+    CACHE_RESET: (AlertLevel.INFO,),
+    EVENT_LOSS: (AlertLevel.WARNING, AlertLevel.CRITICAL),
+    SOURCE_STALLED: (AlertLevel.WARNING,),
+}
+
+_TIMES: Final = "\u00d7"  # the multiplication sign of "9.4x its baseline"
+
+_RANK: Final[dict[AlertLevel | None, int]] = {
+    None: 0,
+    AlertLevel.INFO: 1,
+    AlertLevel.WARNING: 2,
+    AlertLevel.CRITICAL: 3,
+}
+
+
+def histogram_quantile(bounds: Sequence[float], counts: npt.ArrayLike, q: float) -> float | None:
+    """The ``q`` quantile of per-bucket ``counts`` (``len(bounds) + 1``, last is +Inf).
+
+    Interpolates linearly inside the bucket, as PromQL's ``histogram_quantile`` does: the first
+    bucket starts at 0 (or is its upper bound if that is <= 0), and a rank in the +Inf bucket
+    answers the highest finite bound. None when the histogram is empty.
+    """
+    c = np.asarray(counts, dtype=np.float64)
+    total = float(c.sum())
+    if total <= 0.0 or not bounds:
+        return None
+    cumulative = np.cumsum(c)
+    rank = q * total
+    bucket = int(np.searchsorted(cumulative, rank, side="left"))
+    if bucket >= len(bounds):
+        return float(bounds[-1])
+    upper = float(bounds[bucket])
+    if bucket == 0 and upper <= 0.0:
+        return upper
+    lower = 0.0 if bucket == 0 else float(bounds[bucket - 1])
+    below = 0.0 if bucket == 0 else float(cumulative[bucket - 1])
+    in_bucket = float(c[bucket])
+    fraction = (rank - below) / in_bucket if in_bucket > 0.0 else 0.0
+    return lower + (upper - lower) * fraction
+
+
+def _num(x: float) -> str:
+    """A number for a message: as many digits as a human reads."""
+    if not math.isfinite(x):
+        return str(x)
+    if abs(x) >= 10.0:
+        return f"{x:.0f}"
+    if abs(x) >= 1.0:
+        return f"{x:.1f}"
+    return f"{x:.2g}"
+
+
+def _duration(seconds: float) -> str:
+    """'5-minute', '90-second', '1-hour': a window length as an adjective."""
+    s = round(seconds)
+    if s >= 3600 and s % 3600 == 0:
+        return f"{s // 3600}-hour"
+    if s >= 120 and s % 60 == 0:
+        return f"{s // 60}-minute"
+    return f"{s}-second"
+
+
+@dataclass(frozen=True, slots=True)
+class AnomalyConfig:
+    """Thresholds and windows of :class:`AnomalyDetector`; every time is in seconds.
+
+    Engine-clock windows unless noted. See the module docstring for the exact semantics.
+    """
+
+    # -- hysteresis, shared by every alert except cache_reset
+    clear_ratio: float = 0.7
+    """An alert steps down only past ``threshold * clear_ratio`` (``/`` where lower is worse);
+    in (0, 1], 1 meaning no dead band."""
+    min_hold_seconds: float = 30.0
+    """A level is held at least this long (engine time) before it may step down."""
+
+    # -- eviction_storm
+    storm_window_seconds: float = 10.0
+    """Short window whose eviction rate is compared with the baseline."""
+    storm_baseline_seconds: float = 300.0
+    """Baseline window, ending where the short window starts."""
+    storm_min_baseline_seconds: float = 60.0
+    """Baseline time since the engine's first eviction needed before a storm can be raised."""
+    storm_factor: float = 4.0
+    """WARNING when the short-window rate is at least this multiple of the baseline rate."""
+    storm_critical_factor: float = 10.0
+    """CRITICAL multiple."""
+    storm_min_rate: float = 50.0
+    """Blocks/s the short-window rate must also reach: a 10x jump from 1/s is not a storm."""
+    storm_baseline_floor: float = 1.0
+    """Blocks/s; a lower baseline rate counts as this, so a zero baseline gives a finite factor."""
+
+    # -- thrashing
+    thrash_window_seconds: float = 60.0
+    """Window over which restores / stores is taken."""
+    thrash_ratio: float = 0.3
+    """WARNING ratio of restores to stores."""
+    thrash_critical_ratio: float = 0.6
+    """CRITICAL ratio."""
+    thrash_min_stores: int = 100
+    """Stores the window needs before the ratio means anything."""
+
+    # -- short_residency
+    residency_window_seconds: float = 60.0
+    """Short window of the median lifetime."""
+    residency_baseline_seconds: float = 600.0
+    """Baseline window of the median lifetime, ending where the short window starts."""
+    residency_ratio: float = 0.25
+    """WARNING when short median / baseline median is at most this."""
+    residency_critical_ratio: float = 0.1
+    """CRITICAL ratio."""
+    residency_min_observations: int = 50
+    """Lifetimes (evicted blocks) the short window needs."""
+    residency_min_baseline_observations: int = 200
+    """Lifetimes the baseline window needs."""
+
+    # -- cache_reset
+    reset_hold_seconds: float = 60.0
+    """The alert stays active this long after the latest clear or restart."""
+
+    # -- event_loss
+    loss_window_seconds: float = 300.0
+    """Window in which lost batches count."""
+    loss_batches: int = 1
+    """WARNING at this many lost batches in the window."""
+    loss_critical_batches: int = 10
+    """CRITICAL at this many."""
+
+    # -- source_stalled (wall clock)
+    stall_seconds: float = 60.0
+    """Silence after which a source that has received messages is stalled."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"anomaly config: {f.name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"anomaly config: {f.name} must be finite, got {value}")
+            if f.type in ("int", int) and not isinstance(value, int):
+                raise ValueError(f"anomaly config: {f.name} must be an integer, got {value!r}")
+
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(f"anomaly config: {message}")
+
+        need(
+            0.0 < self.clear_ratio <= 1.0, f"clear_ratio must be in (0, 1], got {self.clear_ratio}"
+        )
+        need(self.min_hold_seconds >= 0.0, "min_hold_seconds must be >= 0")
+        for name in (
+            "storm_window_seconds",
+            "storm_baseline_seconds",
+            "thrash_window_seconds",
+            "residency_window_seconds",
+            "residency_baseline_seconds",
+            "reset_hold_seconds",
+            "loss_window_seconds",
+            "stall_seconds",
+        ):
+            need(getattr(self, name) > 0.0, f"{name} must be > 0, got {getattr(self, name)}")
+        need(
+            0.0 <= self.storm_min_baseline_seconds <= self.storm_baseline_seconds,
+            "storm_min_baseline_seconds must be in [0, storm_baseline_seconds], "
+            f"got {self.storm_min_baseline_seconds}",
+        )
+        need(self.storm_factor > 1.0, f"storm_factor must be > 1, got {self.storm_factor}")
+        need(
+            self.storm_critical_factor >= self.storm_factor,
+            f"storm_critical_factor ({self.storm_critical_factor}) must be >= storm_factor "
+            f"({self.storm_factor})",
+        )
+        need(self.storm_min_rate >= 0.0, f"storm_min_rate must be >= 0, got {self.storm_min_rate}")
+        need(
+            self.storm_baseline_floor > 0.0,
+            f"storm_baseline_floor must be > 0, got {self.storm_baseline_floor}",
+        )
+        need(self.thrash_ratio > 0.0, f"thrash_ratio must be > 0, got {self.thrash_ratio}")
+        need(
+            self.thrash_critical_ratio >= self.thrash_ratio,
+            f"thrash_critical_ratio ({self.thrash_critical_ratio}) must be >= thrash_ratio "
+            f"({self.thrash_ratio})",
+        )
+        need(self.thrash_min_stores >= 1, "thrash_min_stores must be >= 1")
+        need(
+            0.0 < self.residency_ratio < 1.0,
+            f"residency_ratio must be in (0, 1), got {self.residency_ratio}",
+        )
+        need(
+            0.0 < self.residency_critical_ratio <= self.residency_ratio,
+            f"residency_critical_ratio must be in (0, residency_ratio], "
+            f"got {self.residency_critical_ratio}",
+        )
+        need(self.residency_min_observations >= 1, "residency_min_observations must be >= 1")
+        need(
+            self.residency_min_baseline_observations >= 1,
+            "residency_min_baseline_observations must be >= 1",
+        )
+        need(self.loss_batches >= 1, f"loss_batches must be >= 1, got {self.loss_batches}")
+        need(
+            self.loss_critical_batches >= self.loss_batches,
+            f"loss_critical_batches ({self.loss_critical_batches}) must be >= loss_batches "
+            f"({self.loss_batches})",
+        )
+
+    @property
+    def history_seconds(self) -> float:
+        """How far back the detector keeps points: its longest window."""
+        return max(
+            self.storm_window_seconds + self.storm_baseline_seconds,
+            self.thrash_window_seconds,
+            self.residency_window_seconds + self.residency_baseline_seconds,
+            self.loss_window_seconds,
+        )
+
+
+@dataclass(slots=True)
+class _Reading:
+    """One evaluation of an alert's signal.
+
+    ``raise_level``: the level the signal reaches at the raise thresholds; ``hold_level``: the
+    highest level it still sustains at the clear levels (never below ``raise_level``).
+    ``value`` None means not enough data to judge.
+    """
+
+    raise_level: AlertLevel | None
+    hold_level: AlertLevel | None
+    value: float | None
+    message: str
+    thresholds: dict[AlertLevel, float]
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def _no_data(message: str, thresholds: dict[AlertLevel, float]) -> _Reading:
+    return _Reading(None, None, None, message, thresholds)
+
+
+def _levels_high(value: float, warn: float, crit: float, scale: float) -> AlertLevel | None:
+    """Level of a higher-is-worse ``value`` against thresholds multiplied by ``scale``."""
+    if value >= crit * scale:
+        return AlertLevel.CRITICAL
+    if value >= warn * scale:
+        return AlertLevel.WARNING
+    return None
+
+
+def _levels_low(value: float, warn: float, crit: float, scale: float) -> AlertLevel | None:
+    """Level of a lower-is-worse ``value`` against thresholds divided by ``scale``."""
+    if value <= crit / scale:
+        return AlertLevel.CRITICAL
+    if value <= warn / scale:
+        return AlertLevel.WARNING
+    return None
+
+
+@dataclass(slots=True)
+class _State:
+    level: AlertLevel | None = None
+    since: float = 0.0  # reported: engine time the alert was raised
+    level_since: float = 0.0  # the alert's own clock: when the current level was entered
+    last_value: float = 0.0
+    view: CacheAlert | None = None
+    count: int = 0  # cache_reset: clears and restarts while active
+
+
+class AnomalyDetector:
+    """Alerts for one engine from its point stream (engine clock) and its arrivals (wall clock).
+
+    Not thread-safe; feed it from one task. Memory is bounded by the points within
+    :attr:`AnomalyConfig.history_seconds` of the newest one, and each :meth:`observe` costs
+    O(log points + buckets).
+    """
+
+    def __init__(self, engine: str, config: AnomalyConfig | None = None) -> None:
+        self.engine = engine
+        self.config = config or AnomalyConfig()
+        self._raised: dict[tuple[str, AlertLevel], int] = {
+            (name, level): 0 for name, levels in ALERT_LEVELS.items() for level in levels
+        }
+        self._states: dict[str, _State] = {name: _State() for name in ALERT_LEVELS}
+        self._pts: list[EnginePoint] = []
+        self._ts: list[float] = []
+        self._start = 0  # live points are _pts[_start:]; trimming moves it, compaction drops
+        self._first_evict_ts: float | None = None  # first eviction seen in this series
+        self._last_reset_ts: float | None = None  # latest clear or restart
+        self._last_ts: float | None = None
+
+    # -- public API
+
+    def observe(self, point: EnginePoint) -> list[CacheAlert]:
+        """Take the next point; returns the transitions it caused (raised, escalated,
+        de-escalated, cleared), in :data:`ALERT_LEVELS` order.
+
+        A point with the same ``ts`` as the previous one replaces it. Counters that go
+        backwards, changed histogram bounds, or an engine clock that goes backwards restart the
+        history (the first two also raise ``cache_reset``); alerts then keep their state and
+        clear through the usual hysteresis as their windows lack data.
+        """
+        now = float(point.ts)
+        last = self._pts[-1] if self._pts else None
+        reset_cause: str | None = None
+        clears_seen = 0
+        if last is not None:
+            if _went_backwards(last, point):
+                reset_cause = "counters went backwards (engine or collector restart)"
+                self._restart(point)
+            elif now < last.ts:
+                # Not a reset of the cache: only the clock moved, so the windows are unusable.
+                self._restart(point)
+            else:
+                clears_seen = point.clears - last.clears
+                if now == last.ts:
+                    self._pts[-1] = point
+                else:
+                    self._append(point)
+        else:
+            self._append(point)
+        if self._first_evict_ts is None:
+            prev = self._pts[-2] if len(self._pts) - self._start >= 2 else None
+            if (prev is None and point.evicted > 0) or (
+                prev is not None and point.evicted > prev.evicted
+            ):
+                self._first_evict_ts = now
+        self._trim(now)
+        if clears_seen > 0 or reset_cause is not None:
+            self._last_reset_ts = now
+        self._last_ts = now
+
+        resets = max(clears_seen, 0) + (1 if reset_cause is not None else 0)
+        reset_state = self._states[CACHE_RESET]
+        if resets:
+            reset_state.count = (reset_state.count if reset_state.level is not None else 0) + resets
+
+        readings = {
+            EVICTION_STORM: self._storm(now),
+            THRASHING: self._thrash(now),
+            SHORT_RESIDENCY: self._residency(now),
+            CACHE_RESET: self._reset_reading(now, clears_seen, reset_cause),
+            EVENT_LOSS: self._loss(now),
+        }
+        out: list[CacheAlert] = []
+        for name, reading in readings.items():
+            # cache_reset carries its own hold in its reading (reset_hold_seconds).
+            hold = 0.0 if name == CACHE_RESET else self.config.min_hold_seconds
+            changed = self._step(name, reading, now, now, hold)
+            if changed is not None:
+                out.append(changed)
+        return out
+
+    def check_stalled(self, now_wall: float, last_arrival_wall: float | None) -> list[CacheAlert]:
+        """Evaluate ``source_stalled`` on the wall clock; returns its transition, if any.
+
+        ``last_arrival_wall`` is when the source last received a message (None: never, which is
+        not a stall). Call it periodically, whether or not points arrive: a silent engine
+        produces none. The alert's ``since`` is the newest engine time seen (the engine clock
+        stops with the source); wall times are in ``details``.
+        """
+        cfg = self.config
+        thresholds = {AlertLevel.WARNING: cfg.stall_seconds}
+        if last_arrival_wall is None:
+            reading = _no_data("the source has not received any message", thresholds)
+        else:
+            silent = max(0.0, now_wall - last_arrival_wall)
+            level = AlertLevel.WARNING if silent >= cfg.stall_seconds else None
+            held = AlertLevel.WARNING if silent >= cfg.stall_seconds * cfg.clear_ratio else None
+            reading = _Reading(
+                level,
+                held,
+                silent,
+                f"no messages for {_num(silent)} s from a source that was active "
+                f"(stall threshold {_num(cfg.stall_seconds)} s)",
+                thresholds,
+                {"last_arrival_wall": last_arrival_wall, "now_wall": now_wall},
+            )
+        since = self._last_ts if self._last_ts is not None else 0.0
+        changed = self._step(SOURCE_STALLED, reading, now_wall, since, cfg.min_hold_seconds)
+        return [changed] if changed is not None else []
+
+    def active(self) -> list[CacheAlert]:
+        """Active alerts with their latest value and message, in :data:`ALERT_LEVELS` order."""
+        return [
+            st.view for st in self._states.values() if st.level is not None and st.view is not None
+        ]
+
+    def raised_total(self) -> dict[tuple[str, AlertLevel], int]:
+        """Times each alert was raised or escalated to each level (de-escalations and clears do
+        not count); every possible (alert, level) pair is present, zeros included."""
+        return dict(self._raised)
+
+    def reset(self) -> list[CacheAlert]:
+        """Forget the history and every active alert; returns a cleared transition for each
+        alert that was active, so gauges and logs stay consistent. :meth:`raised_total` is
+        kept: it backs a Prometheus counter, which must not go backwards."""
+        out: list[CacheAlert] = []
+        for st in self._states.values():
+            if st.level is not None and st.view is not None:
+                out.append(_replace_view(st.view, active=False, message="cleared: detector reset"))
+        self._states = {name: _State() for name in ALERT_LEVELS}
+        self._clear_history()
+        return out
+
+    # -- history
+
+    def _clear_history(self) -> None:
+        self._pts, self._ts, self._start = [], [], 0
+        self._first_evict_ts = self._last_reset_ts = self._last_ts = None
+
+    def _append(self, point: EnginePoint) -> None:
+        self._pts.append(point)
+        self._ts.append(float(point.ts))
+
+    def _restart(self, point: EnginePoint) -> None:
+        now = float(point.ts)
+        self._pts, self._ts, self._start = [], [], 0
+        self._first_evict_ts = None
+        self._append(point)
+        # On a clock that went backwards the holds restart from the new clock's now, otherwise
+        # an alert would wait for the new clock to catch up with the old one before clearing.
+        for name, st in self._states.items():
+            if name != SOURCE_STALLED:
+                st.level_since = min(st.level_since, now)
+        if self._last_reset_ts is not None:
+            self._last_reset_ts = min(self._last_reset_ts, now)
+
+    def _trim(self, now: float) -> None:
+        horizon = now - self.config.history_seconds
+        keep = bisect.bisect_right(self._ts, horizon, lo=self._start) - 1
+        if keep > self._start:
+            self._start = keep
+        # Compact rarely so trimming is amortised O(1) and memory stays bounded.
+        if self._start >= 64 and self._start * 2 >= len(self._pts):
+            del self._pts[: self._start]
+            del self._ts[: self._start]
+            self._start = 0
+
+    def _at_or_before(self, t: float, floor: float | None = None) -> EnginePoint:
+        """The latest point at or before ``t``, or the oldest one kept; never a point before
+        ``floor`` while one at or after it exists (the newest point at the latest)."""
+        i = max(bisect.bisect_right(self._ts, t, lo=self._start) - 1, self._start)
+        if floor is not None:
+            i = max(i, min(bisect.bisect_left(self._ts, floor, lo=self._start), len(self._ts) - 1))
+        return self._pts[i]
+
+    # -- signals
+
+    def _storm(self, now: float) -> _Reading:
+        cfg = self.config
+        th = {AlertLevel.WARNING: cfg.storm_factor, AlertLevel.CRITICAL: cfg.storm_critical_factor}
+        head = self._pts[-1]
+        s = self._at_or_before(now - cfg.storm_window_seconds)
+        short_span = now - s.ts
+        if short_span <= 0.0:
+            return _no_data("eviction rate: fewer than two points", th)
+        b = self._at_or_before(s.ts - cfg.storm_baseline_seconds)
+        base_span = s.ts - b.ts
+        first = self._first_evict_ts
+        if (
+            first is None
+            or base_span <= 0.0
+            or s.ts - max(b.ts, first) < cfg.storm_min_baseline_seconds
+        ):
+            return _no_data(
+                "eviction rate: baseline shorter than "
+                f"{_num(cfg.storm_min_baseline_seconds)} s of evicting",
+                th,
+            )
+        rate = (head.evicted - s.evicted) / short_span
+        base = (s.evicted - b.evicted) / base_span
+        factor = rate / max(base, cfg.storm_baseline_floor)
+        scale = cfg.clear_ratio
+        level = (
+            _levels_high(factor, cfg.storm_factor, cfg.storm_critical_factor, 1.0)
+            if rate >= cfg.storm_min_rate
+            else None
+        )
+        held = (
+            _levels_high(factor, cfg.storm_factor, cfg.storm_critical_factor, scale)
+            if rate >= cfg.storm_min_rate * scale
+            else None
+        )
+        return _Reading(
+            level,
+            held,
+            factor,
+            f"eviction rate {_num(rate)}/s is {_num(factor)}{_TIMES} its {_duration(base_span)} "
+            f"baseline of {_num(base)}/s",
+            th,
+            {
+                "rate": rate,
+                "baseline_rate": base,
+                "window_seconds": short_span,
+                "baseline_seconds": base_span,
+                "min_rate": cfg.storm_min_rate,
+            },
+        )
+
+    def _thrash(self, now: float) -> _Reading:
+        cfg = self.config
+        th = {AlertLevel.WARNING: cfg.thrash_ratio, AlertLevel.CRITICAL: cfg.thrash_critical_ratio}
+        head = self._pts[-1]
+        # After a clear or restart, storing again what it removed counts as restores, but it is
+        # not thrashing: the window starts only once the reset hold has passed.
+        last_reset = self._last_reset_ts
+        floor = None if last_reset is None else last_reset + cfg.reset_hold_seconds
+        s = self._at_or_before(now - cfg.thrash_window_seconds, floor)
+        span = now - s.ts
+        stores = head.stored - s.stored
+        restores = head.restores - s.restores
+        window = f"the last {_num(span)} s"
+        if span <= 0.0:
+            return _no_data("thrashing: no window yet after the latest clear or restart", th)
+        if stores <= 0:
+            return _no_data(f"no stores in {window}", th)
+        ratio = restores / stores
+        scale = cfg.clear_ratio
+        level = (
+            _levels_high(ratio, cfg.thrash_ratio, cfg.thrash_critical_ratio, 1.0)
+            if stores >= cfg.thrash_min_stores
+            else None
+        )
+        held = (
+            _levels_high(ratio, cfg.thrash_ratio, cfg.thrash_critical_ratio, scale)
+            if stores >= cfg.thrash_min_stores * scale
+            else None
+        )
+        return _Reading(
+            level,
+            held,
+            ratio,
+            f"restores are {ratio:.0%} of stores over {window} "
+            f"({restores} restores / {stores} stores)",
+            th,
+            {"restores": restores, "stores": stores, "window_seconds": span},
+        )
+
+    def _residency(self, now: float) -> _Reading:
+        cfg = self.config
+        th = {
+            AlertLevel.WARNING: cfg.residency_ratio,
+            AlertLevel.CRITICAL: cfg.residency_critical_ratio,
+        }
+        head = self._pts[-1]
+        # A clear observes the lifetime of every resident block at once, and a restart starts
+        # the counts over: neither window may reach back past the latest one.
+        floor = self._last_reset_ts
+        s = self._at_or_before(now - cfg.residency_window_seconds, floor)
+        b = self._at_or_before(s.ts - cfg.residency_baseline_seconds, floor)
+        short_counts = _delta(head, s)
+        base_counts = _delta(s, b)
+        n_short = int(short_counts.sum())
+        n_base = int(base_counts.sum())
+        bounds = head.lifetime_bounds
+        short_med = histogram_quantile(bounds, short_counts, 0.5)
+        base_med = histogram_quantile(bounds, base_counts, 0.5)
+        if short_med is None or base_med is None or base_med <= 0.0:
+            return _no_data("median lifetime: no lifetimes in a window", th)
+        ratio = short_med / base_med
+        scale = cfg.clear_ratio
+        enough = (
+            n_short >= cfg.residency_min_observations
+            and n_base >= cfg.residency_min_baseline_observations
+        )
+        enough_held = (
+            n_short >= cfg.residency_min_observations * scale
+            and n_base >= cfg.residency_min_baseline_observations * scale
+        )
+        level = (
+            _levels_low(ratio, cfg.residency_ratio, cfg.residency_critical_ratio, 1.0)
+            if enough
+            else None
+        )
+        held = (
+            _levels_low(ratio, cfg.residency_ratio, cfg.residency_critical_ratio, scale)
+            if enough_held
+            else None
+        )
+        base_span = s.ts - b.ts
+        return _Reading(
+            level,
+            held,
+            ratio,
+            f"median block lifetime {_num(short_med)} s over the last {_num(now - s.ts)} s is "
+            f"{_num(ratio)}{_TIMES} its {_duration(base_span)} baseline of {_num(base_med)} s",
+            th,
+            {
+                "median_seconds": short_med,
+                "baseline_median_seconds": base_med,
+                "observations": n_short,
+                "baseline_observations": n_base,
+                "window_seconds": now - s.ts,
+                "baseline_seconds": base_span,
+            },
+        )
+
+    def _reset_reading(self, now: float, clears_seen: int, cause: str | None) -> _Reading:
+        cfg = self.config
+        st = self._states[CACHE_RESET]
+        fresh = clears_seen > 0 or cause is not None
+        last = self._last_reset_ts
+        held = fresh or (last is not None and now - last < cfg.reset_hold_seconds)
+        if cause is not None:
+            message = f"{cause} at engine time {_num(now)} s"
+        elif clears_seen > 0:
+            plural = "s" if clears_seen > 1 else ""
+            message = f"cache cleared ({clears_seen} clear{plural}) at engine time {_num(now)} s"
+        elif held and st.view is not None:
+            message = st.view.message
+        else:
+            message = f"no cache clear or restart in the last {_num(cfg.reset_hold_seconds)} s"
+        return _Reading(
+            AlertLevel.INFO if fresh else None,
+            AlertLevel.INFO if held else None,
+            float(st.count),
+            message,
+            {AlertLevel.INFO: 1.0},
+            {"last_reset_ts": last, "hold_seconds": cfg.reset_hold_seconds},
+        )
+
+    def _loss(self, now: float) -> _Reading:
+        cfg = self.config
+        th = {
+            AlertLevel.WARNING: float(cfg.loss_batches),
+            AlertLevel.CRITICAL: float(cfg.loss_critical_batches),
+        }
+        head = self._pts[-1]
+        s = self._at_or_before(now - cfg.loss_window_seconds)
+        lost = head.lost_batches - s.lost_batches
+        span = now - s.ts
+        return _Reading(
+            _levels_high(lost, cfg.loss_batches, cfg.loss_critical_batches, 1.0),
+            _levels_high(lost, cfg.loss_batches, cfg.loss_critical_batches, cfg.clear_ratio),
+            float(lost),
+            f"{lost} event batch{'es' if lost != 1 else ''} lost in the last {_num(span)} s "
+            "(sequence gaps not recovered)",
+            th,
+            {"lost_batches": lost, "window_seconds": span},
+        )
+
+    # -- the state machine shared by every alert
+
+    def _step(
+        self, name: str, reading: _Reading, clock: float, since: float, min_hold: float
+    ) -> CacheAlert | None:
+        """Advance one alert; ``clock`` is its own time base, ``since`` what a raise reports."""
+        st = self._states[name]
+        if reading.value is not None:
+            st.last_value = reading.value
+        current = _RANK[st.level]
+        if _RANK[reading.raise_level] > current:
+            assert reading.raise_level is not None
+            if st.level is None:
+                st.since = since
+            st.level = reading.raise_level
+            st.level_since = clock
+            self._raised[(name, st.level)] += 1
+            st.view = self._view(name, st, reading, active=True)
+            return st.view
+        if st.level is None:
+            return None
+        if _RANK[reading.hold_level] < current and clock - st.level_since >= min_hold:
+            if reading.hold_level is None:
+                cleared = self._view(name, st, reading, active=False)
+                st.level, st.view, st.count = None, None, 0
+                return cleared
+            st.level = reading.hold_level
+            st.level_since = clock
+            st.view = self._view(name, st, reading, active=True)
+            return st.view
+        st.view = self._view(name, st, reading, active=True)
+        return None
+
+    def _view(self, name: str, st: _State, reading: _Reading, *, active: bool) -> CacheAlert:
+        assert st.level is not None
+        message = reading.message if active else f"cleared: {reading.message}"
+        if active and reading.value is None:
+            message = f"holding: {reading.message}"
+        return CacheAlert(
+            alert=name,
+            level=st.level,
+            engine=self.engine,
+            message=message,
+            since=st.since,
+            value=reading.value if reading.value is not None else st.last_value,
+            threshold=reading.thresholds.get(st.level, 0.0),
+            active=active,
+            details=dict(reading.details),
+        )
+
+
+def _delta(a: EnginePoint, b: EnginePoint) -> npt.NDArray[np.int64]:
+    """Lifetime bucket counts observed between ``b`` and the later ``a``."""
+    return a.lifetime_counts.astype(np.int64) - b.lifetime_counts.astype(np.int64)
+
+
+def _went_backwards(last: EnginePoint, point: EnginePoint) -> bool:
+    """Whether ``point`` cannot follow ``last`` in one series of cumulative counters."""
+    if (
+        point.stored < last.stored
+        or point.evicted < last.evicted
+        or point.restores < last.restores
+        or point.clears < last.clears
+        or point.lost_batches < last.lost_batches
+        or point.lifetime_bounds != last.lifetime_bounds
+        or point.lifetime_counts.shape != last.lifetime_counts.shape
+    ):
+        return True
+    return bool(np.any(point.lifetime_counts < last.lifetime_counts))
+
+
+def _replace_view(view: CacheAlert, *, active: bool, message: str) -> CacheAlert:
+    return CacheAlert(
+        alert=view.alert,
+        level=view.level,
+        engine=view.engine,
+        message=message,
+        since=view.since,
+        value=view.value,
+        threshold=view.threshold,
+        active=active,
+        details=dict(view.details),
+    )

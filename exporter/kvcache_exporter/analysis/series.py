@@ -1,0 +1,65 @@
+"""What the analysis stage reads: points of one engine's cumulative counters over time.
+
+The collector is sampled into an :class:`EnginePoint` at most once per engine-clock step;
+anomaly and trend detectors work on the sequence of points, never on single events.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+
+class AlertLevel(enum.Enum):
+    """How bad an alert is; the value is the Prometheus ``severity`` label."""
+
+    INFO = "info"
+    WARNING = "warning"
+    CRITICAL = "critical"
+
+
+@dataclass(frozen=True, slots=True)
+class EnginePoint:
+    """One engine's cumulative figures at engine time ``ts`` (all media together)."""
+
+    ts: float
+    stored: int
+    evicted: int  # removals other than clears and restarts
+    restores: int
+    resident: int
+    clears: int
+    lost_batches: int
+    lifetime_bounds: tuple[float, ...]
+    lifetime_counts: npt.NDArray[np.uint64]  # per bucket, len(bounds) + 1, cumulative in time
+
+
+@dataclass(frozen=True, slots=True)
+class CacheAlert:
+    """An alert as raised, held or cleared; ``since`` is the engine time it was raised."""
+
+    alert: str
+    level: AlertLevel
+    engine: str
+    message: str
+    since: float
+    value: float
+    threshold: float
+    active: bool = True
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "alert": self.alert,
+            "severity": self.level.value,
+            "engine": self.engine,
+            "message": self.message,
+            "since": self.since,
+            "value": self.value,
+            "threshold": self.threshold,
+            "active": self.active,
+            **({"details": self.details} if self.details else {}),
+        }

@@ -1,0 +1,1 @@
+"""End-to-end tests: the real exporter process, real ZeroMQ sockets, a real Prometheus."""
