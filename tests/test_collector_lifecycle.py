@@ -239,7 +239,7 @@ def test_results_do_not_depend_on_how_the_stream_is_cut_into_batches() -> None:
     included."""
     from itertools import islice
 
-    from kvcache_exporter.app import new_pipeline
+    from kvcache_exporter.pipeline import new_pipeline
     from kvcache_exporter.engine import PrefixCacheSimulator, bundled_trace_path, read_mooncake
     from kvcache_exporter.offline import simulate_frames
 
@@ -251,7 +251,8 @@ def test_results_do_not_depend_on_how_the_stream_is_cut_into_batches() -> None:
     )
 
     def run(every: int) -> list[object]:
-        collector, stream = new_pipeline("x", CollectorConfig())
+        pipeline = new_pipeline("x", CollectorConfig())
+        collector, stream = pipeline.collector, pipeline.stream
         for i, (ts, message) in enumerate(frames):
             stream.handle(message, ts)
             if every and i % every == 0:

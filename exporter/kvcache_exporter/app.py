@@ -5,65 +5,37 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import zmq
 
 from . import __version__
-from .collector import BlockLifecycleCollector, CollectorConfig
-from .collector.lifecycle import DEFAULT_REASONS, REASON_RESTART
+from .collector import BlockLifecycleCollector
 from .config import ExporterConfig
-from .protocol.batch import LabelTable
+from .pipeline import Pipeline, new_pipeline
+from .sinks.export import ExportRequest, render_export
 from .sinks.http import MetricsHTTPServer, Routes, parse_listen_address
-from .sinks.prometheus import EngineView, render
+from .sinks.prometheus import render
 from .sinks.summary import summarize
-from .sources.stream import EventStream
 from .sources.subscriber import IngestLoop, SubscriberSource
 
 log = logging.getLogger("kvcache_exporter")
 
 
-def engine_view(name: str, collector: BlockLifecycleCollector, stream: EventStream) -> EngineView:
-    """What the sinks read of one engine: its collector snapshot and its stream's counters."""
-    decoded = stream.decoder.stats
-    return EngineView(
-        name=name,
-        collector=collector.snapshot(),
-        source=stream.stats,
-        events=dict(decoded.events),
-        decode_errors=stream.decode_errors(),
-        unknown_fields=decoded.unknown_fields,
-        tokens_stored=decoded.tokens_stored,
-        sample_ratio=collector.config.sample_ratio,
-    )
-
-
 @dataclass(slots=True)
 class Engine:
-    """One configured source and the collector it feeds."""
+    """One configured source and the pipeline it feeds."""
 
-    name: str
-    collector: BlockLifecycleCollector
+    pipeline: Pipeline
     source: SubscriberSource
 
-    def view(self) -> EngineView:
-        return engine_view(self.name, self.collector, self.source.stream)
+    @property
+    def name(self) -> str:
+        return self.pipeline.name
 
-
-def new_pipeline(name: str, config: CollectorConfig) -> tuple[BlockLifecycleCollector, EventStream]:
-    """A collector and the stream that feeds it, sharing their label tables."""
-    media = LabelTable("unknown")
-    reasons = LabelTable("evicted", seed=DEFAULT_REASONS)
-    collector = BlockLifecycleCollector(config, media, reasons)
-    stream = EventStream(
-        name,
-        on_batch=collector.apply,
-        on_restart=partial(collector.clear, reason=REASON_RESTART),
-        media=media,
-        reasons=reasons,
-    )
-    return collector, stream
+    @property
+    def collector(self) -> BlockLifecycleCollector:
+        return self.pipeline.collector
 
 
 class Exporter:
@@ -74,16 +46,18 @@ class Exporter:
         self.context = context or zmq.Context()
         self.engines: list[Engine] = []
         for spec in config.sources:
-            collector, stream = new_pipeline(spec.name, config.collector)
-            source = SubscriberSource(spec, self.context, stream, rcvhwm=config.receive_hwm)
-            self.engines.append(Engine(spec.name, collector, source))
+            pipeline = new_pipeline(spec.name, config.collector, config.monitor)
+            source = SubscriberSource(
+                spec, self.context, pipeline.stream, rcvhwm=config.receive_hwm
+            )
+            self.engines.append(Engine(pipeline, source))
         self._stop = threading.Event()
         self._ingest: threading.Thread | None = None
         self.http: MetricsHTTPServer | None = None
 
     # --- what the sinks read ---------------------------------------------------------------
     def metrics_text(self) -> str:
-        return render([engine.view() for engine in self.engines])
+        return render([engine.pipeline.view() for engine in self.engines])
 
     def readiness(self) -> tuple[bool, str]:
         down = [e.name for e in self.engines if not e.source.stats.up]
@@ -91,11 +65,21 @@ class Exporter:
             return False, "waiting for sources: " + ", ".join(down)
         return True, "ready"
 
+    def export(self, query: dict[str, list[str]]) -> tuple[bytes, str]:
+        """``/api/v1/export``; raises ExportRequestError (a ValueError) on bad parameters."""
+        request = ExportRequest.parse(query, [e.name for e in self.engines])
+        records = [e.pipeline.records() for e in self.engines]
+        return render_export(request, records, self.summary()["engines"])
+
     def summary(self) -> dict[str, Any]:
         return {
             "version": __version__,
-            "engines": [summarize(engine.view()) for engine in self.engines],
+            "engines": [summarize(e.pipeline.view(with_patterns=True)) for e in self.engines],
         }
+
+    def _tick(self, now: float) -> None:
+        for engine in self.engines:
+            engine.pipeline.monitor.tick(now, engine.source.stats.last_arrival)
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -107,10 +91,11 @@ class Exporter:
             metrics=self.metrics_text,
             ready=self.readiness,
             summary=self.summary,
+            export=self.export,
         )
         self.http = MetricsHTTPServer(parse_listen_address(self.config.listen_address), routes)
         self.http.start()
-        loop = IngestLoop([engine.source for engine in self.engines])
+        loop = IngestLoop([engine.source for engine in self.engines], on_tick=self._tick)
         self._ingest = threading.Thread(target=loop.run, args=(self._stop,), name="ingest")
         self._ingest.start()
         log.info(

@@ -18,6 +18,7 @@ from typing import Any, Final, NoReturn
 import yaml
 
 from . import __version__
+from .analysis.monitor import MonitorConfig
 from .collector import CollectorConfig
 from .collector.histogram import ACCESS_COUNT_BUCKETS, RESIDENCY_BUCKETS, validate_buckets
 from .sinks.http import parse_listen_address
@@ -46,6 +47,7 @@ class ExporterConfig:
     otlp_protocol: str = "grpc"
     otlp_interval: float = 15.0
     collector: CollectorConfig = field(default_factory=CollectorConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     receive_hwm: int = 200_000
     log_level: str = "info"
     log_format: str = "logfmt"

@@ -13,14 +13,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .app import engine_view, new_pipeline
-from .collector import BlockLifecycleCollector, CollectorConfig
+from .collector import CollectorConfig
 from .engine import PrefixCacheSimulator, Request
+from .pipeline import Pipeline, new_pipeline
 from .protocol.publisher import Event, WireForm, encode_batch, frames
 from .sinks.prometheus import EngineView, render
 from .sinks.summary import summarize
 from .sources.recording import RecordingReader
-from .sources.stream import EventStream
 
 FORMATS = ("text", "json", "csv", "prometheus")
 
@@ -30,19 +29,19 @@ class OfflinePipeline:
 
     def __init__(self, config: CollectorConfig | None = None) -> None:
         self.config = config or CollectorConfig()
-        self._engines: dict[str, tuple[BlockLifecycleCollector, EventStream]] = {}
+        self._engines: dict[str, Pipeline] = {}
 
     def feed(self, source: str, message: list[bytes], arrival: float) -> None:
         engine = self._engines.get(source)
         if engine is None:
             engine = self._engines[source] = new_pipeline(source, self.config)
-        engine[1].handle(message, arrival)
+        engine.stream.handle(message, arrival)
 
     def views(self) -> list[EngineView]:
         result = []
-        for name, (collector, stream) in self._engines.items():
-            stream.flush()
-            result.append(engine_view(name, collector, stream))
+        for pipeline in self._engines.values():
+            pipeline.stream.flush()
+            result.append(pipeline.view(with_patterns=True))
         return result
 
 
@@ -134,9 +133,19 @@ def _flatten(summaries: list[dict[str, Any]]) -> Iterable[tuple[str, str, str, A
         for key, value in summary["decode_errors_total"].items():
             yield engine, "", f"decode_errors_total[{key}]", value
         for medium, entry in summary["media"].items():
-            for key, value in entry.items():
-                if isinstance(value, dict):
-                    for sub, sub_value in value.items():
-                        yield engine, medium, f"{key}.{sub}", sub_value
-                else:
-                    yield engine, medium, key, value
+            for key, value in _leaves(entry):
+                yield engine, medium, key, value
+        for series, trend in summary["trends"].items():
+            yield engine, "", f"trend.{series}", f"{trend['direction_name']} {trend['slope']:.6g}/s"
+        for alert in summary["alerts"]["active"]:
+            yield engine, "", f"alert.{alert['alert']}", f"{alert['severity']}: {alert['message']}"
+        for key, value in _leaves(summary.get("access_patterns", {})):
+            yield engine, "", f"access_patterns.{key}", value
+
+
+def _leaves(tree: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value

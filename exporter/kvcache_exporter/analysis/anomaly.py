@@ -12,9 +12,10 @@ Alerts (names are the ``alert`` label of ``kvcache_alerts_total`` / ``kvcache_al
     Eviction rate over the short window (default 10 s) against the rate over the baseline window
     (default 300 s) that *precedes* the short window, so a storm cannot inflate its own
     baseline. WARNING at ``storm_factor`` (4x), CRITICAL at ``storm_critical_factor`` (10x);
-    both need the short-window rate to reach ``storm_min_rate`` and the baseline to cover at
-    least ``storm_min_baseline_seconds`` of time since the engine's first eviction, so the
-    cache filling up for the first time is not a storm. A sustained higher rate becomes the new
+    both need the short-window rate to reach ``storm_min_rate``. The baseline only counts time
+    from the series' first eviction and must cover ``storm_min_baseline_seconds`` of it, so a
+    cache filling up and starting to evict is not a storm; a baseline under
+    ``storm_baseline_floor`` counts as the floor. A sustained higher rate becomes the new
     baseline after one baseline window and the alert clears: it flags changes, not levels.
 ``thrashing``
     Restores / stores over ``thrash_window_seconds``: WARNING at 0.3, CRITICAL at 0.6, only
@@ -56,6 +57,7 @@ its own hold (``reset_hold_seconds``) and ignores ``clear_ratio`` and ``min_hold
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -161,7 +163,7 @@ class AnomalyConfig:
     storm_baseline_seconds: float = 300.0
     """Baseline window, ending where the short window starts."""
     storm_min_baseline_seconds: float = 60.0
-    """Baseline time since the engine's first eviction needed before a storm can be raised."""
+    """Baseline time (counted from the first eviction) needed before a storm can be raised."""
     storm_factor: float = 4.0
     """WARNING when the short-window rate is at least this multiple of the baseline rate."""
     storm_critical_factor: float = 10.0
@@ -362,15 +364,19 @@ class AnomalyDetector:
         self._pts: list[EnginePoint] = []
         self._ts: list[float] = []
         self._start = 0  # live points are _pts[_start:]; trimming moves it, compaction drops
-        self._first_evict_ts: float | None = None  # first eviction seen in this series
+        # Start of the step in which this series' first eviction happened: the baseline is taken
+        # from there, so a cache filling up for the first time is not an eviction storm.
+        self._evict_start_ts: float | None = None
         self._last_reset_ts: float | None = None  # latest clear or restart
         self._last_ts: float | None = None
 
     # -- public API
 
     def observe(self, point: EnginePoint) -> list[CacheAlert]:
-        """Take the next point; returns the transitions it caused (raised, escalated,
-        de-escalated, cleared), in :data:`ALERT_LEVELS` order.
+        """Take the next point; returns the transitions it caused, in :data:`ALERT_LEVELS`
+        order: raised or escalated (``active`` True, counted in :meth:`raised_total`),
+        de-escalated (``active`` True) or cleared (``active`` False, at the level it had);
+        ``details["transition"]`` names which.
 
         A point with the same ``ts`` as the previous one replaces it. Counters that go
         backwards, changed histogram bounds, or an engine clock that goes backwards restart the
@@ -396,12 +402,12 @@ class AnomalyDetector:
                     self._append(point)
         else:
             self._append(point)
-        if self._first_evict_ts is None:
+        if self._evict_start_ts is None:
             prev = self._pts[-2] if len(self._pts) - self._start >= 2 else None
-            if (prev is None and point.evicted > 0) or (
-                prev is not None and point.evicted > prev.evicted
-            ):
-                self._first_evict_ts = now
+            if prev is None and point.evicted > 0:
+                self._evict_start_ts = now
+            elif prev is not None and point.evicted > prev.evicted:
+                self._evict_start_ts = float(prev.ts)
         self._trim(now)
         if clears_seen > 0 or reset_cause is not None:
             self._last_reset_ts = now
@@ -475,7 +481,10 @@ class AnomalyDetector:
         out: list[CacheAlert] = []
         for st in self._states.values():
             if st.level is not None and st.view is not None:
-                out.append(_replace_view(st.view, active=False, message="cleared: detector reset"))
+                cleared = dataclasses.replace(
+                    st.view, active=False, message="cleared: detector reset"
+                )
+                out.append(_transition(cleared, "cleared"))
         self._states = {name: _State() for name in ALERT_LEVELS}
         self._clear_history()
         return out
@@ -484,7 +493,7 @@ class AnomalyDetector:
 
     def _clear_history(self) -> None:
         self._pts, self._ts, self._start = [], [], 0
-        self._first_evict_ts = self._last_reset_ts = self._last_ts = None
+        self._evict_start_ts = self._last_reset_ts = self._last_ts = None
 
     def _append(self, point: EnginePoint) -> None:
         self._pts.append(point)
@@ -493,7 +502,7 @@ class AnomalyDetector:
     def _restart(self, point: EnginePoint) -> None:
         now = float(point.ts)
         self._pts, self._ts, self._start = [], [], 0
-        self._first_evict_ts = None
+        self._evict_start_ts = None
         self._append(point)
         # On a clock that went backwards the holds restart from the new clock's now, otherwise
         # an alert would wait for the new clock to catch up with the old one before clearing.
@@ -533,13 +542,9 @@ class AnomalyDetector:
         if short_span <= 0.0:
             return _no_data("eviction rate: fewer than two points", th)
         b = self._at_or_before(s.ts - cfg.storm_baseline_seconds)
-        base_span = s.ts - b.ts
-        first = self._first_evict_ts
-        if (
-            first is None
-            or base_span <= 0.0
-            or s.ts - max(b.ts, first) < cfg.storm_min_baseline_seconds
-        ):
+        evicting = self._evict_start_ts
+        base_span = s.ts - max(b.ts, evicting if evicting is not None else s.ts)
+        if evicting is None or base_span <= 0.0 or base_span < cfg.storm_min_baseline_seconds:
             return _no_data(
                 "eviction rate: baseline shorter than "
                 f"{_num(cfg.storm_min_baseline_seconds)} s of evicting",
@@ -722,31 +727,36 @@ class AnomalyDetector:
     def _step(
         self, name: str, reading: _Reading, clock: float, since: float, min_hold: float
     ) -> CacheAlert | None:
-        """Advance one alert; ``clock`` is its own time base, ``since`` what a raise reports."""
+        """Advance one alert; ``clock`` is its own time base, ``since`` what a raise reports.
+
+        Returns the transition, if any, with ``details["transition"]`` set to ``raised``,
+        ``escalated``, ``deescalated`` or ``cleared`` (the stored view does not carry it).
+        """
         st = self._states[name]
         if reading.value is not None:
             st.last_value = reading.value
         current = _RANK[st.level]
         if _RANK[reading.raise_level] > current:
             assert reading.raise_level is not None
+            kind = "raised" if st.level is None else "escalated"
             if st.level is None:
                 st.since = since
             st.level = reading.raise_level
             st.level_since = clock
             self._raised[(name, st.level)] += 1
             st.view = self._view(name, st, reading, active=True)
-            return st.view
+            return _transition(st.view, kind)
         if st.level is None:
             return None
         if _RANK[reading.hold_level] < current and clock - st.level_since >= min_hold:
             if reading.hold_level is None:
                 cleared = self._view(name, st, reading, active=False)
                 st.level, st.view, st.count = None, None, 0
-                return cleared
+                return _transition(cleared, "cleared")
             st.level = reading.hold_level
             st.level_since = clock
             st.view = self._view(name, st, reading, active=True)
-            return st.view
+            return _transition(st.view, "deescalated")
         st.view = self._view(name, st, reading, active=True)
         return None
 
@@ -768,6 +778,10 @@ class AnomalyDetector:
         )
 
 
+def _transition(alert: CacheAlert, kind: str) -> CacheAlert:
+    return dataclasses.replace(alert, details={**alert.details, "transition": kind})
+
+
 def _delta(a: EnginePoint, b: EnginePoint) -> npt.NDArray[np.int64]:
     """Lifetime bucket counts observed between ``b`` and the later ``a``."""
     return a.lifetime_counts.astype(np.int64) - b.lifetime_counts.astype(np.int64)
@@ -786,17 +800,3 @@ def _went_backwards(last: EnginePoint, point: EnginePoint) -> bool:
     ):
         return True
     return bool(np.any(point.lifetime_counts < last.lifetime_counts))
-
-
-def _replace_view(view: CacheAlert, *, active: bool, message: str) -> CacheAlert:
-    return CacheAlert(
-        alert=view.alert,
-        level=view.level,
-        engine=view.engine,
-        message=message,
-        since=view.since,
-        value=view.value,
-        threshold=view.threshold,
-        active=active,
-        details=dict(view.details),
-    )

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .. import logs
 from ..collector import CollectorConfig
 from ..offline import FORMATS, analyze_recording, analyze_trace, format_views
 from ..sources.recording import MAGIC, RecordingError
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(list(argv))
+    logs.setup("error")  # alerts go into the summary, not onto stderr
     try:
         config = CollectorConfig(sample_ratio=args.sample_ratio)
     except ValueError as exc:

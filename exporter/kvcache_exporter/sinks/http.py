@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Final
+from urllib.parse import parse_qs
 
 from .. import __version__
 
@@ -29,6 +30,7 @@ class Routes:
     metrics: Callable[[], str]
     ready: Callable[[], tuple[bool, str]]
     summary: Callable[[], dict[str, Any]]
+    export: Callable[[dict[str, list[str]]], tuple[bytes, str]]
 
 
 def parse_listen_address(address: str) -> tuple[str, int]:
@@ -48,6 +50,7 @@ def _landing(telemetry_path: str) -> bytes:
             ("/healthz", "liveness"),
             ("/readyz", "readiness: 200 once every source is connected"),
             ("/api/v1/summary", "collector summary (JSON)"),
+            ("/api/v1/export?format=csv", "recent block lifecycles (JSON or CSV)"),
         )
     )
     return (
@@ -84,7 +87,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         routes = self.server.routes
-        path = self.path.split("?", 1)[0]
+        path, _, query = self.path.partition("?")
         try:
             if path == routes.telemetry_path:
                 started = time.perf_counter()
@@ -102,6 +105,13 @@ class _Handler(BaseHTTPRequestHandler):
             elif path == "/api/v1/summary":
                 body = json.dumps(routes.summary(), indent=2).encode()
                 self._send(200, body, "application/json")
+            elif path == "/api/v1/export":
+                try:
+                    body, content_type = routes.export(parse_qs(query, keep_blank_values=True))
+                except ValueError as exc:
+                    self._send(400, f"{exc}\n".encode(), "text/plain; charset=utf-8")
+                else:
+                    self._send(200, body, content_type)
             else:
                 self._send(404, b"not found\n", "text/plain; charset=utf-8")
         except (BrokenPipeError, ConnectionResetError):

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import Final
+from dataclasses import dataclass, field
+from typing import Any, Final
 
 import numpy as np
 
 from .. import __version__
+from ..analysis.series import AlertLevel, CacheAlert
+from ..analysis.trends import Trend
 from ..collector import CollectorSnapshot
 from ..collector.histogram import HistogramSnapshot
 from ..sources.stream import SourceStats
@@ -63,6 +65,10 @@ class EngineView:
     unknown_fields: int
     tokens_stored: int
     sample_ratio: float
+    alerts_active: list[CacheAlert] = field(default_factory=list)
+    alerts_raised: dict[tuple[str, AlertLevel], int] = field(default_factory=dict)
+    trends: dict[str, Trend] = field(default_factory=dict)
+    access_patterns: dict[str, Any] | None = None  # only when asked for (not per scrape)
 
 
 def escape(value: str) -> str:
@@ -205,6 +211,39 @@ def render(views: Sequence[EngineView]) -> str:
             hist = v.collector.histograms[key]
             for i in media[v.name]:
                 out.histogram(name, [("engine", v.name), ("medium", v.collector.media[i])], hist, i)
+
+    out.family("kvcache_alerts_total", "counter", "Anomaly alerts raised, by alert and severity.")
+    for v in views:
+        for (alert, level), count in sorted(v.alerts_raised.items(), key=lambda kv: kv[0][0]):
+            out.sample(
+                "kvcache_alerts_total",
+                [("engine", v.name), ("alert", alert), ("severity", level.value)],
+                count,
+            )
+    out.family("kvcache_alert_active", "gauge", "1 while an alert holds (only active alerts).")
+    for v in views:
+        for active in sorted(v.alerts_active, key=lambda a: a.alert):
+            out.sample(
+                "kvcache_alert_active",
+                [("engine", v.name), ("alert", active.alert), ("severity", active.level.value)],
+                1,
+            )
+    out.family(
+        "kvcache_trend_slope",
+        "gauge",
+        "Least-squares slope of a series over the trend window, in its units per second.",
+    )
+    for v in views:
+        for series, trend in sorted(v.trends.items()):
+            out.sample("kvcache_trend_slope", [("engine", v.name), ("series", series)], trend.slope)
+    out.family("kvcache_trend_direction", "gauge", "Trend of a series: -1 down, 0 flat, 1 up.")
+    for v in views:
+        for series, trend in sorted(v.trends.items()):
+            out.sample(
+                "kvcache_trend_direction",
+                [("engine", v.name), ("series", series)],
+                trend.direction,
+            )
 
     out.family("kvcache_exporter_build_info", "gauge", "Always 1; the version is a label.")
     out.sample("kvcache_exporter_build_info", [("version", __version__)], 1)

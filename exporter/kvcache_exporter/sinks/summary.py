@@ -68,4 +68,16 @@ def summarize(view: EngineView) -> dict[str, Any]:
         "cache_clears_total": snap.clears,
         "unknown_removals_total": snap.unknown_removals,
         "media": media,
+        "alerts": {
+            "active": [alert.to_dict() for alert in view.alerts_active],
+            "raised_total": [
+                {"alert": alert, "severity": level.value, "count": count}
+                for (alert, level), count in sorted(
+                    view.alerts_raised.items(), key=lambda kv: (kv[0][0], kv[0][1].value)
+                )
+                if count
+            ],
+        },
+        "trends": {series: trend.to_dict() for series, trend in sorted(view.trends.items())},
+        **({"access_patterns": view.access_patterns} if view.access_patterns is not None else {}),
     }

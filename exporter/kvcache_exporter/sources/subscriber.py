@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Final
 
 import zmq
@@ -20,6 +21,7 @@ from .stream import EventStream, SourceStats
 DEFAULT_RCVHWM: Final = 200_000
 MAX_DRAIN: Final = 4096  # messages read before giving other sockets a turn
 POLL_MS: Final = 100
+TICK_SECONDS: Final = 1.0  # wall-clock checks (stalled sources) run this often
 
 _MONITOR_EVENTS: Final = (
     zmq.EVENT_CONNECTED
@@ -110,7 +112,10 @@ class SubscriberSource:
 class IngestLoop:
     """Polls every source's socket and monitor on one thread until ``stop`` is set."""
 
-    def __init__(self, sources: list[SubscriberSource]) -> None:
+    def __init__(
+        self, sources: list[SubscriberSource], on_tick: Callable[[float], None] | None = None
+    ) -> None:
+        self._on_tick = on_tick
         self._poller = zmq.Poller()
         self._by_socket: dict[Any, tuple[SubscriberSource, bool]] = {}
         for source in sources:
@@ -120,6 +125,7 @@ class IngestLoop:
             self._by_socket[source.monitor] = (source, False)
 
     def run(self, stop: threading.Event) -> None:
+        next_tick = time.monotonic() + TICK_SECONDS
         while not stop.is_set():
             for sock, _ in self._poller.poll(POLL_MS):
                 source, is_data = self._by_socket[sock]
@@ -127,3 +133,6 @@ class IngestLoop:
                     source.drain()
                 else:
                     source.handle_monitor()
+            if self._on_tick is not None and time.monotonic() >= next_tick:
+                next_tick = time.monotonic() + TICK_SECONDS
+                self._on_tick(time.time())

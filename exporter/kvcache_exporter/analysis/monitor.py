@@ -1,0 +1,162 @@
+"""Samples one engine's collector on the engine clock and runs the detectors over it.
+
+The monitor takes an :class:`EnginePoint` on a fixed engine-clock grid (every
+``point_interval`` seconds), feeds the anomaly and trend detectors, and logs each alert
+transition once. ``source_stalled`` needs the wall
+clock instead (a silent engine makes no points): the ingest loop calls :meth:`tick`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+from ..collector import BlockLifecycleCollector
+from ..collector.lifecycle import REASON_CLEARED, REASON_RESTART
+from .anomaly import AnomalyConfig, AnomalyDetector
+from .series import AlertLevel, CacheAlert, EnginePoint
+from .trends import Trend, TrendConfig, TrendDetector
+
+log = logging.getLogger("kvcache_exporter.alerts")
+
+RECENT_TRANSITIONS: Final = 50
+
+
+@dataclass(frozen=True, slots=True)
+class MonitorConfig:
+    """How often an engine is sampled and how its detectors are tuned."""
+
+    point_interval: float = 1.0
+    anomaly: AnomalyConfig = field(default_factory=AnomalyConfig)
+    trend: TrendConfig = field(default_factory=TrendConfig)
+
+    def __post_init__(self) -> None:
+        if not self.point_interval > 0:
+            raise ValueError(f"point interval must be positive, got {self.point_interval}")
+
+
+def point_of(collector: BlockLifecycleCollector, ts: float, lost_batches: int) -> EnginePoint:
+    """The collector's cumulative figures now, all media together, as a point at ``ts``."""
+    snap = collector.snapshot()
+    not_evictions = [
+        i for i, reason in enumerate(snap.reasons) if reason in (REASON_CLEARED, REASON_RESTART)
+    ]
+    removed = snap.removed.sum(axis=0)
+    lifetime = snap.histograms["lifetime"]
+    return EnginePoint(
+        ts=ts,
+        stored=int(snap.stored.sum()),
+        evicted=int(removed.sum() - removed[not_evictions].sum()),
+        restores=int(snap.restores.sum()),
+        resident=int(snap.resident.sum()),
+        clears=snap.clears,
+        lost_batches=lost_batches,
+        lifetime_bounds=lifetime.bounds,
+        lifetime_counts=lifetime.counts.sum(axis=0).astype(np.uint64),
+    )
+
+
+class EngineMonitor:
+    """Alerts and trends of one engine; safe to read from other threads."""
+
+    def __init__(
+        self,
+        engine: str,
+        collector: BlockLifecycleCollector,
+        lost_batches: Callable[[], int],
+        config: MonitorConfig | None = None,
+    ) -> None:
+        self.engine = engine
+        self.config = config or MonitorConfig()
+        self._collector = collector
+        self._lost_batches = lost_batches
+        self._anomaly = AnomalyDetector(engine, self.config.anomaly)
+        self._trends = TrendDetector(self.config.trend)
+        self._next_point: float | None = None
+        self._lock = threading.Lock()
+        self._recent: list[CacheAlert] = []
+
+    def cuts(self, ts: npt.NDArray[np.float64]) -> list[tuple[int, float]]:
+        """Where a batch with these row times crosses the sampling grid: ``(row, grid time)``
+        pairs, meaning "apply the rows before ``row``, then :meth:`sample` at grid time".
+
+        Points sit on a fixed engine-clock grid (multiples of ``point_interval``) and see
+        exactly the rows before them, so alerts and trends do not depend on how the stream
+        was cut into batches. Empty stretches of the grid are skipped, not filled.
+        """
+        interval = self.config.point_interval
+        result: list[tuple[int, float]] = []
+        if not ts.size:
+            return result
+        if self._next_point is None:
+            self._next_point = (math.floor(float(ts[0]) / interval) + 1) * interval
+        start = 0
+        while True:
+            later = np.flatnonzero(ts[start:] >= self._next_point)
+            if not later.size:
+                return result
+            row = start + int(later[0])
+            result.append((row, self._next_point))
+            self._next_point = (math.floor(float(ts[row]) / interval) + 1) * interval
+            start = row
+
+    def sample(self, grid_ts: float) -> None:
+        """Take a point of the collector as it stands and feed the detectors."""
+        point = point_of(self._collector, grid_ts, self._lost_batches())
+        with self._lock:
+            transitions = self._anomaly.observe(point)
+            self._trends.observe(point)
+            self._record(transitions)
+
+    def tick(self, now_wall: float, last_arrival_wall: float | None) -> None:
+        """Wall-clock checks (a source gone silent); called about once a second."""
+        with self._lock:
+            self._record(self._anomaly.check_stalled(now_wall, last_arrival_wall))
+
+    def _record(self, transitions: list[CacheAlert]) -> None:
+        for alert in transitions:
+            extra = {
+                "engine": alert.engine,
+                "alert": alert.alert,
+                "severity": alert.level.value,
+                "value": round(alert.value, 6),
+                "threshold": alert.threshold,
+            }
+            transition = str(
+                alert.details.get("transition", "raised" if alert.active else "cleared")
+            )
+            if transition in ("raised", "escalated"):
+                log.warning(f"alert {transition}: {alert.message}", extra=extra)
+            else:
+                log.info(f"alert {transition}: {alert.message}", extra=extra)
+        self._recent = (self._recent + transitions)[-RECENT_TRANSITIONS:]
+
+    def active(self) -> list[CacheAlert]:
+        with self._lock:
+            return self._anomaly.active()
+
+    def raised_total(self) -> dict[tuple[str, AlertLevel], int]:
+        with self._lock:
+            return dict(self._anomaly.raised_total())
+
+    def recent_transitions(self) -> list[CacheAlert]:
+        with self._lock:
+            return list(self._recent)
+
+    def trends(self) -> dict[str, Trend]:
+        with self._lock:
+            return dict(self._trends.trends())
+
+    def reset(self) -> None:
+        with self._lock:
+            self._record(self._anomaly.reset())
+            self._trends = TrendDetector(self.config.trend)
+            self._next_point = None
+            self._recent = []
