@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from itertools import pairwise
+from itertools import islice, pairwise
 
 import numpy as np
 import pytest
@@ -11,6 +11,9 @@ from hypothesis import strategies as st
 
 from kvcache_exporter.collector import BlockLifecycleCollector, CollectorConfig
 from kvcache_exporter.collector.lifecycle import sample_hash
+from kvcache_exporter.engine import PrefixCacheSimulator, bundled_trace_path, read_mooncake
+from kvcache_exporter.offline import simulate_frames
+from kvcache_exporter.pipeline import new_pipeline
 from kvcache_exporter.protocol.batch import (
     OP_ACCESS,
     OP_CLEAR,
@@ -18,6 +21,7 @@ from kvcache_exporter.protocol.batch import (
     OP_STORE,
     EventBatch,
     LabelTable,
+    PrefixChain,
 )
 
 from .reference import ReferenceCollector
@@ -237,12 +241,6 @@ def test_results_do_not_depend_on_how_the_stream_is_cut_into_batches() -> None:
     """The same engine stream (trace through the simulator, hits, CPU tier, chains) applied one
     message per batch, in bursts of 7 and as one batch gives identical numbers, prefix depth
     included."""
-    from itertools import islice
-
-    from kvcache_exporter.pipeline import new_pipeline
-    from kvcache_exporter.engine import PrefixCacheSimulator, bundled_trace_path, read_mooncake
-    from kvcache_exporter.offline import simulate_frames
-
     frames = list(
         simulate_frames(
             islice(read_mooncake(bundled_trace_path()), 800),
@@ -271,8 +269,6 @@ def test_results_do_not_depend_on_how_the_stream_is_cut_into_batches() -> None:
 def test_prefix_depth_follows_parent_chains() -> None:
     """Depth = parent's depth + offset + 1, across events in one batch and across batches,
     and a CPU copy has its GPU original's depth."""
-    from kvcache_exporter.protocol.batch import PrefixChain
-
     col = BlockLifecycleCollector()
     gpu = col.media.id_of("GPU")
     cpu = col.media.id_of("CPU")
