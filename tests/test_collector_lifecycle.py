@@ -305,3 +305,47 @@ def test_prefix_depth_follows_parent_chains() -> None:
         (14, cpu): 5, (99, gpu): 0,
     }  # fmt: skip
     assert int(col.snapshot().histograms["prefix_depth"].counts.sum()) == 7
+
+
+def test_totals_at_cuts_equal_totals_after_applying_the_pieces() -> None:
+    """apply(batch, cuts) reports, for each cut row, exactly the totals a split apply would
+    have left there: stores, evictions, restores, residency, clears, lifetime buckets."""
+    frames = list(
+        simulate_frames(
+            islice(read_mooncake(bundled_trace_path()), 400),
+            PrefixCacheSimulator(1500, 300, report_hits=True),
+        )
+    )
+    whole = new_pipeline("whole", CollectorConfig())
+    pieces = new_pipeline("pieces", CollectorConfig())
+    for ts, message in frames:
+        whole.stream.decoder.feed(message[2])
+        pieces.stream.decoder.feed(message[2])
+    batch = whole.stream.decoder.flush()
+    pieces.stream.decoder.flush()
+    clear_row = len(batch) // 3
+    batch = EventBatch(
+        op=np.where(np.arange(len(batch)) == clear_row, OP_CLEAR, batch.op).astype(np.uint8),
+        block_hash=batch.block_hash,
+        ts=batch.ts,
+        medium=batch.medium,
+        reason=batch.reason,
+        chain=batch.chain,
+    )
+    cuts = sorted({1, clear_row, clear_row + 1, len(batch) // 2, len(batch) - 1})
+    reported = whole.collector.apply(batch, cuts)
+    expected = []
+    start = 0
+    for cut in cuts:
+        pieces.collector.apply(batch.take(slice(start, cut)))
+        expected.append(pieces.collector.totals())
+        start = cut
+    for got, want in zip(reported, expected, strict=True):
+        assert (got.stored, got.evicted, got.restores, got.resident, got.clears) == (
+            want.stored,
+            want.evicted,
+            want.restores,
+            want.resident,
+            want.clears,
+        )
+        assert got.lifetime_counts.tolist() == want.lifetime_counts.tolist()

@@ -62,7 +62,7 @@ def test_buckets_from_flag() -> None:
         (["--no-such-flag"], {}, "unrecognized arguments"),
         ([], {"KVCACHE_EXPORTER_COLLECTOR_MAX_TRACKED_BLOCKS": "-3"}, "MAX_TRACKED_BLOCKS"),
         (["--config.file", "/nonexistent.yaml"], {}, "--config.file /nonexistent.yaml"),
-        (["--otlp.endpoint", "http://x:4317"], {}, "--otlp.endpoint"),
+        (["--otlp.protocol", "carrier-pigeon"], {}, "--otlp.protocol"),
     ],
 )
 def test_bad_values_are_one_line_errors_naming_the_setting(

@@ -113,8 +113,9 @@ class MetricsConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} cannot be negative, got {getattr(self, name)}")
         for name in ("point_interval_seconds", "trend_window_seconds"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not 0 < value < float("inf"):
+                raise ValueError(f"{name} must be a positive finite number, got {value}")
 
     def collector_config(self) -> CollectorConfig:
         return CollectorConfig(
@@ -286,7 +287,7 @@ class BatchMetricsCollector:
     def _times(self, now: TimeArg, count: int) -> npt.NDArray[np.float64]:
         if now is None:
             return np.full(count, self._clock())
-        times = np.asarray(now, dtype=np.float64)
+        times = np.array(now, dtype=np.float64)  # a copy: the caller may reuse its buffer
         if times.ndim == 0:
             return np.full(count, float(times))
         if times.shape != (count,):
@@ -332,7 +333,7 @@ class BatchMetricsCollector:
         with self._lock:
             reason_id = 0 if reason is None else self._pipeline.collector.reasons.id_of(reason)
             self._calls.append(
-                (op, block_id & U64_MASK, self._clock() if now is None else now, reason_id)
+                (op, int(block_id) & U64_MASK, self._clock() if now is None else now, reason_id)
             )
             self._pending += 1
             if self._pending >= self.config.batch_size:
@@ -474,23 +475,24 @@ class BatchMetricsCollector:
         ]
 
     def get_block_state(self, block_id: int) -> BlockMetricsState | None:
-        """A resident block's state (its access history holds only the last access)."""
+        """A resident block's state: allocation, last access and access count (the
+        collector keeps no per-access history, so ``get_reuse_gaps_seconds`` is empty)."""
         with self._lock:
             self.flush_all()
-            record = self._pipeline.collector.block(block_id & U64_MASK, self._medium)
+            record = self._pipeline.collector.block(int(block_id) & U64_MASK, self._medium)
         if record is None:
             return None
         state = BlockMetricsState(block_id, record.stored_at, record.last_access_at)
+        # The collector keeps the count and the last access, not every access time, so the
+        # history stays empty rather than inventing gaps.
         state.access_count = record.accesses
-        if record.accesses:
-            state.access_history.append(record.last_access_at)
         return state
 
     def should_sample_block(self, block_id: int) -> bool:
         """Whether this block's lifecycle feeds the histograms (stable for the id)."""
         if self.config.sample_rate >= 1.0:
             return True
-        value = sample_hash(np.array([block_id & U64_MASK], np.uint64))[0]
+        value = sample_hash(np.array([int(block_id) & U64_MASK], np.uint64))[0]
         return bool(value < np.uint64(min(int(self.config.sample_rate * 2.0**64), U64_MASK)))
 
     def export(self, format: str = "json") -> str:
@@ -500,7 +502,9 @@ class BatchMetricsCollector:
             raise ValueError(f"format must be one of {', '.join(EXPORT_FORMATS)}, not {format!r}")
         with self._lock:
             self.flush_all()
-            view = self._pipeline.view(with_patterns=format == "json")
+            view = self._pipeline.view(
+                with_patterns=format == "json", hot_threshold=self.config.hot_access_threshold
+            )
             if format == "prometheus":
                 return format_views([view], "prometheus")
             summary = format_views([view], "json")
@@ -545,6 +549,8 @@ def _as_ids(block_ids: IdArray) -> npt.NDArray[np.uint64]:
             return block_ids.astype(np.uint64, copy=True)
         if block_ids.dtype.kind == "i":
             return block_ids.astype(np.int64).view(np.uint64).copy()
+        if block_ids.dtype.kind == "u":
+            return block_ids.astype(np.uint64)
         raise TypeError(f"block ids must be integers, not {block_ids.dtype}")
     return np.fromiter((int(b) & U64_MASK for b in block_ids), np.uint64, count=len(block_ids))
 

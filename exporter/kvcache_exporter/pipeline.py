@@ -31,13 +31,15 @@ class Pipeline:
     apply: Callable[[EventBatch], None]
     """Apply a decoded batch: collector, then monitor samples on the engine-clock grid."""
 
-    def view(self, with_patterns: bool = False) -> EngineView:
+    def view(self, with_patterns: bool = False, hot_threshold: int = 4) -> EngineView:
         """What the sinks read: collector snapshot, stream counters, alerts and trends (and,
         when asked, the access-pattern analysis, which reads every resident block)."""
         decoded = self.stream.decoder.stats
         snapshot = self.collector.snapshot()
         patterns = (
-            access_patterns(self.collector.resident_profile(), snapshot) if with_patterns else None
+            access_patterns(self.collector.resident_profile(), snapshot, hot_threshold)
+            if with_patterns
+            else None
         )
         return EngineView(
             name=self.name,
@@ -72,15 +74,13 @@ def new_pipeline(
     reasons = LabelTable("evicted", seed=DEFAULT_REASONS)
     collector = BlockLifecycleCollector(config, media, reasons)
     # The monitor reads the stream's loss counter; the lambda runs only after `stream` exists.
-    monitor = EngineMonitor(name, collector, lambda: stream.stats.batches_lost, monitor_config)
+    monitor = EngineMonitor(name, lambda: stream.stats.batches_lost, monitor_config)
 
     def apply(batch: EventBatch) -> None:
-        start = 0
-        for row, grid_ts in monitor.cuts(batch.ts):
-            collector.apply(batch.take(slice(start, row)))
-            monitor.sample(grid_ts)
-            start = row
-        collector.apply(batch.take(slice(start, len(batch))))
+        cuts = monitor.cuts(batch.ts)
+        totals = collector.apply(batch, [row for row, _ in cuts])
+        for (_, grid_ts), at_cut in zip(cuts, totals, strict=True):
+            monitor.sample(grid_ts, at_cut)
 
     stream = EventStream(
         name,

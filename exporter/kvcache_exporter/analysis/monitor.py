@@ -1,9 +1,11 @@
 """Samples one engine's collector on the engine clock and runs the detectors over it.
 
 The monitor takes an :class:`EnginePoint` on a fixed engine-clock grid (every
-``point_interval`` seconds), feeds the anomaly and trend detectors, and logs each alert
-transition once. ``source_stalled`` needs the wall
-clock instead (a silent engine makes no points): the ingest loop calls :meth:`tick`.
+``point_interval`` seconds): the collector reports its totals as they stood at each grid time
+inside a batch (a cumulative sum over the batch's rows, not an apply per piece). The points
+feed the anomaly and trend detectors, and each alert transition is logged once.
+``source_stalled`` needs the wall clock instead (a silent engine makes no points): the ingest
+loop calls :meth:`tick`.
 """
 
 from __future__ import annotations
@@ -18,8 +20,7 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from ..collector import BlockLifecycleCollector
-from ..collector.lifecycle import REASON_CLEARED, REASON_RESTART
+from ..collector.lifecycle import CollectorTotals
 from .anomaly import AnomalyConfig, AnomalyDetector
 from .series import AlertLevel, CacheAlert, EnginePoint
 from .trends import Trend, TrendConfig, TrendDetector
@@ -42,24 +43,18 @@ class MonitorConfig:
             raise ValueError(f"point interval must be positive, got {self.point_interval}")
 
 
-def point_of(collector: BlockLifecycleCollector, ts: float, lost_batches: int) -> EnginePoint:
-    """The collector's cumulative figures now, all media together, as a point at ``ts``."""
-    snap = collector.snapshot()
-    not_evictions = [
-        i for i, reason in enumerate(snap.reasons) if reason in (REASON_CLEARED, REASON_RESTART)
-    ]
-    removed = snap.removed.sum(axis=0)
-    lifetime = snap.histograms["lifetime"]
+def point_of(totals: CollectorTotals, ts: float, lost_batches: int) -> EnginePoint:
+    """An engine's cumulative figures, all media together, as a point at ``ts``."""
     return EnginePoint(
         ts=ts,
-        stored=int(snap.stored.sum()),
-        evicted=int(removed.sum() - removed[not_evictions].sum()),
-        restores=int(snap.restores.sum()),
-        resident=int(snap.resident.sum()),
-        clears=snap.clears,
+        stored=totals.stored,
+        evicted=totals.evicted,
+        restores=totals.restores,
+        resident=totals.resident,
+        clears=totals.clears,
         lost_batches=lost_batches,
-        lifetime_bounds=lifetime.bounds,
-        lifetime_counts=lifetime.counts.sum(axis=0).astype(np.uint64),
+        lifetime_bounds=totals.lifetime_bounds,
+        lifetime_counts=totals.lifetime_counts,
     )
 
 
@@ -69,13 +64,11 @@ class EngineMonitor:
     def __init__(
         self,
         engine: str,
-        collector: BlockLifecycleCollector,
         lost_batches: Callable[[], int],
         config: MonitorConfig | None = None,
     ) -> None:
         self.engine = engine
         self.config = config or MonitorConfig()
-        self._collector = collector
         self._lost_batches = lost_batches
         self._anomaly = AnomalyDetector(engine, self.config.anomaly)
         self._trends = TrendDetector(self.config.trend)
@@ -107,9 +100,9 @@ class EngineMonitor:
             self._next_point = (math.floor(float(ts[row]) / interval) + 1) * interval
             start = row
 
-    def sample(self, grid_ts: float) -> None:
-        """Take a point of the collector as it stands and feed the detectors."""
-        point = point_of(self._collector, grid_ts, self._lost_batches())
+    def sample(self, grid_ts: float, totals: CollectorTotals) -> None:
+        """Feed the detectors the collector's totals as they stood at a grid time."""
+        point = point_of(totals, grid_ts, self._lost_batches())
         with self._lock:
             transitions = self._anomaly.observe(point)
             self._trends.observe(point)

@@ -49,6 +49,10 @@ class HistogramSet:
         self.counts = np.zeros((labels, self._width), np.uint64)
         self.sums = np.zeros(labels, np.float64)
 
+    def bucket_of(self, values: npt.NDArray[np.floating]) -> npt.NDArray[np.int64]:
+        """The bucket index each value falls in (le semantics; the last is +Inf)."""
+        return np.searchsorted(self._edges, values, side="left").astype(np.int64)
+
     def observe(self, label_ids: npt.NDArray[np.uint8], values: npt.NDArray[np.floating]) -> None:
         if not values.size:
             return

@@ -17,7 +17,9 @@ from ..protocol.decode import DecodeError, DecodeLimits, PayloadDecoder
 from ..protocol.framing import parse_live
 from .sequence import SequenceTracker, Verdict
 
-FLUSH_EVENTS: Final = 65_536  # pending events that force a flush
+# Pending events that force a flush: small enough that decoded events die young (holding
+# tens of thousands makes every GC pass rescan them), large enough to amortize numpy calls.
+FLUSH_EVENTS: Final = 4096
 
 log = logging.getLogger("kvcache_exporter.source")
 
