@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -15,9 +15,12 @@ from .config import ExporterConfig
 from .pipeline import Pipeline, new_pipeline
 from .sinks.export import ExportRequest, render_export
 from .sinks.http import MetricsHTTPServer, Routes, parse_listen_address
-from .sinks.prometheus import render
+from .sinks.prometheus import EngineView, render
 from .sinks.summary import summarize
 from .sources.subscriber import IngestLoop, SubscriberSource
+
+if TYPE_CHECKING:
+    from .sinks.otlp import OTLPSink
 
 log = logging.getLogger("kvcache_exporter")
 
@@ -54,10 +57,16 @@ class Exporter:
         self._stop = threading.Event()
         self._ingest: threading.Thread | None = None
         self.http: MetricsHTTPServer | None = None
+        self.otlp: OTLPSink | None = None
 
     # --- what the sinks read ---------------------------------------------------------------
+    def views(self) -> list[EngineView]:
+        """One snapshot per engine: what ``/metrics`` and OTLP both export."""
+        return [engine.pipeline.view() for engine in self.engines]
+
     def metrics_text(self) -> str:
-        return render([engine.pipeline.view() for engine in self.engines])
+        otlp = self.otlp
+        return render(self.views(), otlp.exports() if otlp is not None else None)
 
     def readiness(self) -> tuple[bool, str]:
         down = [e.name for e in self.engines if not e.source.stats.up]
@@ -84,6 +93,15 @@ class Exporter:
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
         """Open every source and the HTTP server; raises OSError/ZMQError if one cannot."""
+        if self.config.otlp is not None:
+            # Imported here: the OpenTelemetry SDK costs nothing when OTLP is off. Built first,
+            # so that an unusable OTLP setting fails before any socket opens.
+            from .sinks.otlp import OTLPSink
+
+            try:
+                self.otlp = OTLPSink(self.config.otlp, self.views)
+            except Exception as exc:  # e.g. an unreadable OTEL_EXPORTER_OTLP_CERTIFICATE
+                raise OSError(f"OTLP exporter: {exc}") from exc
         for engine in self.engines:
             engine.source.open()
         routes = Routes(
@@ -98,6 +116,8 @@ class Exporter:
         loop = IngestLoop([engine.source for engine in self.engines], on_tick=self._tick)
         self._ingest = threading.Thread(target=loop.run, args=(self._stop,), name="ingest")
         self._ingest.start()
+        if self.otlp is not None:
+            self.otlp.start()
         log.info(
             "kvcache-exporter started",
             extra={
@@ -109,10 +129,14 @@ class Exporter:
         )
 
     def stop(self) -> None:
-        """Stop ingesting, close sockets and the server; returns within about a second."""
+        """Stop ingesting, send the final OTLP export (waiting at most 5 s for it), close sockets
+        and the server; without OTLP it returns within about a second."""
         self._stop.set()
         if self._ingest is not None:
             self._ingest.join(timeout=2.0)
+        if self.otlp is not None:
+            # After ingestion stopped, before any socket closes: the last numbers go out.
+            self.otlp.stop()
         if self.http is not None:
             self.http.stop()
         for engine in self.engines:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,10 +30,29 @@ DEFAULT_SOURCE: Final = "engine=tcp://127.0.0.1:5557"
 LOG_LEVELS: Final = ("debug", "info", "warn", "error")
 LOG_FORMATS: Final = ("logfmt", "json")
 OTLP_PROTOCOLS: Final = ("grpc", "http/protobuf")
+OTLP_COMPRESSIONS: Final = ("none", "gzip", "deflate")
+OTLP_TEMPORALITIES: Final = ("cumulative", "delta")
+OTLP_HISTOGRAM_AGGREGATIONS: Final = ("explicit", "exponential")
+OTLP_DEFAULT_INTERVAL: Final = 15.0
 
 
 class ConfigError(ValueError):
     """A configuration problem, already phrased as the one line the user sees."""
+
+
+@dataclass(frozen=True, slots=True)
+class OTLPConfig:
+    """OTLP export settings (SPEC §4). ``None`` fields are left to the OpenTelemetry SDK's
+    exporter, which reads the standard ``OTEL_EXPORTER_OTLP_[METRICS_]*`` variables itself."""
+
+    endpoint: str | None = None  # None: OTEL_EXPORTER_OTLP_[METRICS_]ENDPOINT
+    protocol: str = "grpc"
+    interval: float = OTLP_DEFAULT_INTERVAL
+    headers: tuple[tuple[str, str], ...] | None = None
+    compression: str | None = None
+    timeout: float | None = None  # seconds
+    temporality: str = "cumulative"
+    histogram_aggregation: str = "explicit"
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,9 +63,7 @@ class ExporterConfig:
     listen_address: str = ":9477"
     telemetry_path: str = "/metrics"
     web_config_file: str | None = None
-    otlp_endpoint: str | None = None
-    otlp_protocol: str = "grpc"
-    otlp_interval: float = 15.0
+    otlp: OTLPConfig | None = None  # None: OTLP export is off
     collector: CollectorConfig = field(default_factory=CollectorConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     receive_hwm: int = 200_000
@@ -115,6 +133,38 @@ def _identity(text: str) -> str:
     return text
 
 
+def _otlp_endpoint(text: str) -> str:
+    url = urllib.parse.urlsplit(text)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ValueError(f"expected http://HOST:PORT or https://HOST:PORT, got {text!r}")
+    return text
+
+
+def _headers(text: str) -> tuple[tuple[str, str], ...]:
+    """``key=value,key2=value2`` with percent-encoded values, as in OTEL_EXPORTER_OTLP_HEADERS
+    (parsed strictly here: a flag with a typo should fail, not silently drop a header)."""
+    pairs = []
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not item.strip():
+            continue
+        if not sep or not key.strip():
+            raise ValueError(f"expected KEY=VALUE[,KEY=VALUE...], got {item.strip()!r}")
+        pairs.append((key.strip().lower(), urllib.parse.unquote(value.strip())))
+    return tuple(pairs)
+
+
+def _aggregation(text: str) -> str:
+    if _choice(OTLP_HISTOGRAM_AGGREGATIONS)(text) == "exponential":
+        # Base-2 exponential buckets cannot be derived exactly from the collector's explicit
+        # buckets; they need the raw values, which this version's collector does not keep.
+        raise ValueError(
+            "exponential histograms are not available in this version (the collector keeps "
+            "explicit buckets only); use explicit"
+        )
+    return text
+
+
 @dataclass(frozen=True, slots=True)
 class _Option:
     flag: str
@@ -137,9 +187,28 @@ OPTIONS: Final = (
     _Option("--web.telemetry-path", _path, "/metrics", "path of the metrics page", "PATH"),
     _Option("--web.config.file", _existing_file, None,
             "exporter-toolkit web config (TLS, basic auth)", "FILE"),
-    _Option("--otlp.endpoint", _identity, None, "OTLP collector endpoint (off when unset)", "URL"),
-    _Option("--otlp.protocol", _choice(OTLP_PROTOCOLS), "grpc", "grpc or http/protobuf", "PROTO"),
-    _Option("--otlp.interval", _seconds, 15.0, "seconds between OTLP exports", "SECONDS"),
+    _Option("--otlp.endpoint", _otlp_endpoint, None,
+            "OTLP collector endpoint, e.g. http://127.0.0.1:4317 (off when unset; default "
+            "OTEL_EXPORTER_OTLP_[METRICS_]ENDPOINT)", "URL"),
+    _Option("--otlp.protocol", _choice(OTLP_PROTOCOLS), None,
+            "grpc or http/protobuf (default OTEL_EXPORTER_OTLP_[METRICS_]PROTOCOL, else grpc)",
+            "PROTO"),
+    _Option("--otlp.interval", _seconds, None,
+            "seconds between OTLP exports (default OTEL_METRIC_EXPORT_INTERVAL, else 15)",
+            "SECONDS"),
+    _Option("--otlp.headers", _headers, None,
+            "request headers KEY=VALUE,... (default OTEL_EXPORTER_OTLP_[METRICS_]HEADERS)",
+            "HEADERS"),
+    _Option("--otlp.compression", _choice(OTLP_COMPRESSIONS), None,
+            "none, gzip or deflate (default OTEL_EXPORTER_OTLP_[METRICS_]COMPRESSION)", "ALG"),
+    _Option("--otlp.timeout", _seconds, None,
+            "seconds one export may take, retries included (default "
+            "OTEL_EXPORTER_OTLP_[METRICS_]TIMEOUT, else 10)", "SECONDS"),
+    _Option("--otlp.temporality", _choice(OTLP_TEMPORALITIES), None,
+            "cumulative or delta (default OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE, "
+            "else cumulative)", "TEMPORALITY"),
+    _Option("--otlp.histogram-aggregation", _aggregation, "explicit",
+            "explicit (the Prometheus buckets); exponential is not available yet", "AGG"),
     _Option("--collector.sample-ratio", _ratio, 1.0,
             "fraction of block hashes whose lifecycle is tracked, in (0, 1]", "RATIO"),
     _Option("--collector.max-tracked-blocks", _positive_int, 4_000_000,
@@ -274,11 +343,6 @@ def load(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Expor
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ConfigError(f"{where}: source name {duplicates[0]!r} given twice")
-    if values["otlp.endpoint"] is not None:
-        raise ConfigError(
-            "--otlp.endpoint: OTLP export is not available in this version yet; "
-            "scrape /metrics instead"
-        )
     if values["web.config.file"] is not None:
         raise ConfigError(
             "--web.config.file: TLS and basic auth are not available in this version yet"
@@ -289,9 +353,7 @@ def load(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Expor
         listen_address=values["web.listen-address"],
         telemetry_path=values["web.telemetry-path"],
         web_config_file=values["web.config.file"],
-        otlp_endpoint=values["otlp.endpoint"],
-        otlp_protocol=values["otlp.protocol"],
-        otlp_interval=values["otlp.interval"],
+        otlp=_otlp(values, env),
         collector=CollectorConfig(
             sample_ratio=values["collector.sample-ratio"],
             max_tracked_blocks=values["collector.max-tracked-blocks"],
@@ -302,4 +364,78 @@ def load(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Expor
         receive_hwm=values["source.receive-hwm"],
         log_level=values["log.level"],
         log_format=values["log.format"],
+    )
+
+
+def _otel_env(env: Mapping[str, str], *names: str) -> tuple[str, str] | None:
+    """The first of these standard variables that is set and not blank: (name, value)."""
+    for name in names:
+        value = env.get(name, "").strip()
+        if value:
+            return name, value
+    return None
+
+
+def _otlp_enabled_by_env(env: Mapping[str, str]) -> bool:
+    """An OTEL_* endpoint turns export on, unless the SDK is disabled or the metrics exporter
+    is set to something other than otlp (OTEL_METRICS_EXPORTER=none, for example)."""
+    if not _otel_env(env, "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"):
+        return False
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    exporters = env.get("OTEL_METRICS_EXPORTER", "").strip().lower()
+    return not exporters or "otlp" in [e.strip() for e in exporters.split(",")]
+
+
+def _otlp(values: Mapping[str, Any], env: Mapping[str, str]) -> OTLPConfig | None:
+    """OTLP settings, or None when no endpoint is configured anywhere.
+
+    This program's own settings (flag, KVCACHE_EXPORTER_* variable, config file) beat the
+    standard OTEL_* variables, which are often injected fleet-wide. Endpoint, headers,
+    compression and timeout left unset here are read by the SDK's exporter from OTEL_*; the
+    variables the SDK exporters do not read (protocol, interval, temporality) are read here.
+    """
+    if values["otlp.endpoint"] is None and not _otlp_enabled_by_env(env):
+        return None
+    protocol = values["otlp.protocol"]
+    if protocol is None:
+        found = _otel_env(env, "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
+        protocol = found[1] if found else "grpc"
+        if protocol not in OTLP_PROTOCOLS:
+            assert found is not None
+            raise ConfigError(
+                f"{found[0]}: {protocol!r} is not supported; use grpc or http/protobuf"
+            )
+    interval = values["otlp.interval"]
+    if interval is None:
+        found = _otel_env(env, "OTEL_METRIC_EXPORT_INTERVAL")
+        interval = OTLP_DEFAULT_INTERVAL
+        if found:
+            try:
+                interval = _seconds(str(float(found[1]) / 1000.0))  # the variable is in ms
+            except ValueError:
+                raise ConfigError(
+                    f"{found[0]}: expected a positive number of milliseconds, got {found[1]!r}"
+                ) from None
+    temporality = values["otlp.temporality"]
+    if temporality is None:
+        found = _otel_env(env, "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE")
+        preference = found[1].lower() if found else "cumulative"
+        if preference not in ("cumulative", "delta", "lowmemory"):
+            assert found is not None
+            raise ConfigError(
+                f"{found[0]}: expected cumulative, delta or lowmemory, got {found[1]!r}"
+            )
+        # Every counter and histogram here is a synchronous instrument in SDK terms, for
+        # which lowmemory means delta (up-down counters stay cumulative either way).
+        temporality = "cumulative" if preference == "cumulative" else "delta"
+    return OTLPConfig(
+        endpoint=values["otlp.endpoint"],
+        protocol=protocol,
+        interval=interval,
+        headers=values["otlp.headers"],
+        compression=values["otlp.compression"],
+        timeout=values["otlp.timeout"],
+        temporality=temporality,
+        histogram_aggregation=values["otlp.histogram-aggregation"],
     )

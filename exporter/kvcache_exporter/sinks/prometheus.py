@@ -8,7 +8,7 @@ contiguous as the format requires.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -127,8 +127,9 @@ def _active_media(snap: CollectorSnapshot) -> list[int]:
     return active
 
 
-def render(views: Sequence[EngineView]) -> str:
-    """The whole ``/metrics`` page for these engines."""
+def render(views: Sequence[EngineView], otlp_exports: Mapping[str, int] | None = None) -> str:
+    """The whole ``/metrics`` page for these engines; ``otlp_exports`` (exports by result)
+    only while OTLP export is on."""
     out = Exposition()
     media = {v.name: _active_media(v.collector) for v in views}
 
@@ -354,4 +355,16 @@ def render(views: Sequence[EngineView]) -> str:
         "Memory held by the engine's block state.",
         {v.name: v.collector.table_bytes for v in views},
     )
+    if otlp_exports is not None:
+        out.family(
+            "kvcache_exporter_otlp_exports_total",
+            "counter",
+            "OTLP exports, by result (present only while OTLP export is on).",
+        )
+        for result in ("success", "failure"):
+            out.sample(
+                "kvcache_exporter_otlp_exports_total",
+                [("result", result)],
+                otlp_exports.get(result, 0),
+            )
     return out.text()
