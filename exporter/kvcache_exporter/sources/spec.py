@@ -84,6 +84,11 @@ class SourceSpec:
                 bind = True
             elif key == "replay" and value:
                 _check_endpoint(value, f"source {name}: replay endpoint")
+                if value.startswith("tcp://") and _host_of(value) in _BIND_HOSTS:
+                    raise SourceSpecError(
+                        f"source {name}: replay endpoint {value!r} is the engine's ROUTER, "
+                        "which the exporter connects to: give its address, not a wildcard"
+                    )
                 replay = value
             elif key == "topic" and has_value:
                 topic = value

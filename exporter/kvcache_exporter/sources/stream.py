@@ -14,7 +14,7 @@ from typing import Final
 
 from ..protocol.batch import EventBatch, LabelTable
 from ..protocol.decode import DecodeError, DecodeLimits, PayloadDecoder
-from ..protocol.framing import parse_live
+from ..protocol.framing import Message, parse_live
 from .sequence import SequenceTracker, Verdict
 
 # Pending events that force a flush: small enough that decoded events die young (holding
@@ -50,6 +50,8 @@ class SourceStats:
 
 BatchSink = Callable[[EventBatch], None]
 RestartSink = Callable[[float], None]
+# (first missing seq, the message that revealed the gap, at start-up?) -> took the message?
+GapHandler = Callable[[int, Message, bool], bool]
 
 
 class EventStream:
@@ -74,28 +76,43 @@ class EventStream:
         self.sequence = SequenceTracker()
         self._on_batch = on_batch
         self._on_restart = on_restart
+        self.on_gap: GapHandler | None = None  # set by a source that can replay
         self._unflushed_messages = 0
         self._log = log.getChild(name)
 
-    def handle(self, frames: list[bytes], arrival: float | None = None) -> None:
-        """One received multipart message (counted once what it holds is applied)."""
-        self._unflushed_messages += 1
-        self.stats.last_arrival = time.time() if arrival is None else arrival
+    def handle(
+        self, frames: list[bytes], arrival: float | None = None, counted: bool = False
+    ) -> None:
+        """One received multipart message (counted once what it holds is applied;
+        ``counted`` if :meth:`count_received` already did)."""
+        if not counted:
+            self._unflushed_messages += 1
+            self.stats.last_arrival = time.time() if arrival is None else arrival
         try:
             message = parse_live(frames)
         except DecodeError as exc:
             self.stats.add_error(exc.reason)
             return
+        self.handle_message(message)
+
+    def handle_message(self, message: Message) -> None:
+        """A parsed live message: sequence check, then decode."""
+        first = self.sequence.expected is None
         verdict = self.sequence.check(message.seq)
         if verdict is Verdict.DUPLICATE:
             self.stats.duplicates += 1
             return
+        # Started after the engine: ask it for what it still holds.
+        if first and message.seq > 0 and self.on_gap is not None and self.on_gap(0, message, True):
+            return
         if verdict is Verdict.GAP:
             self.stats.sequence_gaps += 1
-            self.stats.batches_lost += self.sequence.missing
+            missing = self.sequence.missing
+            if self.on_gap is not None and self.on_gap(message.seq - missing, message, False):
+                return
+            self.stats.batches_lost += missing
             self._log.warning(
-                "sequence gap: batches lost",
-                extra={"missing": self.sequence.missing, "seq": message.seq},
+                "sequence gap: batches lost", extra={"missing": missing, "seq": message.seq}
             )
         elif verdict is Verdict.RESTART:
             self.flush()
@@ -104,7 +121,10 @@ class EventStream:
                 "publisher restarted (sequence went back); the engine's cache starts empty",
                 extra={"seq": message.seq},
             )
-            self._on_restart(self.decoder.last_ts or self.stats.last_arrival)
+            self._on_restart(self.decoder.last_ts or self.stats.last_arrival or time.time())
+        self._feed(message)
+
+    def _feed(self, message: Message) -> None:
         try:
             self.decoder.feed(message.payload)
         except DecodeError as exc:
@@ -114,6 +134,45 @@ class EventStream:
         self.stats.last_event_ts = self.decoder.last_ts
         if self.decoder.pending_events >= FLUSH_EVENTS:
             self.flush()
+
+    def count_received(self, arrival: float) -> None:
+        """A live message the replay client holds back: received now, applied later."""
+        self._unflushed_messages += 1
+        self.stats.last_arrival = arrival
+
+    def apply_recovered(
+        self,
+        batches: list[tuple[int, Message, bool]],
+        first_missing: int,
+        startup: bool,
+    ) -> None:
+        """Apply what a replay and the live stream brought, in sequence order.
+
+        ``batches`` holds ``(seq, message, replayed)`` sorted by seq, duplicates already
+        removed. Sequence numbers from ``first_missing`` to the last one that are in neither
+        are lost (at start-up, those before the first one predate the exporter instead).
+        """
+        if not batches:
+            return
+        present = [seq for seq, _, _ in batches]
+        start = present[0] if startup else first_missing
+        missing = (present[-1] - start + 1) - sum(1 for seq in present if seq >= start)
+        if startup and present[0] > 0:
+            self._log.info(
+                "batches from before start-up no longer in the engine's replay buffer",
+                extra={"batches": present[0]},
+            )
+        if missing:
+            self.stats.batches_lost += missing
+            self._log.warning(
+                "sequence gap: batches lost after replay",
+                extra={"missing": missing, "from_seq": start, "to_seq": present[-1]},
+            )
+        for _, message, replayed in batches:
+            if replayed:
+                self.stats.batches_replayed += 1
+            self._feed(message)
+        self.sequence.expected = max(self.sequence.expected or 0, present[-1] + 1)
 
     def flush(self) -> None:
         """Hand everything decoded since the last flush on as one batch.

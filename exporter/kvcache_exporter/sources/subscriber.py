@@ -15,6 +15,7 @@ from typing import Any, Final
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from .replay import ReplayRecovery
 from .spec import SourceSpec
 from .stream import EventStream, SourceStats
 
@@ -52,6 +53,9 @@ class SubscriberSource:
         self.socket.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
         self.socket.setsockopt(zmq.SUBSCRIBE, spec.topic.encode())
         self.monitor = self.socket.get_monitor_socket(_MONITOR_EVENTS)
+        self.replay = (
+            ReplayRecovery(stream, context, spec.replay) if spec.replay is not None else None
+        )
         self._log = log.getChild(spec.name)
 
     @property
@@ -71,13 +75,17 @@ class SubscriberSource:
         """Read what is waiting (up to MAX_DRAIN messages), then flush one batch."""
         arrival = time.time()
         received = 0
+        replay = self.replay
         while received < MAX_DRAIN:
             try:
                 frames = self.socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 break
             received += 1
-            self.stream.handle(frames, arrival)
+            if replay is not None and replay.active:
+                replay.hold(frames, arrival)  # applied after the recovered batches
+            else:
+                self.stream.handle(frames, arrival)
         if received:
             self.stream.flush()
         return received
@@ -104,6 +112,8 @@ class SubscriberSource:
                 stats.connections = 0
 
     def close(self) -> None:
+        if self.replay is not None:
+            self.replay.close()
         self.socket.disable_monitor()
         self.monitor.close(linger=0)
         self.socket.close(linger=0)
@@ -117,22 +127,25 @@ class IngestLoop:
     ) -> None:
         self._on_tick = on_tick
         self._poller = zmq.Poller()
-        self._by_socket: dict[Any, tuple[SubscriberSource, bool]] = {}
+        self._sources = sources
+        self._handlers: dict[Any, Callable[[], object]] = {}
         for source in sources:
-            self._poller.register(source.socket, zmq.POLLIN)
-            self._poller.register(source.monitor, zmq.POLLIN)
-            self._by_socket[source.socket] = (source, True)
-            self._by_socket[source.monitor] = (source, False)
+            self._handlers[source.socket] = source.drain
+            self._handlers[source.monitor] = source.handle_monitor
+            if source.replay is not None:
+                self._handlers[source.replay.socket] = source.replay.read_answers
+        for sock in self._handlers:
+            self._poller.register(sock, zmq.POLLIN)
 
     def run(self, stop: threading.Event) -> None:
         next_tick = time.monotonic() + TICK_SECONDS
         while not stop.is_set():
             for sock, _ in self._poller.poll(POLL_MS):
-                source, is_data = self._by_socket[sock]
-                if is_data:
-                    source.drain()
-                else:
-                    source.handle_monitor()
+                self._handlers[sock]()
+            now = time.monotonic()
+            for source in self._sources:
+                if source.replay is not None:
+                    source.replay.check_timeout(now)
             if self._on_tick is not None and time.monotonic() >= next_tick:
                 next_tick = time.monotonic() + TICK_SECONDS
                 self._on_tick(time.time())
