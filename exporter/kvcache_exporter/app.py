@@ -111,7 +111,9 @@ class Exporter:
             summary=self.summary,
             export=self.export,
         )
-        self.http = MetricsHTTPServer(parse_listen_address(self.config.listen_address), routes)
+        self.http = MetricsHTTPServer(
+            parse_listen_address(self.config.listen_address), routes, self.config.web
+        )
         self.http.start()
         loop = IngestLoop([engine.source for engine in self.engines], on_tick=self._tick)
         self._ingest = threading.Thread(target=loop.run, args=(self._stop,), name="ingest")

@@ -23,6 +23,7 @@ from .analysis.monitor import MonitorConfig
 from .collector import CollectorConfig
 from .collector.histogram import ACCESS_COUNT_BUCKETS, RESIDENCY_BUCKETS, validate_buckets
 from .sinks.http import parse_listen_address
+from .sinks.webconfig import WebConfig, WebConfigError, load_web_config
 from .sources.spec import SourceSpec, SourceSpecError
 
 ENV_PREFIX: Final = "KVCACHE_EXPORTER_"
@@ -63,6 +64,7 @@ class ExporterConfig:
     listen_address: str = ":9477"
     telemetry_path: str = "/metrics"
     web_config_file: str | None = None
+    web: WebConfig | None = None
     otlp: OTLPConfig | None = None  # None: OTLP export is off
     collector: CollectorConfig = field(default_factory=CollectorConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
@@ -343,16 +345,19 @@ def load(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Expor
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ConfigError(f"{where}: source name {duplicates[0]!r} given twice")
+    web_config = None
     if values["web.config.file"] is not None:
-        raise ConfigError(
-            "--web.config.file: TLS and basic auth are not available in this version yet"
-        )
+        try:
+            web_config = load_web_config(values["web.config.file"])
+        except WebConfigError as exc:
+            raise ConfigError(f"--web.config.file {values['web.config.file']}: {exc}") from None
 
     return ExporterConfig(
         sources=sources,
         listen_address=values["web.listen-address"],
         telemetry_path=values["web.telemetry-path"],
         web_config_file=values["web.config.file"],
+        web=web_config,
         otlp=_otlp(values, env),
         collector=CollectorConfig(
             sample_ratio=values["collector.sample-ratio"],

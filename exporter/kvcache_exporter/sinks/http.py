@@ -6,6 +6,7 @@ import gzip
 import json
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -16,10 +17,12 @@ from typing import Any, Final
 from urllib.parse import parse_qs
 
 from .. import __version__
+from .webconfig import WebConfig
 
 log = logging.getLogger("kvcache_exporter.http")
 
-MAX_REQUEST_LINE: Final = 8192
+REQUEST_TIMEOUT: Final = 30.0
+TLS_HANDSHAKE_TIMEOUT: Final = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +67,7 @@ def _landing(telemetry_path: str) -> bytes:
 class _Handler(BaseHTTPRequestHandler):
     server: MetricsHTTPServer
     protocol_version = "HTTP/1.1"
+    timeout = REQUEST_TIMEOUT  # a client that stalls mid-request is dropped, not waited on
     # Headers and body go out in separate writes; with Nagle on, a kept-alive connection (how
     # Prometheus scrapes) waits ~40 ms for the delayed ACK on every response.
     disable_nagle_algorithm = True
@@ -89,6 +93,15 @@ class _Handler(BaseHTTPRequestHandler):
         self.do_GET()
 
     def do_GET(self) -> None:
+        auth = self.server.web.basic_auth
+        if auth is not None and not auth.check(self.headers.get("Authorization")):
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Basic realm="kvcache-exporter"')
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Content-Length", "13")
+            self.end_headers()
+            self.wfile.write(b"Unauthorized\n")
+            return
         routes = self.server.routes
         path, _, query = self.path.partition("?")
         try:
@@ -131,13 +144,35 @@ class MetricsHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128
 
-    def __init__(self, address: tuple[str, int], routes: Routes) -> None:
+    def __init__(
+        self, address: tuple[str, int], routes: Routes, web: WebConfig | None = None
+    ) -> None:
         host = address[0]
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         super().__init__((host or "0.0.0.0", address[1]), _Handler)
         self.routes = routes
+        self.web = web or WebConfig()
+        self._tls = self.web.tls.context() if self.web.tls is not None else None
         self.last_scrape_seconds = 0.0
         self._thread: threading.Thread | None = None
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """With TLS, the handshake happens here, on the request's own thread, so a slow or
+        hostile client never holds up the accept loop; plain HTTP to a TLS port fails it."""
+        if self._tls is not None:
+            request.settimeout(TLS_HANDSHAKE_TIMEOUT)
+            try:
+                request = self._tls.wrap_socket(request, server_side=True)
+            except (OSError, ssl.SSLError) as exc:
+                log.debug(
+                    "TLS handshake failed", extra={"client": client_address[0], "error": str(exc)}
+                )
+                return
+        super().finish_request(request, client_address)
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self._tls is not None else "http"
 
     @property
     def port(self) -> int:
