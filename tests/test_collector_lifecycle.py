@@ -318,7 +318,7 @@ def test_totals_at_cuts_equal_totals_after_applying_the_pieces() -> None:
     )
     whole = new_pipeline("whole", CollectorConfig())
     pieces = new_pipeline("pieces", CollectorConfig())
-    for ts, message in frames:
+    for _, message in frames:
         whole.stream.decoder.feed(message[2])
         pieces.stream.decoder.feed(message[2])
     batch = whole.stream.decoder.flush()
