@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import zmq
 
 from . import __version__
+from .checkpoint import CheckpointStore, CheckpointWriter, capture, restore
 from .collector import BlockLifecycleCollector
 from .config import ExporterConfig
 from .pipeline import Pipeline, new_pipeline
@@ -58,6 +60,8 @@ class Exporter:
         self._ingest: threading.Thread | None = None
         self.http: MetricsHTTPServer | None = None
         self.otlp: OTLPSink | None = None
+        self._checkpoints: CheckpointWriter | None = None
+        self._next_checkpoint = 0.0
 
     # --- what the sinks read ---------------------------------------------------------------
     def views(self) -> list[EngineView]:
@@ -87,12 +91,27 @@ class Exporter:
         }
 
     def _tick(self, now: float) -> None:
+        """Once a second on the ingest thread, between bursts (no batch half applied)."""
         for engine in self.engines:
             engine.pipeline.monitor.tick(now, engine.source.stats.last_arrival)
+        if self._checkpoints is not None and now >= self._next_checkpoint:
+            replaying = any(
+                e.source.replay is not None and e.source.replay.active for e in self.engines
+            )
+            if not replaying:  # held messages would be neither in it nor after its seq
+                self._next_checkpoint = now + self.config.storage_interval
+                self._checkpoints.submit(capture([e.pipeline for e in self.engines]))
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
         """Open every source and the HTTP server; raises OSError/ZMQError if one cannot."""
+        if self.config.storage_path is not None:
+            store = CheckpointStore(self.config.storage_path)
+            checkpoint = store.load()
+            if checkpoint is not None:
+                restore([e.pipeline for e in self.engines], checkpoint, store)
+            self._checkpoints = CheckpointWriter(store)
+            self._next_checkpoint = time.time() + self.config.storage_interval
         if self.config.otlp is not None:
             # Imported here: the OpenTelemetry SDK costs nothing when OTLP is off. Built first,
             # so that an unusable OTLP setting fails before any socket opens.
@@ -136,6 +155,13 @@ class Exporter:
         self._stop.set()
         if self._ingest is not None:
             self._ingest.join(timeout=2.0)
+        if self._checkpoints is not None:
+            # Ingestion has stopped: the state is whole. With no replay in flight it is final.
+            replaying = any(
+                e.source.replay is not None and e.source.replay.active for e in self.engines
+            )
+            final = None if replaying else capture([e.pipeline for e in self.engines])
+            self._checkpoints.close(final)
         if self.otlp is not None:
             # After ingestion stopped, before any socket closes: the last numbers go out.
             self.otlp.stop()

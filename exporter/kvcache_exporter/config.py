@@ -20,6 +20,7 @@ import yaml
 
 from . import __version__
 from .analysis.monitor import MonitorConfig
+from .checkpoint import CheckpointStore
 from .collector import CollectorConfig
 from .collector.histogram import ACCESS_COUNT_BUCKETS, RESIDENCY_BUCKETS, validate_buckets
 from .sinks.http import parse_listen_address
@@ -69,6 +70,8 @@ class ExporterConfig:
     collector: CollectorConfig = field(default_factory=CollectorConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     receive_hwm: int = 200_000
+    storage_path: str | None = None
+    storage_interval: float = 30.0
     log_level: str = "info"
     log_format: str = "logfmt"
 
@@ -223,6 +226,10 @@ OPTIONS: Final = (
             "bucket bounds for accesses-before-evict", "B1,B2,..."),
     _Option("--source.receive-hwm", _positive_int, 200_000,
             "ZeroMQ receive high-water mark per source, in messages", "N"),
+    _Option("--storage.path", _identity, None,
+            "folder for periodic checkpoints; restarts continue from them (off when unset)",
+            "DIR"),
+    _Option("--storage.interval", _seconds, 30.0, "seconds between checkpoints", "SECONDS"),
     _Option("--log.level", _choice(LOG_LEVELS), "info", "debug, info, warn or error", "LEVEL"),
     _Option("--log.format", _choice(LOG_FORMATS), "logfmt", "logfmt or json", "FORMAT"),
 )  # fmt: skip
@@ -345,6 +352,12 @@ def load(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Expor
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ConfigError(f"{where}: source name {duplicates[0]!r} given twice")
+    storage_path = values["storage.path"]
+    if storage_path is not None:
+        try:
+            CheckpointStore(storage_path).check_writable()
+        except OSError as exc:
+            raise ConfigError(f"--storage.path {storage_path}: {exc.strerror or exc}") from None
     web_config = None
     if values["web.config.file"] is not None:
         try:
@@ -367,6 +380,8 @@ def load(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Expor
             access_buckets=values["collector.access-buckets"],
         ),
         receive_hwm=values["source.receive-hwm"],
+        storage_path=storage_path,
+        storage_interval=values["storage.interval"],
         log_level=values["log.level"],
         log_format=values["log.format"],
     )

@@ -654,6 +654,104 @@ class BlockLifecycleCollector:
         self.tracked = 0
         self._ghost(slots, t, position)
 
+    # --- checkpoints -----------------------------------------------------------------------
+    def state(self) -> dict[str, npt.NDArray[Any]]:
+        """Everything needed to continue after a restart, as plain arrays (copies)."""
+        with self.lock:
+            table = self.table
+            live = np.flatnonzero((table.state == RESIDENT) | (table.state == GHOST))
+            ghosts = list(self._ghosts)
+            records = self.evictions.records()
+            arrays: dict[str, npt.NDArray[Any]] = {
+                "table.key": table.key[live],
+                "table.medium": table.medium[live],
+                "table.state": table.state[live],
+                "table.t_store": table.t_store[live],
+                "table.t_access": table.t_access[live],
+                "table.accesses": table.accesses[live],
+                "table.depth": table.depth[live],
+                "stored": self.stored.copy(),
+                "accessed": self.accessed.copy(),
+                "restores": self.restores.copy(),
+                "resident": self.resident.copy(),
+                "removed": self.removed.copy(),
+                "scalars": np.array(
+                    [
+                        self.unknown_removals,
+                        self.unknown_accesses,
+                        self.untracked_stores,
+                        self.clears,
+                        self.tracked,
+                    ],
+                    np.int64,
+                ),
+                "ghosts.key": np.concatenate([g[0] for g in ghosts] or [np.zeros(0, np.uint64)]),
+                "ghosts.medium": np.concatenate([g[1] for g in ghosts] or [np.zeros(0, np.uint8)]),
+                "ghosts.ts": np.concatenate([g[2] for g in ghosts] or [np.zeros(0)]),
+            }
+            for name, hist in self._all_histograms().items():
+                arrays[f"hist.{name}.counts"] = hist.counts.copy()
+                arrays[f"hist.{name}.sums"] = hist.sums.copy()
+            for name in records.__dataclass_fields__:
+                arrays[f"evictions.{name}"] = getattr(records, name)
+            return arrays
+
+    def load_state(self, arrays: dict[str, npt.NDArray[Any]]) -> None:
+        """Continue from :meth:`state` (raises ValueError when the shapes do not fit)."""
+        with self.lock:
+            self._reset_state()
+            for name, hist in self._all_histograms().items():
+                counts, sums = arrays[f"hist.{name}.counts"], arrays[f"hist.{name}.sums"]
+                if counts.shape != hist.counts.shape or sums.shape != hist.sums.shape:
+                    raise ValueError(f"histogram {name}: buckets changed since the checkpoint")
+                hist.counts[:] = counts
+                hist.sums[:] = sums
+            for name in ("stored", "accessed", "restores", "resident", "removed"):
+                target = getattr(self, name)
+                if arrays[name].shape != target.shape:
+                    raise ValueError(f"{name}: shape changed since the checkpoint")
+                target[:] = arrays[name]
+            (
+                self.unknown_removals,
+                self.unknown_accesses,
+                self.untracked_stores,
+                self.clears,
+                self.tracked,
+            ) = (int(v) for v in arrays["scalars"])
+            keys, media, states = arrays["table.key"], arrays["table.medium"], arrays["table.state"]
+            table = self.table
+            table.reserve(int(keys.shape[0]))
+            for state in (RESIDENT, GHOST):
+                rows = np.flatnonzero(states == state)
+                slots = table.insert(keys[rows], media[rows], state)
+                table.t_store[slots] = arrays["table.t_store"][rows]
+                table.t_access[slots] = arrays["table.t_access"][rows]
+                table.accesses[slots] = arrays["table.accesses"][rows]
+                table.depth[slots] = arrays["table.depth"][rows]
+            ghost_keys = arrays["ghosts.key"]
+            if ghost_keys.size:
+                self._ghosts.append((ghost_keys, arrays["ghosts.medium"], arrays["ghosts.ts"]))
+                self._ghost_count = int(ghost_keys.size)
+            evictions = {
+                name.removeprefix("evictions."): values
+                for name, values in arrays.items()
+                if name.startswith("evictions.")
+            }
+            if evictions and evictions["block_hash"].size:
+                self.evictions.append(**evictions)
+
+    def reset(self) -> None:
+        """Forget everything (counters included)."""
+        with self.lock:
+            self._reset_state()
+
+    def _all_histograms(self) -> dict[str, HistogramSet]:
+        return {
+            **self.hist,
+            "accesses_before_evict": self.accesses_before_evict,
+            "prefix_depth": self.prefix_depth,
+        }
+
     # --- reading ---------------------------------------------------------------------------
     def resident_profile(self) -> ResidentProfile:
         """Access counts, prefix depths and media of the resident tracked blocks (a copy)."""

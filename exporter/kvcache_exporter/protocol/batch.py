@@ -73,6 +73,16 @@ class LabelTable:
             self._ids[value] = label_id
         return label_id
 
+    def restore(self, names: list[str]) -> None:
+        """Take back the names a checkpoint recorded, keeping their ids (ValueError if this
+        table already gave some id to another name)."""
+        for label_id, name in enumerate(names):
+            if label_id < len(self.names):
+                if self.names[label_id] != name:
+                    raise ValueError(f"label {label_id} is {self.names[label_id]!r}, not {name!r}")
+            elif label_id >= self.capacity or self._intern(name) != label_id:
+                raise ValueError(f"label {name!r} cannot keep id {label_id}")
+
     def ids_of(self, values: list[object]) -> list[int]:
         """Ids for many values; one dict lookup each, interning only what is new."""
         get = self._ids.get

@@ -77,6 +77,8 @@ class EventStream:
         self._on_batch = on_batch
         self._on_restart = on_restart
         self.on_gap: GapHandler | None = None  # set by a source that can replay
+        self._fed_through: int | None = None  # seq of the last message given to the decoder
+        self.applied_through: int | None = None  # ... and of the last one the collector has
         self._unflushed_messages = 0
         self._log = log.getChild(name)
 
@@ -125,6 +127,7 @@ class EventStream:
         self._feed(message)
 
     def _feed(self, message: Message) -> None:
+        self._fed_through = message.seq
         try:
             self.decoder.feed(message.payload)
         except DecodeError as exc:
@@ -134,6 +137,11 @@ class EventStream:
         self.stats.last_event_ts = self.decoder.last_ts
         if self.decoder.pending_events >= FLUSH_EVENTS:
             self.flush()
+
+    def resume_at(self, next_seq: int) -> None:
+        """Continue a checkpointed stream: ``next_seq`` is the first batch not applied yet."""
+        self.sequence.expected = next_seq
+        self._fed_through = self.applied_through = next_seq - 1
 
     def count_received(self, arrival: float) -> None:
         """A live message the replay client holds back: received now, applied later."""
@@ -182,6 +190,7 @@ class EventStream:
         batch = self.decoder.flush()
         if len(batch):
             self._on_batch(batch)
+        self.applied_through = self._fed_through
         self.stats.messages += self._unflushed_messages
         self._unflushed_messages = 0
 

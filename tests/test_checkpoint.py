@@ -1,0 +1,109 @@
+"""Checkpoints: what is written reads back into the same numbers; bad files are set aside."""
+
+from __future__ import annotations
+
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+
+from kvcache_exporter.checkpoint import CheckpointStore, capture, restore
+from kvcache_exporter.collector import CollectorConfig
+from kvcache_exporter.engine import PrefixCacheSimulator, bundled_trace_path, read_mooncake
+from kvcache_exporter.offline import simulate_frames
+from kvcache_exporter.pipeline import Pipeline, new_pipeline
+
+FRAMES = list(
+    simulate_frames(
+        islice(read_mooncake(bundled_trace_path()), 600),
+        PrefixCacheSimulator(2000, 500, report_hits=True),
+    )
+)
+
+
+def fed(name: str, frames: list[tuple[float, list[bytes]]]) -> Pipeline:
+    pipeline = new_pipeline(name, CollectorConfig())
+    for ts, message in frames:
+        pipeline.stream.handle(message, ts)
+    pipeline.stream.flush()
+    return pipeline
+
+
+def numbers(pipeline: Pipeline) -> list[object]:
+    snap = pipeline.collector.snapshot()
+    stats = pipeline.stream.stats
+    return [
+        snap.media, snap.reasons, snap.stored.tolist(), snap.removed.tolist(),
+        snap.accessed.tolist(), snap.restores.tolist(), snap.resident.tolist(), snap.tracked,
+        # Sums are float totals accumulated batch by batch: equal up to summation order.
+        [(h.counts.tolist(), np.round(h.sums, 6).tolist()) for h in snap.histograms.values()],
+        stats.messages, stats.sequence_gaps, dict(pipeline.stream.decoder.stats.events),
+        pipeline.stream.decoder.stats.tokens_stored,
+    ]  # fmt: skip
+
+
+def test_a_restored_engine_continues_exactly_where_it_stopped(tmp_path: Path) -> None:
+    """Half the stream, a checkpoint, a fresh pipeline restored from it, the other half: the
+    numbers equal those of one pipeline that saw the whole stream (restores of blocks removed
+    before the checkpoint included, so the remembered removals came back too)."""
+    half = len(FRAMES) // 2
+    first = fed("vllm", FRAMES[:half])
+    store = CheckpointStore(tmp_path)
+    store.save(capture([first]))
+    assert first.stream.applied_through == half - 1
+
+    resumed = new_pipeline("vllm", CollectorConfig())
+    checkpoint = store.load()
+    assert checkpoint is not None
+    restore([resumed], checkpoint, store)
+    for ts, message in FRAMES[half:]:
+        resumed.stream.handle(message, ts)
+    resumed.stream.flush()
+
+    whole = fed("vllm", FRAMES)
+    assert numbers(resumed) == numbers(whole)
+    assert resumed.stream.stats.sequence_gaps == 0  # it knew where it was
+    got = resumed.collector.eviction_records()
+    want = whole.collector.eviction_records()
+    assert np.array_equal(got.block_hash, want.block_hash)
+
+
+def test_the_sequence_continues_so_a_gap_since_the_checkpoint_is_seen(tmp_path: Path) -> None:
+    first = fed("vllm", FRAMES[:100])
+    store = CheckpointStore(tmp_path)
+    store.save(capture([first]))
+    resumed = new_pipeline("vllm", CollectorConfig())
+    checkpoint = store.load()
+    assert checkpoint is not None
+    restore([resumed], checkpoint, store)
+    for ts, message in FRAMES[150:160]:  # 100..149 never arrive
+        resumed.stream.handle(message, ts)
+    resumed.stream.flush()
+    assert resumed.stream.stats.sequence_gaps == 1
+    assert resumed.stream.stats.batches_lost == 50
+
+
+def test_corrupt_checkpoint_is_set_aside_not_fatal(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    store.path.write_bytes(b"not a zip file")
+    assert store.load() is None
+    assert not store.path.exists()
+    assert len(list(tmp_path.glob("checkpoint.npz.bad-*"))) == 1
+
+
+def test_checkpoint_from_another_configuration_is_set_aside(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    store.save(capture([fed("vllm", FRAMES[:50])]))
+    other = new_pipeline("vllm", CollectorConfig(sample_ratio=0.5))
+    checkpoint = store.load()
+    assert checkpoint is not None
+    restore([other], checkpoint, store)
+    assert int(other.collector.snapshot().stored.sum()) == 0
+    assert len(list(tmp_path.glob("checkpoint.npz.bad-*"))) == 1
+
+
+def test_save_is_atomic_and_leaves_no_temporary_files(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    for _ in range(3):
+        store.save(capture([fed("vllm", FRAMES[:20])]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.npz"]
