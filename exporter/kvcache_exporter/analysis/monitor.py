@@ -89,7 +89,7 @@ class EngineMonitor:
         if not ts.size:
             return result
         if self._next_point is None:
-            self._next_point = (math.floor(float(ts[0]) / interval) + 1) * interval
+            self._next_point = _grid_after(float(ts[0]), interval)
         start = 0
         while True:
             later = np.flatnonzero(ts[start:] >= self._next_point)
@@ -97,7 +97,7 @@ class EngineMonitor:
                 return result
             row = start + int(later[0])
             result.append((row, self._next_point))
-            self._next_point = (math.floor(float(ts[row]) / interval) + 1) * interval
+            self._next_point = _grid_after(float(ts[row]), interval)
             start = row
 
     def sample(self, grid_ts: float, totals: CollectorTotals) -> None:
@@ -153,3 +153,11 @@ class EngineMonitor:
             self._trends = TrendDetector(self.config.trend)
             self._next_point = None
             self._recent = []
+
+
+def _grid_after(ts: float, interval: float) -> float:
+    """The first grid time strictly after ``ts``. At magnitudes where adding an interval is
+    lost to rounding (a garbage timestamp of 1e20), the next float up, so sampling always
+    moves forward."""
+    candidate = (math.floor(ts / interval) + 1) * interval
+    return candidate if candidate > ts else math.nextafter(ts, math.inf)
