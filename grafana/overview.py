@@ -1,0 +1,462 @@
+"""The *KV cache overview* dashboard: is the prefix cache working, and what is it costing?
+
+Rates are computed in the panel (``$__rate_interval`` follows the zoom); ratios and quantiles
+come from the recording rules in ``deploy/prometheus/prometheus_rules.yaml`` (5-minute windows),
+which must be loaded in the Prometheus the dashboard reads.
+"""
+
+from __future__ import annotations
+
+from grafana_foundation_sdk.builders import dashboard as dash
+from grafana_foundation_sdk.models import dashboard as model
+
+from .panels import (
+    BLOCKS,
+    BLOCKS_PER_S,
+    ENGINE,
+    GREEN,
+    MEDIUM,
+    ORANGE,
+    RATIO,
+    RED,
+    SECONDS,
+    TAGS,
+    Query,
+    alerts_annotation,
+    bargauge_panel,
+    dashboard_links,
+    datasource_variable,
+    engine_variable,
+    heatmap_panel,
+    instance_variable,
+    job_variable,
+    medium_variable,
+    number_panels,
+    row,
+    stat_panel,
+    state_timeline_panel,
+    timeseries_panel,
+)
+
+UID = "kvcache-overview"
+TITLE = "KV cache overview"
+
+RESTORE_RATIO = "engine_medium:kvcache_block_restore_ratio:ratio_rate5m"
+HIT_RATIO = "engine_medium:kvcache_block_hit_ratio:ratio_rate5m"
+PER_SERIES = "{{engine}} {{medium}} {{instance}}"
+
+# Restore ratio levels of the KVCacheThrashing alert (warning, critical).
+THRASH = ((None, GREEN), (0.3, ORANGE), (0.6, RED))
+
+
+def quantile(histogram: str, q: str) -> str:
+    """A recorded quantile of a lifecycle histogram, for the selected series."""
+    return f'engine_medium:{histogram}:histogram_quantile5m{{{MEDIUM}, quantile="{q}"}}'
+
+
+def quantile_queries(histogram: str) -> list[Query]:
+    return [
+        Query(quantile(histogram, q), f"p{label} {PER_SERIES}")
+        for q, label in (("0.5", "50"), ("0.9", "90"), ("0.99", "99"))
+    ]
+
+
+def bucket_heatmap(histogram: str) -> Query:
+    """Observations per second in each bucket, summed over the selected series."""
+    return Query(
+        f"sum by (le) (rate({histogram}_bucket{{{MEDIUM}}}[$__rate_interval]))",
+        "{{le}}",
+        heatmap=True,
+    )
+
+
+LIFECYCLE: list[tuple[str, str, str, str]] = [
+    (
+        "Block lifetime",
+        "kvcache_block_lifetime_seconds",
+        "How long blocks stay in the cache, from store to removal, for blocks removed in the "
+        "last 5 minutes (tracked blocks only; see the sample ratio on Exporter health).",
+        "A lifetime shorter than the time between a user's turns (seconds to minutes for chat, "
+        "often longer for agents) means follow-up requests find their prefix evicted. If it "
+        "shrinks while traffic does not grow, the cache lost memory; if it shrinks with "
+        "traffic, the working set outgrew the cache: give the engine more KV memory "
+        "(gpu-memory-utilization, smaller max-model-len or max-num-seqs), add a CPU offload "
+        "tier, or route sessions to the replica that holds their prefix.",
+    ),
+    (
+        "Idle before evict",
+        "kvcache_block_idle_before_evict_seconds",
+        "Time between a block's last use (access, or its store) and its removal: how long the "
+        "LRU kept it after anyone needed it.",
+        "Near zero: blocks are evicted as soon as they stop being used, the cache has no slack "
+        "and any reuse arriving a little later misses. Long idle times with a high restore "
+        "ratio point at the eviction order (large one-off prompts pushing out hot prefixes) "
+        "rather than at the size.",
+    ),
+    (
+        "Reuse gap",
+        "kvcache_block_reuse_gap_seconds",
+        "Time between consecutive uses of a resident block (its store counts as the first "
+        "use): how far apart the requests that share a prefix arrive. Needs an engine that "
+        "reports hits (BlockAccessed, or re-announced stores).",
+        "Compare with the lifetime: a p90 reuse gap close to or above the median lifetime means "
+        "many reuses arrive just as their blocks are being evicted, so a modestly larger "
+        "cache (or an offload tier) would turn them into hits.",
+    ),
+    (
+        "Restore gap",
+        "kvcache_block_restore_gap_seconds",
+        "Time from a block's removal to its store again: how soon the cache needed what it "
+        "evicted. Only blocks that came back are observed.",
+        "Short restore gaps (seconds) are the costliest misses: the block was needed again "
+        "almost at once. Keeping blocks that much longer takes the memory of (restore rate x "
+        "restore gap) more blocks; an offload tier is the cheap way to get it.",
+    ),
+]
+
+
+def overview() -> model.Dashboard:
+    """The dashboard model."""
+    builder = (
+        dash.Dashboard(TITLE)
+        .uid(UID)
+        .description(
+            "Is the prefix cache of my LLM engines working, and what is it costing? "
+            "Residency, churn, recomputation, hit rate and block lifecycles from "
+            "kvcache-exporter. Needs the recording rules of deploy/prometheus."
+        )
+        .tags(TAGS)
+        .editable()
+        .tooltip(model.DashboardCursorSync.CROSSHAIR)
+        .time("now-1h", "now")
+        .refresh("30s")
+        .timezone("browser")
+        .link(dashboard_links())
+        .annotation(alerts_annotation())
+        .with_variable(datasource_variable())
+        .with_variable(job_variable())
+        .with_variable(instance_variable())
+        .with_variable(engine_variable())
+        .with_variable(medium_variable())
+    )
+
+    # --- the five-minute answer --------------------------------------------------------------
+    builder = (
+        builder.with_row(row("Is the prefix cache working?"))
+        .with_panel(
+            stat_panel(
+                "Resident blocks",
+                "Blocks resident in the KV cache now, summed over the selected engines, per "
+                "medium. Under load an LRU cache is full, so this sits at capacity. Well below "
+                "capacity under load: the engine has less KV memory than configured (preemption, "
+                "a restart with other settings); a drop to zero is a cache reset or an engine "
+                "restart (see Exporter health).",
+                BLOCKS,
+                [Query(f"sum by (medium) (kvcache_resident_blocks{{{MEDIUM}}})", "{{medium}}")],
+                graph=True,
+            )
+        )
+        .with_panel(
+            stat_panel(
+                "Hit rate (lowest)",
+                "Hits / (hits + stores) over 5 minutes, the lowest of the selected engines, per "
+                "medium. On GPU it is the prefix-cache block hit rate. Only engines that report "
+                "hits have one (native BlockAccessed events, or vLLM's re-announced stores with "
+                "kv_cache_report_mode full); without them use the restore ratio. A low hit rate "
+                "with a low restore ratio is a workload without shared prefixes, not a cache "
+                "problem; with a high restore ratio the cache is too small.",
+                RATIO,
+                [Query(f"min by (medium) ({HIT_RATIO}{{{MEDIUM}}})", "{{medium}}")],
+                thresholds=((None, ORANGE), (0.2, GREEN)),
+                no_value="no hit reports",
+            )
+        )
+        .with_panel(
+            stat_panel(
+                "Restore ratio (highest)",
+                "Restores / stores over 5 minutes, the highest of the selected engines, per "
+                "medium: the share of stored blocks that the cache had held and evicted before, "
+                "i.e. prefill recomputed (or reloaded from an offload tier). Orange at 30% and "
+                "red at 60%, the KVCacheThrashing levels: see docs/runbooks.md#kvcachethrashing.",
+                RATIO,
+                [Query(f"max by (medium) ({RESTORE_RATIO}{{{MEDIUM}}})", "{{medium}}")],
+                thresholds=THRASH,
+                no_value="no stores",
+            )
+        )
+        .with_panel(
+            stat_panel(
+                "Restores per second",
+                "Blocks stored again after they had been evicted, per second, summed over the "
+                "selected engines: the recomputation a larger cache would have saved, in "
+                "blocks (multiply by the engine's block size for tokens). Zero is ideal; a "
+                "steady rate is the cost the panels below help to explain.",
+                BLOCKS_PER_S,
+                [
+                    Query(
+                        "sum by (medium) "
+                        f"(rate(kvcache_block_restores_total{{{MEDIUM}}}[$__rate_interval]))",
+                        "{{medium}}",
+                    )
+                ],
+            )
+        )
+        .with_panel(
+            stat_panel(
+                "Median block lifetime (shortest)",
+                "Median time from store to removal over 5 minutes, the shortest of the "
+                "selected engines, per medium. Compare with how long your users take between "
+                "turns: blocks that die sooner cannot be reused. A sudden fall is "
+                "KVCacheResidencyCollapse (docs/runbooks.md#kvcacheresidencycollapse).",
+                SECONDS,
+                [
+                    Query(
+                        f"min by (medium) ({quantile('kvcache_block_lifetime_seconds', '0.5')})",
+                        "{{medium}}",
+                    )
+                ],
+                no_value="no evictions",
+            )
+        )
+        .with_panel(
+            stat_panel(
+                "Evicted without a hit",
+                "Share of the blocks removed in the time range that were never used after "
+                "their store (accesses before evict = 0). Needs hit reports. High values mean "
+                "most cached blocks are dead weight: unique prompts, or a cache too small for "
+                "reuse to arrive in time (check the reuse gap against the lifetime).",
+                RATIO,
+                [
+                    Query(
+                        "sum by (medium) (increase(kvcache_block_accesses_before_evict_bucket"
+                        f'{{{MEDIUM}, le="0.0"}}[$__range]))\n/\nsum by (medium) (increase('
+                        f"kvcache_block_accesses_before_evict_count{{{MEDIUM}}}[$__range]) > 0)",
+                        "{{medium}}",
+                        instant=True,
+                    )
+                ],
+                thresholds=((None, GREEN), (0.5, ORANGE), (0.9, RED)),
+                no_value="no evictions",
+                graph=False,
+            )
+        )
+    )
+
+    # --- residency and churn ------------------------------------------------------------------
+    builder = (
+        builder.with_row(row("Residency and churn"))
+        .with_panel(
+            timeseries_panel(
+                "Resident blocks by medium and engine",
+                "Blocks resident now, per engine and medium (exact, whatever the sample ratio). "
+                "Flat at capacity under load is a full, healthy LRU cache. Steps down without a "
+                "clear: KV memory was taken away (preemption, engine reconfigured). Drops to "
+                "zero: AllBlocksCleared (reset_prefix_cache) or an engine restart. Growing "
+                "without bound: removals are being lost (check Exporter health for gaps).",
+                BLOCKS,
+                [Query(f"kvcache_resident_blocks{{{MEDIUM}}}", PER_SERIES)],
+            )
+        )
+        .with_panel(
+            timeseries_panel(
+                "Stores, removals and restores",
+                "Blocks per second, per engine and medium: stored (newly computed, or loaded "
+                "from an offload tier), removed by reason (evicted, offloaded, cleared, ...) and "
+                "restored (stored again after an eviction). Stores roughly equal evictions in "
+                "a full cache. Restores close to stores is thrashing; removals with reason "
+                "'cleared' or 'engine_restart' are resets, not pressure.",
+                BLOCKS_PER_S,
+                [
+                    Query(
+                        "sum by (engine, medium) "
+                        f"(rate(kvcache_blocks_stored_total{{{MEDIUM}}}[$__rate_interval]))",
+                        "stored {{engine}} {{medium}}",
+                    ),
+                    Query(
+                        "sum by (engine, medium, reason) "
+                        f"(rate(kvcache_blocks_removed_total{{{MEDIUM}}}[$__rate_interval]))",
+                        "removed ({{reason}}) {{engine}} {{medium}}",
+                    ),
+                    Query(
+                        "sum by (engine, medium) "
+                        f"(rate(kvcache_block_restores_total{{{MEDIUM}}}[$__rate_interval]))",
+                        "restored {{engine}} {{medium}}",
+                    ),
+                ],
+            )
+        )
+        .with_panel(
+            timeseries_panel(
+                "Restore ratio (recomputation)",
+                "Restores / stores over 5 minutes, per engine and medium: the share of stores "
+                "that recomputed (or reloaded) blocks the cache had evicted. Dashed lines: the "
+                "KVCacheThrashing levels (30% warning, 60% critical). Above them, the working "
+                "set does not fit: give the engine more KV memory, add or grow a CPU offload "
+                "tier, or route requests that share a prefix to the same replica. A spike right "
+                "after a cache clear is the cache refilling, not thrashing.",
+                RATIO,
+                [Query(f"{RESTORE_RATIO}{{{MEDIUM}}}", PER_SERIES)],
+                thresholds=THRASH,
+                maximum=1,
+            )
+        )
+        .with_panel(
+            timeseries_panel(
+                "Hit rate",
+                "Hits / (hits + stores) over 5 minutes, per engine and medium, for engines that "
+                "report hits. On GPU this is the block hit rate of the prefix cache; on an "
+                "offload tier, how much of what it holds comes back. Falling hit rate with a "
+                "rising restore ratio: the cache got too small for the traffic. Falling hit "
+                "rate alone: the traffic shares fewer prefixes (new clients, prompts without a "
+                "stable system prefix).",
+                RATIO,
+                [Query(f"{HIT_RATIO}{{{MEDIUM}}}", PER_SERIES)],
+                maximum=1,
+                no_value="no hit reports",
+            )
+        )
+    )
+
+    # --- lifecycle distributions --------------------------------------------------------------
+    builder = builder.with_row(row("Block lifecycle"))
+    for title, histogram, meaning, action in LIFECYCLE:
+        builder = builder.with_panel(
+            timeseries_panel(
+                f"{title} p50 / p90 / p99",
+                f"{meaning} Quantiles over 5 minutes per engine and medium (recording rules). "
+                f"{action}",
+                SECONDS,
+                quantile_queries(histogram),
+            )
+        ).with_panel(
+            heatmap_panel(
+                f"{title} distribution",
+                f"{meaning} Observations per second in each bucket, summed over the selected "
+                "engines and media (narrow them with the variables). Look for a second mode: "
+                f"two populations of blocks behave differently. {action}",
+                SECONDS,
+                BLOCKS_PER_S,
+                bucket_heatmap(histogram),
+            )
+        )
+    builder = builder.with_panel(
+        timeseries_panel(
+            "Accesses before evict p50 / p90 / p99",
+            "Hits a block got between its store and its removal, quantiles over 5 minutes per "
+            "engine and medium. Needs hit reports. A p90 of 0 means nine in ten blocks were "
+            "never reused: caching them only cost memory. High counts on few blocks are hot "
+            "prefixes (system prompts) - they should never be evicted; if they are (see the "
+            "restore gap), the cache is too small.",
+            "count:accesses",
+            quantile_queries("kvcache_block_accesses_before_evict"),
+        )
+    ).with_panel(
+        bargauge_panel(
+            "Accesses before evict over the time range",
+            "Blocks removed in the time range, by how many hits they got first (bucket upper "
+            "bounds). The 0 bar is blocks never reused; a healthy prefix cache has a long tail "
+            "of blocks with many hits. Needs hit reports.",
+            BLOCKS,
+            [
+                Query(
+                    "sum by (le) (increase(kvcache_block_accesses_before_evict_bucket"
+                    f"{{{MEDIUM}}}[$__range]))",
+                    "{{le}}",
+                    instant=True,
+                    heatmap=True,
+                )
+            ],
+        )
+    )
+
+    # --- alerts -------------------------------------------------------------------------------
+    builder = (
+        builder.with_row(row("Alerts"))
+        .with_panel(
+            state_timeline_panel(
+                "Exporter anomaly alerts",
+                "The exporter's own detectors, on the engine's clock (kvcache_alert_active): "
+                "eviction_storm, thrashing, short_residency, cache_reset, event_loss, "
+                "source_stalled. They react within seconds and hold with hysteresis; the "
+                "Prometheus alerts (next panel) are the ones that page. See docs/metrics.md for "
+                "their thresholds and docs/runbooks.md for what to do.",
+                [
+                    Query(
+                        f"max by (engine, alert, severity) (kvcache_alert_active{{{ENGINE}}})",
+                        "{{engine}} {{alert}} ({{severity}})",
+                    )
+                ],
+                {"1": ("active", RED), "0": ("clear", GREEN)},
+                no_value="no alert active",
+            )
+        )
+        .with_panel(
+            state_timeline_panel(
+                "Prometheus alerts firing",
+                "kvcache-exporter alerting rules (deploy/prometheus) firing in this Prometheus, "
+                "all jobs and engines (an absent exporter has no labels to filter on). Each has "
+                "a runbook: docs/runbooks.md.",
+                [
+                    Query(
+                        "max by (alertname, severity, engine, medium, instance) "
+                        '(ALERTS{alertname=~"KVCache.*", alertstate="firing"})',
+                        "{{alertname}} ({{severity}}) {{engine}} {{medium}} {{instance}}",
+                    )
+                ],
+                {"1": ("firing", RED)},
+                no_value="nothing firing",
+            )
+        )
+        .with_panel(
+            bargauge_panel(
+                "Exporter alerts raised in the time range",
+                "How often each of the exporter's anomaly alerts was raised (or escalated) in "
+                "the time range, per engine (kvcache_alerts_total). Frequent cache_reset means "
+                "someone or something keeps clearing the cache; frequent thrashing or "
+                "eviction_storm, a cache at its limit at peak times.",
+                "count:alerts",
+                [
+                    Query(
+                        "round(sum by (engine, alert, severity) "
+                        f"(increase(kvcache_alerts_total{{{ENGINE}}}[$__range]))) > 0",
+                        "{{engine}} {{alert}} ({{severity}})",
+                        instant=True,
+                    )
+                ],
+                width=24,
+                height=6,
+                no_value="no alert raised",
+            )
+        )
+    )
+
+    # --- trends -------------------------------------------------------------------------------
+    builder = (
+        builder.with_row(row("Trends"))
+        .with_panel(
+            state_timeline_panel(
+                "Trend direction",
+                "The exporter's least-squares trend over its 5-minute window, per engine and "
+                "series (store_rate, eviction_rate, resident_blocks, median_lifetime_seconds, "
+                "restore_ratio): rising, flat (change within 10% of the mean) or falling. "
+                "Rising restore_ratio with falling median_lifetime_seconds is a cache losing the "
+                "fight against its working set - act before KVCacheThrashing fires.",
+                [Query(f"kvcache_trend_direction{{{ENGINE}}}", "{{engine}} {{series}}")],
+                {"-1": ("falling", "blue"), "0": ("flat", GREEN), "1": ("rising", ORANGE)},
+            )
+        )
+        .with_panel(
+            timeseries_panel(
+                "Trend slope",
+                "The slope behind the direction, in each series' unit per second: blocks/s per "
+                "second for store_rate and eviction_rate, blocks per second for "
+                "resident_blocks, seconds per second for median_lifetime_seconds, ratio per "
+                "second for restore_ratio. Multiply by 300 for the change over the window. "
+                "Mixed units: read one series at a time (click its legend).",
+                "short",
+                [Query(f"kvcache_trend_slope{{{ENGINE}}}", "{{engine}} {{series}}")],
+                minimum=None,
+            )
+        )
+    )
+    return number_panels(builder.build())
