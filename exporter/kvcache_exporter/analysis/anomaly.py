@@ -66,7 +66,7 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from .series import AlertLevel, CacheAlert, EnginePoint
+from .series import AlertLevel, CacheAlert, EnginePoint, went_backwards
 
 EVICTION_STORM: Final = "eviction_storm"
 THRASHING: Final = "thrashing"
@@ -388,7 +388,7 @@ class AnomalyDetector:
         reset_cause: str | None = None
         clears_seen = 0
         if last is not None:
-            if _went_backwards(last, point):
+            if went_backwards(last, point):
                 reset_cause = "counters went backwards (engine or collector restart)"
                 self._restart(point)
             elif now < last.ts:
@@ -785,18 +785,3 @@ def _transition(alert: CacheAlert, kind: str) -> CacheAlert:
 def _delta(a: EnginePoint, b: EnginePoint) -> npt.NDArray[np.int64]:
     """Lifetime bucket counts observed between ``b`` and the later ``a``."""
     return a.lifetime_counts.astype(np.int64) - b.lifetime_counts.astype(np.int64)
-
-
-def _went_backwards(last: EnginePoint, point: EnginePoint) -> bool:
-    """Whether ``point`` cannot follow ``last`` in one series of cumulative counters."""
-    if (
-        point.stored < last.stored
-        or point.evicted < last.evicted
-        or point.restores < last.restores
-        or point.clears < last.clears
-        or point.lost_batches < last.lost_batches
-        or point.lifetime_bounds != last.lifetime_bounds
-        or point.lifetime_counts.shape != last.lifetime_counts.shape
-    ):
-        return True
-    return bool(np.any(point.lifetime_counts < last.lifetime_counts))

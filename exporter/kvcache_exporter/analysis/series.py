@@ -63,3 +63,18 @@ class CacheAlert:
             "active": self.active,
             **({"details": self.details} if self.details else {}),
         }
+
+
+def went_backwards(last: EnginePoint, point: EnginePoint) -> bool:
+    """Whether ``point`` cannot follow ``last`` in one series of cumulative counters."""
+    if (
+        point.stored < last.stored
+        or point.evicted < last.evicted
+        or point.restores < last.restores
+        or point.clears < last.clears
+        or point.lost_batches < last.lost_batches
+        or point.lifetime_bounds != last.lifetime_bounds
+        or point.lifetime_counts.shape != last.lifetime_counts.shape
+    ):
+        return True
+    return bool(np.any(point.lifetime_counts < last.lifetime_counts))

@@ -35,7 +35,7 @@ from typing import Any, Final
 import numpy as np
 
 from .anomaly import histogram_quantile
-from .series import EnginePoint
+from .series import EnginePoint, went_backwards
 
 STORE_RATE: Final = "store_rate"
 EVICTION_RATE: Final = "eviction_rate"
@@ -183,13 +183,13 @@ class TrendDetector:
     def observe(self, point: EnginePoint) -> None:
         """Take the next point."""
         last = self._last
-        if last is not None and point.ts == last.ts and not _restarts(last, point):
+        if last is not None and point.ts == last.ts and not went_backwards(last, point):
             # Same step again: undo what the replaced point added and redo it from _prev.
             for name in self._added:
                 self._samples[name].pop()
             self._last = point
             self._added = self._add_step(self._prev, point)
-        elif last is not None and (point.ts < last.ts or _restarts(last, point)):
+        elif last is not None and (point.ts < last.ts or went_backwards(last, point)):
             self.reset()
             self._last = point
             self._added = self._add_step(None, point)
@@ -234,16 +234,3 @@ class TrendDetector:
             self._samples[RESTORE_RATIO].append((mid, (point.restores - prev.restores) / stored))
             added.append(RESTORE_RATIO)
         return added
-
-
-def _restarts(last: EnginePoint, point: EnginePoint) -> bool:
-    """Whether ``point`` cannot continue ``last``'s cumulative series."""
-    if (
-        point.stored < last.stored
-        or point.evicted < last.evicted
-        or point.restores < last.restores
-        or point.lifetime_bounds != last.lifetime_bounds
-        or point.lifetime_counts.shape != last.lifetime_counts.shape
-    ):
-        return True
-    return bool(np.any(point.lifetime_counts < last.lifetime_counts))
