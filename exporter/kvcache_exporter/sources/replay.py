@@ -51,6 +51,9 @@ class ReplayRecovery:
         self.socket.setsockopt(zmq.RCVHWM, 0)  # a whole replay buffer must fit in
         self.socket.connect(endpoint)
         self.active = False
+        # Requests whose end marker has not come back yet. A replay that timed out may still
+        # answer later; its end marker must not end the replay in flight then.
+        self._outstanding = 0
         self._first_missing = 0
         self._startup = False
         self._replayed: dict[int, Message] = {}
@@ -71,6 +74,7 @@ class ReplayRecovery:
             self._log.warning("replay request not sent", extra={"error": str(exc)})
             return False
         self.active = True
+        self._outstanding += 1
         self._first_missing = first_missing
         self._startup = startup
         self._replayed = {}
@@ -106,21 +110,26 @@ class ReplayRecovery:
                 frames = self.socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            if not self.active:
-                continue  # the late tail of a replay that already ended
             try:
                 message = parse_replay(frames)
             except DecodeError as exc:
                 self.stream.stats.add_error(exc.reason)
                 continue
             if message.seq == REPLAY_END:
-                self.finish()
+                self._outstanding = max(0, self._outstanding - 1)
+                if self.active and self._outstanding == 0:
+                    self.finish()  # the end of the replay in flight, not of an older one
+            elif not self.active:
+                continue  # the late tail of a replay that already ended
             elif message.seq >= self._first_missing:
                 self._replayed[message.seq] = message
 
     def check_timeout(self, now: float) -> None:
         if self.active and now >= self._deadline:
             self._log.warning("replay timed out", extra={"timeout_s": self.timeout})
+            # Its end marker is not coming (the engine gave up on a slow reader, or is gone);
+            # waiting for it would make every later replay run into the timeout too.
+            self._outstanding = 0
             self.finish()
 
     def finish(self) -> None:
