@@ -180,7 +180,9 @@ class EventStream:
             if replayed:
                 self.stats.batches_replayed += 1
             self._feed(message)
-        self.sequence.expected = max(self.sequence.expected or 0, present[-1] + 1)
+        # Exactly the next one: the live messages after these (the one that revealed the gap
+        # among them) come through the tracker again, and a hole before them is a new gap.
+        self.sequence.expected = present[-1] + 1
 
     def flush(self) -> None:
         """Hand everything decoded since the last flush on as one batch.
