@@ -315,6 +315,29 @@ def overview() -> model.Dashboard:
                 no_value="no hit reports",
             )
         )
+        .with_panel(
+            timeseries_panel(
+                "Recomputation saved vs cache size",
+                "Share of stores that a cache this many times larger would not have had to "
+                "recompute (what-if model on the eviction order, docs/whatif.md), per engine, "
+                "medium and capacity factor. If 1.5x or 2x already saves a large share, more KV "
+                "memory (or a CPU offload tier of (factor - 1) x the GPU cache, an upper bound "
+                "for it) pays for itself; if even 8x saves little, the traffic does not reuse "
+                "prefixes and memory will not help: look at routing instead.",
+                RATIO,
+                [
+                    Query(
+                        "sum by (engine, medium, capacity_factor) "
+                        "(rate(kvcache_whatif_recomputes_avoided_total"
+                        f"{{{MEDIUM}}}[$__rate_interval])) / ignoring(capacity_factor) "
+                        "group_left sum by (engine, medium) "
+                        f"(rate(kvcache_blocks_stored_total{{{MEDIUM}}}[$__rate_interval]))",
+                        "{{engine}} {{medium}} x{{capacity_factor}}",
+                    )
+                ],
+                maximum=1,
+            )
+        )
     )
 
     # --- lifecycle distributions --------------------------------------------------------------

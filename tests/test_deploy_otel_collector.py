@@ -68,7 +68,7 @@ def test_prometheus_pipeline_renames_every_attribute_back_to_its_label() -> None
     assert scoped and all(s.endswith(f'where metric.name == "{decode_errors}"') for s in scoped)
     for statement in statements:  # the two OTTL shapes used, nothing mistyped
         assert re.fullmatch(
-            r'(set\(attributes\["[a-z]+"\], attributes\["[a-z.]+"\]\)'
-            r'|delete_key\(attributes, "[a-z.]+"\))( where metric\.name == "[a-z._]+")?',
+            r'(set\(attributes\["[a-z_]+"\], attributes\["[a-z._]+"\]\)'
+            r'|delete_key\(attributes, "[a-z._]+"\))( where metric\.name == "[a-z._]+")?',
             statement,
         ), statement

@@ -23,6 +23,7 @@ from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult,
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvcache_exporter import __version__
+from kvcache_exporter.analysis.whatif import DEFAULT_DISTANCE_BUCKETS
 from kvcache_exporter.collector import CollectorConfig
 from kvcache_exporter.config import ConfigError, OTLPConfig, load
 from kvcache_exporter.engine import (
@@ -254,8 +255,16 @@ def test_kinds_units_temporality_and_resource_when_cumulative(fed: Fed) -> None:
             for point in metric.points.values():
                 assert isinstance(point, HistPoint) and not point.has_min_max
                 assert point.count == sum(point.counts)
-                key = next(k for k, fam, _ in HISTOGRAM_FAMILIES if fam == inst.prometheus)
-                assert point.bounds == view.collector.histograms[key].bounds
+                key = next((k for k, fam, _ in HISTOGRAM_FAMILIES if fam == inst.prometheus), None)
+                if key is not None:
+                    assert point.bounds == view.collector.histograms[key].bounds
+                else:  # reuse distances: bounds are multiples of the medium's capacity
+                    assert view.whatif is not None
+                    capacities = {m.capacity for m in view.whatif.media.values()}
+                    assert any(
+                        point.bounds == tuple(b * c for b in DEFAULT_DISTANCE_BUCKETS)
+                        for c in capacities
+                    )
         else:
             assert metric.kind == "sum"
             assert metric.monotonic is (inst.kind is Kind.COUNTER)

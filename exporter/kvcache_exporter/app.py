@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -51,7 +51,8 @@ class Exporter:
         self.context = context or zmq.Context()
         self.engines: list[Engine] = []
         for spec in config.sources:
-            pipeline = new_pipeline(spec.name, config.collector, config.monitor)
+            whatif = replace(config.whatif, capacity=spec.capacity)
+            pipeline = new_pipeline(spec.name, config.collector, config.monitor, whatif)
             source = SubscriberSource(
                 spec, self.context, pipeline.stream, rcvhwm=config.receive_hwm
             )

@@ -20,6 +20,14 @@ import yaml
 
 from . import __version__
 from .analysis.monitor import MonitorConfig
+from .analysis.whatif import (
+    DEFAULT_DISTANCE_BUCKETS,
+    DEFAULT_FACTORS,
+    DEFAULT_MAX_GHOSTS,
+    DEFAULT_SAMPLE_RATIO,
+    WhatIfConfig,
+    validate_factors,
+)
 from .checkpoint import CheckpointStore
 from .collector import CollectorConfig
 from .collector.histogram import ACCESS_COUNT_BUCKETS, RESIDENCY_BUCKETS, validate_buckets
@@ -69,6 +77,7 @@ class ExporterConfig:
     otlp: OTLPConfig | None = None  # None: OTLP export is off
     collector: CollectorConfig = field(default_factory=CollectorConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    whatif: WhatIfConfig = field(default_factory=WhatIfConfig)  # capacities: per source
     receive_hwm: int = 200_000
     storage_path: str | None = None
     storage_interval: float = 30.0
@@ -95,6 +104,24 @@ def _ratio(text: str) -> float:
     if not 0.0 < value <= 1.0:
         raise ValueError(f"must be in (0, 1], got {text}")
     return value
+
+
+def _ratio_or_zero(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"must be in [0, 1] (0 turns it off), got {text}")
+    return value
+
+
+def _factors(text: str) -> tuple[float, ...]:
+    return validate_factors([float(part) for part in text.split(",") if part.strip()])
+
+
+def _multiples(text: str) -> tuple[float, ...]:
+    bounds = _buckets(text)
+    if bounds[0] <= 0:
+        raise ValueError("bounds are multiples of the capacity and must be positive")
+    return bounds
 
 
 def _seconds(text: str) -> float:
@@ -224,6 +251,16 @@ OPTIONS: Final = (
             "bucket bounds in seconds for lifetime/idle/reuse/restore histograms", "B1,B2,..."),
     _Option("--collector.access-buckets", _buckets, ACCESS_COUNT_BUCKETS,
             "bucket bounds for accesses-before-evict", "B1,B2,..."),
+    _Option("--whatif.sample-ratio", _ratio_or_zero, DEFAULT_SAMPLE_RATIO,
+            "fraction of block hashes the cache-size what-if follows, in [0, 1]; 0 turns it "
+            "off", "RATIO"),
+    _Option("--whatif.max-ghosts", _positive_int, DEFAULT_MAX_GHOSTS,
+            "most sampled removed blocks the what-if remembers per engine and medium", "N"),
+    _Option("--whatif.capacity-factors", _factors, DEFAULT_FACTORS,
+            "cache sizes to compare, as multiples of the capacity (those above 1 for "
+            "recomputation avoided; all for the hit-ratio curve)", "F1,F2,..."),
+    _Option("--whatif.distance-buckets", _multiples, DEFAULT_DISTANCE_BUCKETS,
+            "reuse-distance bucket bounds, as multiples of the capacity", "M1,M2,..."),
     _Option("--source.receive-hwm", _positive_int, 200_000,
             "ZeroMQ receive high-water mark per source, in messages", "N"),
     _Option("--storage.path", _identity, None,
@@ -252,7 +289,7 @@ def build_parser(prog: str = "kvcache-exporter") -> argparse.ArgumentParser:
     parser.add_argument(
         "--source",
         action="append",
-        metavar="NAME=ENDPOINT[,replay=EP][,topic=PREFIX][,bind]",
+        metavar="NAME=ENDPOINT[,replay=EP][,topic=PREFIX][,bind][,capacity=N]",
         help=f"an engine's event endpoint (repeatable; default {DEFAULT_SOURCE})",
     )
     parser.add_argument("--config.file", dest="config_file", metavar="FILE", help="YAML config")
@@ -298,6 +335,13 @@ def _file_sources(value: object, path: str) -> list[str]:
                 text += f",topic={item['topic']}"
             if item.get("bind"):
                 text += ",bind"
+            capacity = item.get("capacity")
+            if isinstance(capacity, Mapping):
+                text += "".join(
+                    f",capacity.{medium}={blocks}" for medium, blocks in capacity.items()
+                )
+            elif capacity is not None:
+                text += f",capacity={capacity}"
             texts.append(text)
         else:
             raise ConfigError(
@@ -378,6 +422,12 @@ def load(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Expor
             removed_memory=values["collector.removed-memory"],
             duration_buckets=values["collector.duration-buckets"],
             access_buckets=values["collector.access-buckets"],
+        ),
+        whatif=WhatIfConfig(
+            sample_ratio=values["whatif.sample-ratio"],
+            max_ghosts=values["whatif.max-ghosts"],
+            capacity_factors=values["whatif.capacity-factors"],
+            distance_buckets=values["whatif.distance-buckets"],
         ),
         receive_hwm=values["source.receive-hwm"],
         storage_path=storage_path,

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from .analysis.whatif import WhatIfConfig
 from .collector import CollectorConfig
 from .engine import PrefixCacheSimulator, Request
 from .pipeline import Pipeline, new_pipeline
@@ -27,14 +28,19 @@ FORMATS = ("text", "json", "csv", "prometheus")
 class OfflinePipeline:
     """Per-source collectors fed with recorded or generated frames."""
 
-    def __init__(self, config: CollectorConfig | None = None) -> None:
+    def __init__(
+        self, config: CollectorConfig | None = None, whatif: WhatIfConfig | None = None
+    ) -> None:
         self.config = config or CollectorConfig()
+        self.whatif = whatif or WhatIfConfig()
         self._engines: dict[str, Pipeline] = {}
 
     def feed(self, source: str, message: list[bytes], arrival: float) -> None:
         engine = self._engines.get(source)
         if engine is None:
-            engine = self._engines[source] = new_pipeline(source, self.config)
+            engine = self._engines[source] = new_pipeline(
+                source, self.config, whatif_config=self.whatif
+            )
         engine.stream.handle(message, arrival)
 
     def views(self) -> list[EngineView]:
@@ -46,10 +52,10 @@ class OfflinePipeline:
 
 
 def analyze_recording(
-    path: str | Path, config: CollectorConfig | None = None
+    path: str | Path, config: CollectorConfig | None = None, whatif: WhatIfConfig | None = None
 ) -> tuple[list[EngineView], bool]:
     """Replay a recording through the pipeline; also says whether the file ended in a cut."""
-    pipeline = OfflinePipeline(config)
+    pipeline = OfflinePipeline(config, whatif)
     reader = RecordingReader(path)
     for message in reader:
         pipeline.feed(message.source, message.frames, message.arrival)
@@ -89,8 +95,9 @@ def analyze_trace(
     simulator: PrefixCacheSimulator,
     config: CollectorConfig | None = None,
     name: str = "trace",
+    whatif: WhatIfConfig | None = None,
 ) -> list[EngineView]:
-    pipeline = OfflinePipeline(config)
+    pipeline = OfflinePipeline(config, whatif)
     for ts, message in simulate_frames(requests, simulator):
         pipeline.feed(name, message, ts)
     return pipeline.views()
@@ -112,9 +119,98 @@ def format_views(views: list[EngineView], fmt: str) -> str:
         return buffer.getvalue()
     lines = []
     for engine, medium, metric, value in rows:
+        if metric.startswith("whatif."):
+            continue  # shown as a table below
         where = f"{engine}/{medium}" if medium else engine
         lines.append(f"{where:<16} {metric:<40} {_human(value)}")
+    lines.extend(_whatif_tables(summaries))
     return "\n".join(lines) + "\n"
+
+
+def _whatif_tables(summaries: list[dict[str, Any]]) -> Iterable[str]:
+    """Per engine and medium, what larger (and smaller) caches would have done."""
+    for summary in summaries:
+        for medium, entry in summary["media"].items():
+            whatif = entry.get("whatif")
+            if whatif is None or not whatif["factors"]:
+                continue
+            capacity = whatif["capacity_blocks"]
+            yield ""
+            yield (
+                f"what-if {summary['engine']}/{medium}: capacity "
+                f"{capacity if capacity else 'not known yet'} blocks "
+                f"({whatif['capacity_source']}), sample ratio {whatif['sample_ratio']:g}"
+            )
+            yield f"  {'cache':>7}  {'blocks':>10}  {'recomputation saved':>19}  {'hit ratio':>9}"
+            for factor, row in whatif["factors"].items():
+                blocks = row["capacity_blocks"]
+                yield (
+                    f"  {factor + 'x':>7}  {blocks if blocks else '-':>10}  "
+                    f"{_percent(row.get('recompute_saved_ratio')):>19}  "
+                    f"{_percent(row.get('hit_ratio')):>9}"
+                )
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+class PlotError(Exception):
+    """The chart cannot be drawn (matplotlib missing, or the file cannot be written)."""
+
+
+def plot_whatif(views: list[EngineView], path: str | Path) -> int:
+    """Draw recomputation saved (and, where hits are reported, hit ratio) against cache size
+    for every engine and medium into a PNG; returns the number of curves drawn.
+
+    Needs matplotlib (the ``plot`` extra); raises :class:`PlotError` without it.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only: no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise PlotError("--plot needs matplotlib: pip install 'kvcache-exporter[plot]'") from None
+    figure, axes = plt.subplots(figsize=(8, 5))
+    curves = 0
+    for summary in (summarize(v) for v in views):
+        for medium, entry in summary["media"].items():
+            factors = (entry.get("whatif") or {}).get("factors", {})
+            where = f"{summary['engine']}/{medium}"
+            for key, label, style in (
+                ("recompute_saved_ratio", "recomputation saved", "-"),
+                ("hit_ratio", "hit ratio", "--"),
+            ):
+                points = [
+                    (float(f), row[key]) for f, row in factors.items() if row.get(key) is not None
+                ]
+                if points:
+                    xs, ys = zip(*points, strict=True)
+                    axes.plot(
+                        xs, [100 * y for y in ys], style, marker="o", label=f"{where} {label}"
+                    )
+                    curves += 1
+    axes.set_xscale("log", base=2)
+    ticks = sorted({float(f) for v in views if v.whatif is not None for f in v.whatif.factors})
+    axes.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    axes.minorticks_off()
+    axes.axvline(1.0, color="grey", linewidth=0.8)
+    axes.set_xlabel(
+        "cache size, in multiples k of the capacity C (k also reads as C + a CPU tier of (k-1) C)"
+    )
+    axes.set_ylabel("% of blocks stored (saved) / of references (hit ratio)")
+    axes.set_title("Recomputation saved vs cache size")
+    axes.grid(True, which="both", alpha=0.3)
+    if curves:
+        axes.legend()
+    try:
+        figure.savefig(path, dpi=120)
+    except OSError as exc:
+        raise PlotError(f"--plot {path}: {exc.strerror or exc}") from None
+    finally:
+        plt.close(figure)
+    return curves
 
 
 def _human(value: Any) -> str:

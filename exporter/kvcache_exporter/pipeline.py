@@ -1,4 +1,5 @@
-"""One engine's stages, wired: stream (framing, sequence, decoding) → collector → monitor.
+"""One engine's stages, wired: stream (framing, sequence, decoding) → collector → monitor, and
+the what-if model beside the monitor (fed each batch the collector applied).
 
 The live exporter, ``analyze`` and the in-process library all build engines here, so the
 same frames give the same numbers whichever way they arrive.
@@ -8,10 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 
 from .analysis.monitor import EngineMonitor, MonitorConfig
 from .analysis.patterns import access_patterns
+from .analysis.whatif import WhatIfConfig, WhatIfModel
 from .collector import BlockLifecycleCollector, CollectorConfig
 from .collector.lifecycle import DEFAULT_REASONS, REASON_RESTART
 from .protocol.batch import EventBatch, LabelTable
@@ -29,7 +30,9 @@ class Pipeline:
     stream: EventStream
     monitor: EngineMonitor
     apply: Callable[[EventBatch], None]
-    """Apply a decoded batch: collector, then monitor samples on the engine-clock grid."""
+    """Apply a decoded batch: collector, then monitor samples on the engine-clock grid, then
+    the what-if model."""
+    whatif: WhatIfModel | None = None  # None: --whatif.sample-ratio 0
 
     def view(self, with_patterns: bool = False, hot_threshold: int = 4) -> EngineView:
         """What the sinks read: collector snapshot, stream counters, alerts and trends (and,
@@ -54,6 +57,7 @@ class Pipeline:
             alerts_raised=self.monitor.raised_total(),
             trends=self.monitor.trends(),
             access_patterns=patterns,
+            whatif=self.whatif.snapshot() if self.whatif is not None else None,
         )
 
     def records(self) -> EngineRecords:
@@ -67,26 +71,33 @@ class Pipeline:
 
 
 def new_pipeline(
-    name: str, config: CollectorConfig, monitor_config: MonitorConfig | None = None
+    name: str,
+    config: CollectorConfig,
+    monitor_config: MonitorConfig | None = None,
+    whatif_config: WhatIfConfig | None = None,
 ) -> Pipeline:
-    """An engine's collector, stream and monitor, sharing label tables."""
+    """An engine's collector, stream, monitor and what-if model, sharing label tables."""
     media = LabelTable("unknown")
     reasons = LabelTable("evicted", seed=DEFAULT_REASONS)
     collector = BlockLifecycleCollector(config, media, reasons)
     # The monitor reads the stream's loss counter; the lambda runs only after `stream` exists.
     monitor = EngineMonitor(name, lambda: stream.stats.batches_lost, monitor_config)
+    whatif_config = whatif_config or WhatIfConfig()
+    whatif = WhatIfModel(whatif_config, media) if whatif_config.enabled else None
 
     def apply(batch: EventBatch) -> None:
         cuts = monitor.cuts(batch.ts)
         totals = collector.apply(batch, [row for row, _ in cuts])
         for (_, grid_ts), at_cut in zip(cuts, totals, strict=True):
             monitor.sample(grid_ts, at_cut)
+        if whatif is not None:
+            # Same thread as the collector's writes: its resident counts are this batch's.
+            whatif.apply(batch, collector.resident)
 
-    stream = EventStream(
-        name,
-        on_batch=apply,
-        on_restart=partial(collector.clear, reason=REASON_RESTART),
-        media=media,
-        reasons=reasons,
-    )
-    return Pipeline(name, collector, stream, monitor, apply)
+    def restart(ts: float) -> None:
+        collector.clear(ts, REASON_RESTART)
+        if whatif is not None:
+            whatif.clear()
+
+    stream = EventStream(name, on_batch=apply, on_restart=restart, media=media, reasons=reasons)
+    return Pipeline(name, collector, stream, monitor, apply, whatif)

@@ -201,6 +201,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 "1",
                 "--otlp.timeout",
                 "1",
+                # Every restore feeds the what-if model, so its panel has data at once.
+                "--whatif.sample-ratio",
+                "1",
             ],
             workdir / "exporter.log",
         )

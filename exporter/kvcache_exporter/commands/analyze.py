@@ -3,13 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from .. import logs
+from ..analysis.whatif import (
+    DEFAULT_FACTORS,
+    DEFAULT_SAMPLE_RATIO,
+    WhatIfConfig,
+    parse_capacity,
+    validate_factors,
+)
 from ..collector import CollectorConfig
-from ..offline import FORMATS, analyze_recording, analyze_trace, format_views
+from ..offline import (
+    FORMATS,
+    PlotError,
+    analyze_recording,
+    analyze_trace,
+    format_views,
+    plot_whatif,
+)
 from ..sources.recording import MAGIC, RecordingError
 from .common import (
     OneLineParser,
@@ -31,6 +46,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--sample-ratio", type=float, default=1.0, help="as --collector.sample-ratio"
     )
+    whatif = parser.add_argument_group("cache-size what-if (docs/whatif.md)")
+    whatif.add_argument(
+        "--whatif-sample-ratio",
+        type=float,
+        default=DEFAULT_SAMPLE_RATIO,
+        help=f"as --whatif.sample-ratio (default {DEFAULT_SAMPLE_RATIO:g}, as the live "
+        "exporter; 1 follows every block, exactly)",
+    )
+    whatif.add_argument(
+        "--capacity",
+        action="append",
+        default=[],
+        metavar="[MEDIUM=]BLOCKS",
+        help="the engine's cache size in blocks (every medium, or one); default: observed",
+    )
+    whatif.add_argument(
+        "--capacity-factors",
+        default=",".join(f"{f:g}" for f in DEFAULT_FACTORS),
+        metavar="F1,F2,...",
+        help="as --whatif.capacity-factors",
+    )
+    whatif.add_argument(
+        "--plot",
+        metavar="FILE",
+        help="also draw recomputation saved vs cache size into a PNG (needs matplotlib: "
+        "the 'plot' extra)",
+    )
     parser.add_argument(
         "--trace-file",
         action="store_true",
@@ -47,6 +89,9 @@ def run(argv: Sequence[str]) -> int:
         config = CollectorConfig(sample_ratio=args.sample_ratio)
     except ValueError as exc:
         raise UsageError(f"--sample-ratio: {exc}") from None
+    whatif = _whatif_config(args)
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("--plot needs matplotlib: pip install 'kvcache-exporter[plot]'")
     path = Path(args.file)
     if not path.is_file():
         raise UsageError(f"{path}: no such file")
@@ -56,13 +101,43 @@ def run(argv: Sequence[str]) -> int:
         if not args.trace_file:
             raise UsageError(f"{path}: not a recording (use --trace-file for a Mooncake trace)")
         args.trace = str(path)
-        views = analyze_trace(request_factory(args)(), make_simulator(args), config)
+        views = analyze_trace(request_factory(args)(), make_simulator(args), config, whatif=whatif)
     else:
         try:
-            views, truncated = analyze_recording(path, config)
+            views, truncated = analyze_recording(path, config, whatif)
         except RecordingError as exc:
             raise UsageError(str(exc)) from None
         if truncated:
             print(f"{path}: ends in a cut record; read up to it", file=sys.stderr)
     sys.stdout.write(format_views(views, args.format))
+    if args.plot:
+        try:
+            plot_whatif(views, args.plot)
+        except PlotError as exc:
+            raise UsageError(str(exc)) from None
     return 0
+
+
+def _whatif_config(args: argparse.Namespace) -> WhatIfConfig:
+    """The what-if flags, checked (each bad one a usage error naming it)."""
+    capacity: dict[str, int] = {}
+    for text in args.capacity:
+        medium, sep, blocks = text.rpartition("=")
+        try:
+            key = f"capacity.{medium}" if sep else "capacity"
+            found, value = parse_capacity(key, blocks)
+        except ValueError:
+            raise UsageError(f"--capacity {text}: expected BLOCKS or MEDIUM=BLOCKS") from None
+        capacity[found] = value
+    try:
+        factors = validate_factors([float(f) for f in args.capacity_factors.split(",") if f])
+    except ValueError as exc:
+        raise UsageError(f"--capacity-factors: {exc}") from None
+    try:
+        return WhatIfConfig(
+            sample_ratio=args.whatif_sample_ratio,
+            capacity_factors=factors,
+            capacity=tuple(capacity.items()),
+        )
+    except ValueError as exc:
+        raise UsageError(f"--whatif-sample-ratio: {exc}") from None

@@ -50,9 +50,20 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.sdk.version import __version__ as sdk_version
 
 from .. import __version__
+from ..analysis.whatif import factor_label
 from ..collector.histogram import HistogramSnapshot
 from ..config import OTLPConfig
-from .prometheus import HISTOGRAM_FAMILIES, EngineView, _active_media
+from .prometheus import (
+    HISTOGRAM_FAMILIES,
+    REUSE_DISTANCE_HELP,
+    WHATIF_AVOIDED_HELP,
+    WHATIF_CAPACITY_HELP,
+    WHATIF_HITS_HELP,
+    EngineView,
+    _active_media,
+    collector_bytes,
+    whatif_media,
+)
 
 log = logging.getLogger("kvcache_exporter.otlp")
 
@@ -100,6 +111,7 @@ _ENGINE: Final = ("engine", "kvcache.engine")
 _MEDIUM: Final = ("medium", "kvcache.medium")
 _ALERT: Final = (("alert", "kvcache.alert.name"), ("severity", "kvcache.alert.severity"))
 _TREND: Final = ("series", "kvcache.trend.series")
+_FACTOR: Final = ("capacity_factor", "kvcache.whatif.capacity_factor")
 
 
 def _i(
@@ -153,6 +165,14 @@ CATALOG: Final[tuple[Instrument, ...]] = (
     _i("kvcache_block_prefix_depth", "kvcache.block.prefix_depth", _H, "{block}",
        "Position of a stored block in its prefix chain (1 = first block of a prompt).",
        _MEDIUM),
+    _i("kvcache_block_reuse_distance_blocks", "kvcache.block.reuse_distance_blocks", _H,
+       "{block}", REUSE_DISTANCE_HELP, _MEDIUM),
+    _i("kvcache_whatif_capacity_blocks", "kvcache.whatif.capacity_blocks", _G, "{block}",
+       WHATIF_CAPACITY_HELP, _MEDIUM),
+    _i("kvcache_whatif_recomputes_avoided_total", "kvcache.whatif.recomputes_avoided", _C,
+       "{block}", WHATIF_AVOIDED_HELP, _MEDIUM, _FACTOR),
+    _i("kvcache_whatif_hits_total", "kvcache.whatif.hits", _C, "{block}", WHATIF_HITS_HELP,
+       _MEDIUM, _FACTOR),
     _i("kvcache_alerts_total", "kvcache.alerts", _C, "{alert}",
        "Anomaly alerts raised, by alert and severity.", *_ALERT),
     _i("kvcache_alert_active", "kvcache.alert.active", _G, "{alert}",
@@ -242,12 +262,26 @@ def series(views: Sequence[EngineView], otlp_exports: Mapping[str, int] | None =
     def put(family: str, labels: Labels, value: Value) -> None:
         out[family][labels] = value
 
+    media = {v.name: _active_media(v.collector) for v in views}
+    for hits_reported, whatif, medium_labels, medium in whatif_media(views, media):
+        w: Labels = tuple(medium_labels)
+        if medium.distance is not None:
+            put("kvcache_block_reuse_distance_blocks", w, _histogram(medium.distance, 0))
+        if medium.capacity:
+            put("kvcache_whatif_capacity_blocks", w, int(medium.capacity))
+        for factor, count in zip(whatif.avoided_factors, medium.avoided, strict=True):
+            put("kvcache_whatif_recomputes_avoided_total",
+                (*w, ("capacity_factor", factor_label(factor))), int(count))  # fmt: skip
+        if hits_reported:
+            for factor, count in zip(whatif.factors, medium.hits, strict=True):
+                put("kvcache_whatif_hits_total",
+                    (*w, ("capacity_factor", factor_label(factor))), int(count))  # fmt: skip
     for v in views:
         snap, src = v.collector, v.source
         e: Labels = (("engine", v.name),)
         for kind, count in v.events.items():
             put("kvcache_events_total", (*e, ("type", kind)), int(count))
-        for i in _active_media(snap):
+        for i in media[v.name]:
             m: Labels = (*e, ("medium", snap.media[i]))
             put("kvcache_blocks_stored_total", m, int(snap.stored[i]))
             for r, reason in enumerate(snap.reasons):
@@ -291,7 +325,7 @@ def series(views: Sequence[EngineView], otlp_exports: Mapping[str, int] | None =
         put("kvcache_exporter_unknown_removals_total", e, int(snap.unknown_removals))
         put("kvcache_exporter_unknown_accesses_total", e, int(snap.unknown_accesses))
         put("kvcache_exporter_untracked_stores_total", e, int(snap.untracked_stores))
-        put("kvcache_exporter_collector_bytes", e, int(snap.table_bytes))
+        put("kvcache_exporter_collector_bytes", e, collector_bytes(v))
     if otlp_exports is not None:
         for result in RESULTS:
             put(EXPORTS_FAMILY, (("result", result),), int(otlp_exports.get(result, 0)))

@@ -8,7 +8,7 @@ contiguous as the format requires.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -17,6 +17,7 @@ import numpy as np
 from .. import __version__
 from ..analysis.series import AlertLevel, CacheAlert
 from ..analysis.trends import Trend
+from ..analysis.whatif import MediumWhatIf, WhatIfSnapshot, factor_label
 from ..collector import CollectorSnapshot
 from ..collector.histogram import HistogramSnapshot
 from ..sources.stream import SourceStats
@@ -52,6 +53,23 @@ HISTOGRAM_FAMILIES: Final = (
     ),
 )
 
+REUSE_DISTANCE_HELP: Final = (
+    "Ghost rank of restored blocks: how many more blocks the cache would have needed to keep "
+    "them (sampled, scaled)."
+)
+WHATIF_CAPACITY_HELP: Final = (
+    "Cache capacity the what-if model compares against: configured, or the most blocks seen "
+    "resident around evictions."
+)
+WHATIF_AVOIDED_HELP: Final = (
+    "Restores (recomputation) a cache capacity_factor times as large would have avoided "
+    "(sampled, scaled)."
+)
+WHATIF_HITS_HELP: Final = (
+    "References a cache capacity_factor times as large would have served as hits (sampled, "
+    "scaled; where hits are reported)."
+)
+
 
 @dataclass(frozen=True, slots=True)
 class EngineView:
@@ -69,6 +87,7 @@ class EngineView:
     alerts_raised: dict[tuple[str, AlertLevel], int] = field(default_factory=dict)
     trends: dict[str, Trend] = field(default_factory=dict)
     access_patterns: dict[str, Any] | None = None  # only when asked for (not per scrape)
+    whatif: WhatIfSnapshot | None = None  # None: the what-if model is off
 
 
 def escape(value: str) -> str:
@@ -125,6 +144,55 @@ def _active_media(snap: CollectorSnapshot) -> list[int]:
         if i > 0 or used:
             active.append(i)
     return active
+
+
+def collector_bytes(view: EngineView) -> int:
+    """The engine's block state in memory: the collector's, plus the what-if model's."""
+    return view.collector.table_bytes + (view.whatif.nbytes if view.whatif is not None else 0)
+
+
+def _render_whatif(
+    out: Exposition, views: Sequence[EngineView], media: dict[str, list[int]]
+) -> None:
+    """The capacity what-if families (docs/whatif.md): reuse distances of restores, what a
+    larger cache would have avoided and, where hits are reported, hit at each capacity."""
+    seen = list(whatif_media(views, media))
+    name = "kvcache_block_reuse_distance_blocks"
+    out.family(name, "histogram", REUSE_DISTANCE_HELP)
+    for _, _, labels, medium in seen:
+        if medium.distance is not None:
+            out.histogram(name, labels, medium.distance, 0)
+    name = "kvcache_whatif_capacity_blocks"
+    out.family(name, "gauge", WHATIF_CAPACITY_HELP)
+    for _, _, labels, medium in seen:
+        if medium.capacity:
+            out.sample(name, labels, medium.capacity)
+    name = "kvcache_whatif_recomputes_avoided_total"
+    out.family(name, "counter", WHATIF_AVOIDED_HELP)
+    for _, whatif, labels, medium in seen:
+        for factor, count in zip(whatif.avoided_factors, medium.avoided, strict=True):
+            out.sample(name, [*labels, ("capacity_factor", factor_label(factor))], count)
+    name = "kvcache_whatif_hits_total"
+    out.family(name, "counter", WHATIF_HITS_HELP)
+    for hits_reported, whatif, labels, medium in seen:
+        if hits_reported:  # else the curve would only repeat the avoided counter
+            for factor, count in zip(whatif.factors, medium.hits, strict=True):
+                out.sample(name, [*labels, ("capacity_factor", factor_label(factor))], count)
+
+
+def whatif_media(
+    views: Sequence[EngineView], media: dict[str, list[int]]
+) -> Iterator[tuple[bool, WhatIfSnapshot, list[tuple[str, str]], MediumWhatIf]]:
+    """Each labelled medium the what-if model has seen: whether hits are reported on it, the
+    engine's what-if snapshot, the series labels and the medium's figures."""
+    for v in views:
+        if v.whatif is None:
+            continue
+        for i in media[v.name]:
+            medium = v.whatif.media.get(i)
+            if medium is not None:
+                labels = [("engine", v.name), ("medium", v.collector.media[i])]
+                yield bool(v.collector.accessed[i]), v.whatif, labels, medium
 
 
 def render(views: Sequence[EngineView], otlp_exports: Mapping[str, int] | None = None) -> str:
@@ -212,6 +280,8 @@ def render(views: Sequence[EngineView], otlp_exports: Mapping[str, int] | None =
             hist = v.collector.histograms[key]
             for i in media[v.name]:
                 out.histogram(name, [("engine", v.name), ("medium", v.collector.media[i])], hist, i)
+
+    _render_whatif(out, views, media)
 
     out.family("kvcache_alerts_total", "counter", "Anomaly alerts raised, by alert and severity.")
     for v in views:
@@ -352,8 +422,8 @@ def render(views: Sequence[EngineView], otlp_exports: Mapping[str, int] | None =
     per_engine(
         "kvcache_exporter_collector_bytes",
         "gauge",
-        "Memory held by the engine's block state.",
-        {v.name: v.collector.table_bytes for v in views},
+        "Memory held by the engine's block state (the what-if model's included).",
+        {v.name: collector_bytes(v) for v in views},
     )
     if otlp_exports is not None:
         out.family(

@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from ..analysis.whatif import factor_label
 from ..collector.histogram import HistogramSnapshot
 from .prometheus import HISTOGRAM_FAMILIES, EngineView
 
@@ -26,6 +27,53 @@ def quantile(hist: HistogramSnapshot, row: int, q: float) -> float | None:
     in_bucket = counts[bucket]
     fraction = (rank - below) / in_bucket if in_bucket else 0.0
     return float(lower + (hist.bounds[bucket] - lower) * fraction)
+
+
+def whatif_summary(view: EngineView, medium_id: int) -> dict[str, Any] | None:
+    """A medium's capacity what-if (docs/whatif.md): per capacity factor, the recomputation a
+    cache that many times as large would have avoided (as a share of the stores) and, where
+    hits are reported, the hit ratio it would have had."""
+    if view.whatif is None or medium_id not in view.whatif.media:
+        return None
+    w = view.whatif.media[medium_id]
+    stored = int(view.collector.stored[medium_id])
+    accessed = int(view.collector.accessed[medium_id])
+    references = stored + accessed
+    avoided = dict(zip(view.whatif.avoided_factors, w.avoided, strict=True))
+    factors: dict[str, Any] = {}
+    for factor, hits in zip(view.whatif.factors, w.hits, strict=True):
+        if factor < 1.0 and not accessed:
+            continue  # with no hits reported a smaller cache is not measured
+        entry: dict[str, Any] = {
+            "capacity_blocks": round(factor * w.capacity) if w.capacity else None
+        }
+        if factor in avoided:
+            entry["recomputes_avoided"] = avoided[factor]
+            entry["recompute_saved_ratio"] = avoided[factor] / stored if stored else None
+        if accessed:
+            measured = references and (factor >= 1.0 or w.distances_known)
+            entry["hit_ratio"] = hits / references if measured else None
+        factors[factor_label(factor)] = entry
+    distance = w.distance
+    return {
+        "capacity_blocks": w.capacity or None,
+        "capacity_source": "configured" if w.capacity_configured else "observed",
+        "sample_ratio": view.whatif.sample_ratio,
+        "sampled": {
+            "stores": w.sampled_stores,
+            "restores": w.sampled_restores,
+            "hits": w.sampled_hits,
+            "ghosts": w.ghosts,
+        },
+        "factors": factors,
+        "reuse_distance_blocks": None
+        if distance is None
+        else {
+            "count": int(distance.counts[0].sum()),
+            "sum": float(distance.sums[0]),
+            **{f"p{int(q * 100)}": quantile(distance, 0, q) for q in (0.5, 0.9, 0.99)},
+        },
+    }
 
 
 def summarize(view: EngineView) -> dict[str, Any]:
@@ -50,6 +98,9 @@ def summarize(view: EngineView) -> dict[str, Any]:
                 "sum": float(hist.sums[i]),
                 **{f"p{int(q * 100)}": quantile(hist, i, q) for q in (0.5, 0.9, 0.99)},
             }
+        whatif = whatif_summary(view, i)
+        if whatif is not None:
+            entry["whatif"] = whatif
         if stored or snap.resident[i] or snap.removed[i].any():
             media[name] = entry
     return {

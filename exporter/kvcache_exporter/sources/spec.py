@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from typing import Final
 from urllib.parse import urlsplit
 
+from ..analysis.whatif import parse_capacity
+
 _NAME: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,62}$")
 _BIND_HOSTS: Final = frozenset({"*", "0.0.0.0", "::", "[::]"})
 _TRANSPORTS: Final = ("tcp://", "ipc://", "inproc://")
@@ -38,13 +40,19 @@ def _check_endpoint(endpoint: str, what: str) -> None:
 
 @dataclass(frozen=True, slots=True)
 class SourceSpec:
-    """One engine event stream: ``NAME=ENDPOINT[,replay=ENDPOINT][,topic=PREFIX][,bind]``."""
+    """One engine event stream:
+    ``NAME=ENDPOINT[,replay=ENDPOINT][,topic=PREFIX][,bind][,capacity=N][,capacity.MEDIUM=N]``.
+
+    ``capacity`` is the engine's cache size in blocks for the what-if model, as (medium, N)
+    pairs (medium ``""``: every medium); without it the model uses the capacity it observes.
+    """
 
     name: str
     endpoint: str
     replay: str | None = None
     topic: str = ""
     bind_flag: bool = False
+    capacity: tuple[tuple[str, int], ...] = ()
 
     @property
     def binds(self) -> bool:
@@ -78,6 +86,7 @@ class SourceSpec:
         replay: str | None = None
         topic = ""
         bind = False
+        capacity: dict[str, int] = {}
         for option in options:
             key, has_value, value = option.partition("=")
             if key == "bind" and not has_value:
@@ -92,8 +101,22 @@ class SourceSpec:
                 replay = value
             elif key == "topic" and has_value:
                 topic = value
+            elif key.startswith("capacity") and has_value:
+                try:
+                    medium, blocks = parse_capacity(key, value)
+                except ValueError as exc:
+                    raise SourceSpecError(f"source {name}: {exc}") from None
+                capacity[medium] = blocks
             else:
                 raise SourceSpecError(
-                    f"source {name}: unknown option {option!r} (replay=, topic=, bind)"
+                    f"source {name}: unknown option {option!r} "
+                    "(replay=, topic=, bind, capacity=, capacity.MEDIUM=)"
                 )
-        return cls(name=name, endpoint=endpoint, replay=replay, topic=topic, bind_flag=bind)
+        return cls(
+            name=name,
+            endpoint=endpoint,
+            replay=replay,
+            topic=topic,
+            bind_flag=bind,
+            capacity=tuple(capacity.items()),
+        )

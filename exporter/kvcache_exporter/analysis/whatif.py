@@ -1,0 +1,764 @@
+"""Cache sizing from the live stream: what a bigger KV cache, or an offload tier, would save.
+
+**Model.** Under LRU eviction with capacity C, hits only reorder blocks inside the cache. The
+blocks below it — the part of the LRU stack a cache of C does not hold — are ordered by when
+they were evicted, most recent first, and that order is fully determined by the visible
+``BlockStored`` / ``BlockRemoved`` sequence. So when a removed block is stored again, its
+*ghost rank* r (how many removed blocks, itself included, were evicted at or after it and not
+stored again since) says that a cache of C + r blocks would still have held it: that store was
+recomputation a cache ``1 + r / C`` times as large avoids. With hits reported (``BlockAccessed``,
+or stores re-announcing resident blocks) the whole reference stream is visible, and each hit's
+LRU stack distance (Mattson et al., 1970: the distinct blocks referenced since its previous
+reference, plus itself) says which *smaller* caches would have hit too: a full hit-ratio curve.
+
+**Cost.** Spatial sampling, as SHARDS does (Waldspurger et al., FAST '15): only hashes whose
+sampling hash falls under the ratio R are modelled, and counts of ghosts or of distinct blocks
+among them are scaled by 1/R. Each sampled reference stands for the references since the
+previous sampled one on its medium (its *weight*), so weighted counts add up to the exact
+number of references at every moment and ``rate(avoided) / rate(stored)`` normalises itself
+over any window: SHARDS' count adjustment, applied per reference instead of once per
+histogram. Every row costs a hash and a few numpy passes; only sampled rows reach the table,
+and a batch is applied with numpy passes, not per row (see :func:`earlier_greater`). Memory is
+bounded by ``max_ghosts`` sampled ghosts per medium; the oldest are forgotten first.
+
+**Grouped orderings.** Engines publish a step's removals before its stores (vLLM does, and so
+does the embedded simulator): a restore then sees ghosts that were evicted to make room for it
+and for the blocks stored after it in the same step. Each rank is corrected by the removals of
+the step not yet matched by a store (:func:`_unmatched`), which makes it exact under LRU
+whether an engine groups a step's removals before its stores or interleaves them.
+
+The sampling hash is murmur3's 64-bit finalizer of the hash XOR a constant: independent of the
+collector's sampling (splitmix64) and of the block table's multiplicative slot hash, so the
+sampled keys spread over the table (the same function for both would crowd one corner of it).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+from ..collector.histogram import HistogramSnapshot, validate_buckets
+from ..collector.table import GHOST, RESIDENT, BlockTable
+from ..protocol.batch import OP_CLEAR, OP_REMOVE, OP_STORE, EventBatch, LabelTable
+
+_U64 = npt.NDArray[np.uint64]
+_I64 = npt.NDArray[np.int64]
+_F64 = npt.NDArray[np.float64]
+_BOOL = npt.NDArray[np.bool_]
+
+# Capacity factors: below 1 only for the hit-ratio curve (a smaller cache saves nothing).
+DEFAULT_FACTORS: Final = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 4.0, 8.0)
+# Reuse-distance bounds as multiples of C: a rank of (k - 1) C is what a k-times cache keeps,
+# so these bounds mark k = 1.0625 … 32, the default factors among them.
+DEFAULT_DISTANCE_BUCKETS: Final = (0.0625, 0.125, 0.25, 0.5, 1.0, 2.0, 3.0, 7.0, 15.0, 31.0)
+DEFAULT_SAMPLE_RATIO: Final = 0.01
+DEFAULT_MAX_GHOSTS: Final = 100_000
+ALL_MEDIA: Final = ""  # the capacity key that applies to every medium
+
+_FMIX1: Final = np.uint64(0xFF51AFD7ED558CCD)
+_FMIX2: Final = np.uint64(0xC4CEB9FE1A85EC53)
+_SEED: Final = np.uint64(0x5851F42D4C957F2D)
+_ABSENT: Final = 0  # a table state meaning "not in the table" (EMPTY there)
+_MIN_ORDER: Final = 1024
+_LEAF: Final = 32  # earlier_greater compares blocks of this many elements directly
+# Sampled rows wait in a buffer and are applied this many at a time (or when read, or before a
+# clear): at a low sample ratio a batch holds a few dozen of them, and the fixed cost of the
+# passes that apply them would otherwise dominate.
+CHUNK_ROWS: Final = 4096
+
+
+def whatif_hash(keys: _U64) -> _U64:
+    """murmur3's fmix64 of ``keys ^ seed``: the what-if model's own sampling hash."""
+    z = keys ^ _SEED
+    z = z ^ (z >> np.uint64(33))
+    z = z * _FMIX1
+    z = z ^ (z >> np.uint64(33))
+    z = z * _FMIX2
+    result: _U64 = z ^ (z >> np.uint64(33))
+    return result
+
+
+def factor_label(factor: float) -> str:
+    """The ``capacity_factor`` label value: ``1.25``, ``2``, ``0.5``."""
+    return f"{factor:g}"
+
+
+@dataclass(frozen=True, slots=True)
+class WhatIfConfig:
+    """How the what-if model samples, what it remembers and which caches it compares.
+
+    ``capacity`` holds configured capacities as (medium, blocks) pairs, medium ``""`` for every
+    medium of the source; media without one use the capacity observed on the stream.
+    """
+
+    sample_ratio: float = DEFAULT_SAMPLE_RATIO  # 0 turns the model off
+    max_ghosts: int = DEFAULT_MAX_GHOSTS
+    capacity_factors: tuple[float, ...] = DEFAULT_FACTORS
+    distance_buckets: tuple[float, ...] = DEFAULT_DISTANCE_BUCKETS
+    capacity: tuple[tuple[str, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.sample_ratio <= 1.0:
+            raise ValueError(f"sample ratio must be in [0, 1], got {self.sample_ratio}")
+        if self.max_ghosts < 1:
+            raise ValueError("max ghosts must be at least 1")
+        validate_factors(self.capacity_factors)
+        validate_buckets(self.distance_buckets, "distance buckets")
+        if self.distance_buckets[0] <= 0:
+            raise ValueError("distance buckets: bounds must be positive multiples of capacity")
+        for medium, blocks in self.capacity:
+            if blocks < 1:
+                raise ValueError(f"capacity of {medium or 'every medium'} must be at least 1")
+
+    @property
+    def enabled(self) -> bool:
+        return self.sample_ratio > 0.0
+
+    @property
+    def avoided_factors(self) -> tuple[float, ...]:
+        """The factors above 1: only a larger cache avoids recomputation."""
+        return tuple(f for f in self.capacity_factors if f > 1.0)
+
+    def capacity_of(self, medium: str) -> int | None:
+        """The configured capacity of a medium (its own, else the source's), or None."""
+        found = dict(self.capacity)
+        return found.get(medium, found.get(ALL_MEDIA))
+
+
+def validate_factors(factors: Sequence[float]) -> tuple[float, ...]:
+    """Capacity factors: positive, finite, strictly ascending, non-empty."""
+    values = validate_buckets(factors, "capacity factors")
+    if values[0] <= 0:
+        raise ValueError("capacity factors must be positive")
+    return values
+
+
+def parse_capacity(key: str, value: str) -> tuple[str, int]:
+    """A ``capacity=N`` (every medium) or ``capacity.MEDIUM=N`` setting, as (medium, N)."""
+    medium = key.removeprefix("capacity").removeprefix(".")
+    if key != "capacity" and (not key.startswith("capacity.") or not medium):
+        raise ValueError(f"expected capacity= or capacity.MEDIUM=, got {key!r}")
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{key}: expected a positive number of blocks, got {value!r}")
+    return medium, int(value)
+
+
+def earlier_greater(values: _I64) -> _I64:
+    """For each element, how many elements before it are greater (ties do not count).
+
+    Blocks of 32 count among themselves with one comparison array; then a bottom-up merge
+    count: at each level, every element of a right-hand block counts the greater elements of
+    its left sibling block with one ``searchsorted`` into the level's sorted (block, value)
+    keys — O(n log² n) in numpy passes instead of a loop per element.
+    """
+    n = int(values.shape[0])
+    if n <= _LEAF:
+        greater = values[None, :] > values[:, None]  # [i, j]: v_j > v_i
+        small: _I64 = np.tril(greater, -1).sum(axis=1).astype(np.int64)
+        return small
+    rank = np.unique(values, return_inverse=True)[1].astype(np.int64).reshape(n)
+    padded = np.full(-(-n // _LEAF) * _LEAF, n, np.int64)  # padding comes last: counts nothing
+    padded[:n] = rank
+    leaves = padded.reshape(-1, _LEAF)
+    earlier = np.tril(np.ones((_LEAF, _LEAF), bool), -1)
+    out = ((leaves[:, None, :] > leaves[:, :, None]) & earlier).sum(axis=2).reshape(-1)[:n]
+    position = np.arange(n, dtype=np.int64)
+    width = _LEAF
+    order = np.argsort((position // width) * n + rank, kind="stable")  # sorted within leaves
+    while width < n:
+        block = position // width
+        keys = block[order] * n + rank[order]
+        # Merging sorted runs: the stable sort's run detection makes each level near-linear.
+        step = np.argsort(keys, kind="stable")
+        order, keys = order[step], keys[step]
+        right = np.flatnonzero(block & 1)
+        left = block[right] - 1
+        # The left sibling is whole and occupies sorted positions [left w, (left + 1) w).
+        out[right] += (left + 1) * width - np.searchsorted(
+            keys, left * n + rank[right], side="right"
+        )
+        width *= 2
+    result: _I64 = out.astype(np.int64)
+    return result
+
+
+def _unmatched(is_remove: _BOOL, is_store: _BOOL, ts: _F64, rows: _I64) -> _I64:
+    """For each of ``rows``: the removals of its step (the run of rows sharing its timestamp)
+    before it, less the stores before it in the step, floored at 0 — the evictions not yet
+    matched by the stores they made room for."""
+    x = is_remove.view(np.int8) - is_store.view(np.int8)
+    before = np.cumsum(x, dtype=np.int64) - x
+    starts = np.flatnonzero(np.concatenate(([True], ts[1:] != ts[:-1])))
+    first = starts[np.searchsorted(starts, rows, side="right") - 1]
+    unmatched: _I64 = np.maximum(before[rows] - before[first], 0)
+    return unmatched
+
+
+class _Fenwick:
+    """A binary indexed tree over counts at positions 0..size-1, queried and updated with
+    numpy passes (one per tree level), built from a 0/1 array in one pass."""
+
+    def __init__(self, alive: _BOOL) -> None:
+        self.size = int(alive.shape[0])
+        prefix = np.zeros(self.size + 1, np.int64)
+        np.cumsum(alive, out=prefix[1:])
+        index = np.arange(1, self.size + 1)
+        self.tree = np.zeros(self.size + 1, np.int64)  # 1-based; tree[0] stays 0
+        self.tree[1:] = prefix[index] - prefix[index - (index & -index)]
+
+    def prefix(self, positions: _I64) -> _I64:
+        """Sum of the counts at positions [0, p) for each p."""
+        total = np.zeros(positions.shape[0], np.int64)
+        index = positions.astype(np.int64)  # 1-based index p covers positions < p
+        while index.any():
+            total += self.tree[index]
+            index &= index - 1
+        return total
+
+    def add(self, positions: _I64, delta: int) -> None:
+        index = positions.astype(np.int64) + 1
+        while index.size:
+            np.add.at(self.tree, index, delta)
+            index = index + (index & -index)
+            index = index[index <= self.size]
+
+
+class _Order:
+    """Marks at increasing positions, in the order things happened (evictions, or references):
+    live marks counted between two positions, marks appended at the end and killed anywhere,
+    positions renumbered (compacted) when they run out."""
+
+    def __init__(self, with_keys: bool) -> None:
+        self.alive = np.zeros(_MIN_ORDER, bool)
+        self.keys = np.zeros(_MIN_ORDER if with_keys else 0, np.uint64)
+        self.end = 0  # next position
+        self.start = 0  # every position before it is dead
+        self.live = 0
+        self.tree = _Fenwick(self.alive)
+
+    @property
+    def nbytes(self) -> int:
+        return self.alive.nbytes + self.keys.nbytes + self.tree.tree.nbytes
+
+    def between(self, low: _I64, high: int) -> _I64:
+        """Live marks at positions [low, high) for each low (high <= end)."""
+        return self.tree.prefix(np.full(low.shape[0], high, np.int64)) - self.tree.prefix(low)
+
+    def kill(self, positions: _I64) -> None:
+        """Positions must be live and distinct."""
+        if positions.size:
+            self.alive[positions] = False
+            self.live -= int(positions.size)
+            self.tree.add(positions, -1)
+
+    def make_room(self, count: int) -> _I64 | None:
+        """Room for ``count`` more positions. When that takes a renumbering, returns the old
+        positions of the live marks (ascending): a live mark at old position p is now at
+        ``searchsorted(old, p)``, and the caller moves what it holds the same way."""
+        if self.end + count <= self.alive.shape[0]:
+            return None
+        old = np.flatnonzero(self.alive[: self.end]).astype(np.int64)
+        size = max(_MIN_ORDER, 2 * (old.size + count))
+        alive = np.zeros(size, bool)
+        alive[: old.size] = True
+        if self.keys.size:
+            keys = np.zeros(size, np.uint64)
+            keys[: old.size] = self.keys[old]
+            self.keys = keys
+        self.alive, self.end, self.start = alive, int(old.size), 0
+        self.tree = _Fenwick(alive)
+        return old
+
+    def append(self, alive: _BOOL, keys: _U64 | None = None) -> int:
+        """Marks at the next positions (after :meth:`make_room`); returns the first one."""
+        base, count = self.end, int(alive.shape[0])
+        self.alive[base : base + count] = alive
+        if keys is not None and self.keys.size:
+            self.keys[base : base + count] = keys
+        self.end += count
+        self.live += int(np.count_nonzero(alive))
+        fresh = base + np.flatnonzero(alive)
+        if fresh.size * max(1, self.tree.size.bit_length()) > self.tree.size:
+            self.tree = _Fenwick(self.alive)  # cheaper than that many updates
+        else:
+            self.tree.add(fresh, 1)
+        return base
+
+    def oldest(self, count: int) -> _I64:
+        """The ``count`` live marks with the lowest positions (the caller kills them)."""
+        found: list[_I64] = []
+        at = self.start
+        while count > 0 and at < self.end:
+            stop = min(self.end, at + max(4 * count, 4096))
+            live = at + np.flatnonzero(self.alive[at:stop])[:count]
+            found.append(live)
+            count -= int(live.size)
+            at = int(live[-1]) + 1 if count == 0 else stop
+        self.start = at
+        return np.concatenate(found) if found else np.zeros(0, np.int64)
+
+
+@dataclass(frozen=True, slots=True)
+class MediumWhatIf:
+    """One medium's what-if figures, copied under the model's lock.
+
+    ``avoided`` follows :attr:`WhatIfConfig.avoided_factors`, ``hits`` the capacity factors.
+    Counts are weighted (each sampled reference stands for those since the previous one), so
+    they are in blocks, comparable with the exact counters.
+    """
+
+    capacity: int  # 0 while unknown (no eviction seen, none configured)
+    capacity_configured: bool
+    avoided: tuple[int, ...]
+    hits: tuple[int, ...]
+    distances_known: bool  # hits have been seen: the factors below 1 are measured
+    distance: HistogramSnapshot | None  # one row; None until bounds could be fixed
+    sampled_stores: int
+    sampled_restores: int
+    sampled_hits: int
+    ghosts: int
+
+
+@dataclass(frozen=True, slots=True)
+class WhatIfSnapshot:
+    """An engine's what-if figures: per medium id (the collector's label ids)."""
+
+    sample_ratio: float
+    factors: tuple[float, ...]
+    avoided_factors: tuple[float, ...]
+    media: dict[int, MediumWhatIf]
+    nbytes: int
+
+
+class _Tier:
+    """The state of one medium: its ghost order, reference order and counters."""
+
+    def __init__(self, config: WhatIfConfig, configured: int | None) -> None:
+        self.ghosts = _Order(with_keys=True)
+        self.recency: _Order | None = None  # from the first hit on: stack distances of hits
+        self.capacity = configured or 0
+        self.configured = configured is not None
+        # The capacity observed in the batch being applied, in force from its first eviction
+        # on (not from the batch's first row: the numbers must not depend on batching).
+        self.next_capacity = self.capacity
+        self.pending = 0  # references since the last sampled one (the next one's weight)
+        self.avoided = np.zeros(len(config.avoided_factors), np.int64)
+        self.hits = np.zeros(len(config.capacity_factors), np.int64)
+        self.bounds: _F64 | None = None
+        self.counts = np.zeros(len(config.distance_buckets) + 1, np.int64)
+        self.sum = 0.0
+        self.stores = 0
+        self.restores = 0
+        self.sampled_hits = 0
+        # Sampled rows not applied yet: op, key, step correction, weight, capacity at the time.
+        self.buffer: list[tuple[npt.NDArray[np.uint8], _U64, _I64, _I64, _I64]] = []
+        self.buffered = 0
+
+    def forget_all(self) -> None:
+        """A clear: nothing of the old cache can come back as a restore or a hit."""
+        self.ghosts = _Order(with_keys=True)
+        if self.recency is not None:
+            self.recency = _Order(with_keys=False)
+
+
+class WhatIfModel:
+    """Ghost ranks of restores and stack distances of hits, per medium of one engine.
+
+    Feed it every batch the engine's collector applied (:meth:`apply`, with the collector's
+    resident counts after it); read it with :meth:`snapshot`. One lock: the ingest thread holds
+    it while applying, a scrape while copying.
+    """
+
+    def __init__(self, config: WhatIfConfig, media: LabelTable) -> None:
+        if not config.enabled:
+            raise ValueError("the what-if model needs a sample ratio above 0")
+        self.config = config
+        self.media = media
+        self.lock = threading.Lock()
+        self.table = BlockTable()
+        self._tiers: dict[int, _Tier] = {}
+        self._resident = np.zeros(media.capacity, np.int64)
+        self._observed = np.zeros(media.capacity, np.int64)
+        self._threshold = (
+            None
+            if config.sample_ratio >= 1.0
+            else np.uint64(min(int(config.sample_ratio * 2.0**64), 2**64 - 1))
+        )
+        self._factors = np.asarray(config.capacity_factors, np.float64)
+        self._avoided_factors = np.asarray(config.avoided_factors, np.float64)
+        self.chunk_rows = CHUNK_ROWS  # sampled rows buffered per medium (tests lower it)
+
+    def _tier(self, medium_id: int) -> _Tier:
+        tier = self._tiers.get(medium_id)
+        if tier is None:
+            configured = self.config.capacity_of(self.media.names[medium_id])
+            tier = self._tiers[medium_id] = _Tier(self.config, configured)
+        return tier
+
+    def _sampled(self, keys: _U64) -> _BOOL:
+        if self._threshold is None:
+            return np.ones(keys.shape[0], bool)
+        return whatif_hash(keys) < self._threshold
+
+    # --- applying --------------------------------------------------------------------------
+    def apply(self, batch: EventBatch, resident: npt.NDArray[np.int64]) -> None:
+        """Apply a batch the collector has applied; ``resident`` is its resident count per
+        medium id after it (the observed capacity is the largest seen around evictions)."""
+        if not len(batch):
+            return
+        with self.lock:
+            # bincount, not unique: a pass instead of a sort (media ids are small)
+            evicting = np.flatnonzero(np.bincount(batch.medium[batch.op == OP_REMOVE]))
+            after = resident[: self._resident.shape[0]]
+            for medium_id in evicting.tolist():
+                self._observed[medium_id] = max(
+                    int(self._observed[medium_id]),
+                    int(self._resident[medium_id]),
+                    int(after[medium_id]),
+                )
+                tier = self._tier(medium_id)
+                if not tier.configured:
+                    tier.next_capacity = int(self._observed[medium_id])
+            self._resident[: after.shape[0]] = after
+            start = 0
+            for row in np.flatnonzero(batch.op == OP_CLEAR).tolist():
+                self._apply_segment(batch.take(slice(start, row)))
+                self._forget_all()
+                start = row + 1
+            self._apply_segment(batch.take(slice(start, len(batch))))
+
+    def clear(self) -> None:
+        """The engine lost its cache (a publisher restart): forget every block."""
+        with self.lock:
+            self._forget_all()
+            self._resident[:] = 0
+
+    def _forget_all(self) -> None:
+        self._flush_all()
+        self.table = BlockTable()
+        for tier in self._tiers.values():
+            tier.forget_all()
+
+    def _apply_segment(self, seg: EventBatch) -> None:
+        if not len(seg):
+            return
+        media = np.flatnonzero(np.bincount(seg.medium))
+        for medium_id in media.tolist():
+            rows = slice(None) if media.size == 1 else np.flatnonzero(seg.medium == medium_id)
+            self._apply_medium(
+                medium_id, seg.op[rows], seg.block_hash[rows], seg.ts[rows], self._tier(medium_id)
+            )
+
+    def _apply_medium(
+        self, medium_id: int, op: npt.NDArray[np.uint8], keys: _U64, ts: _F64, tier: _Tier
+    ) -> None:
+        """One medium's rows, in stream order, no clear among them."""
+        is_remove = op == OP_REMOVE
+        is_ref = ~is_remove  # stores and accesses reference a block; removals do not
+        sampled = self._sampled(keys)
+        refs_through = np.cumsum(is_ref)
+        sel = np.flatnonzero(sampled)
+        sampled_refs = sel[is_ref[sel]]
+        through = refs_through[sampled_refs]
+        ref_weight = np.diff(through, prepend=0)
+        if ref_weight.size:
+            ref_weight[0] += tier.pending
+            tier.pending = int(refs_through[-1] - through[-1])
+        else:
+            tier.pending += int(refs_through[-1])
+        capacity = np.full(sel.shape[0], tier.capacity, np.int64)
+        if tier.next_capacity != tier.capacity and is_remove.any():
+            capacity[sel >= int(np.argmax(is_remove))] = tier.next_capacity
+            tier.capacity = tier.next_capacity
+        if not sel.size:
+            return
+        correction = _unmatched(is_remove, op == OP_STORE, ts, sel)
+        weight = np.zeros(sel.shape[0], np.int64)
+        weight[is_ref[sel]] = ref_weight
+        tier.buffer.append((op[sel], keys[sel], correction, weight, capacity))
+        tier.buffered += int(sel.shape[0])
+        if tier.buffered >= self.chunk_rows:
+            self._flush(medium_id, tier)
+
+    def _flush_all(self) -> None:
+        for medium_id, tier in self._tiers.items():
+            self._flush(medium_id, tier)
+
+    def _flush(self, medium_id: int, tier: _Tier) -> None:
+        """Apply a medium's buffered sampled rows, then forget its oldest ghosts."""
+        if not tier.buffered:
+            return
+        columns = tuple(np.concatenate(parts) for parts in zip(*tier.buffer, strict=True))
+        tier.buffer, tier.buffered = [], 0
+        op, keys, correction, weight, capacity = columns
+        self._apply_sampled(medium_id, op, keys, correction, weight, capacity, tier)
+        self._forget_oldest(tier, medium_id)
+
+    def _apply_sampled(
+        self,
+        medium_id: int,
+        op: npt.NDArray[np.uint8],
+        keys: _U64,
+        correction: _I64,
+        weight: _I64,
+        capacity: _I64,
+        tier: _Tier,
+    ) -> None:
+        """A chunk of one medium's sampled rows, in stream order (from one batch or several):
+        classify each row against the state before it (the table's, or the previous row of its
+        key in the chunk), rank restores, measure hits, count, then write the state back."""
+        m = int(op.shape[0])
+        ratio = self.config.sample_ratio
+        is_remove = op == OP_REMOVE
+        is_store = op == OP_STORE
+
+        # Rows grouped by key, in stream order within a key.
+        order = np.argsort(keys, kind="stable")
+        sorted_keys = keys[order]
+        same = np.zeros(m, bool)  # sorted row follows a row of the same key
+        np.equal(sorted_keys[1:], sorted_keys[:-1], out=same[1:])
+        group_sorted = np.cumsum(~same) - 1
+        group = np.empty(m, np.int64)
+        group[order] = group_sorted
+        previous = np.full(m, -1, np.int64)
+        previous[order[same]] = order[np.flatnonzero(same) - 1]
+        is_last_sorted = np.ones(m, bool)
+        is_last_sorted[:-1] = ~same[1:]
+        last_rows = order[is_last_sorted]  # the last row of each key, by group
+
+        # The table at the start of the chunk, one slot per key (absent keys inserted now).
+        distinct = sorted_keys[~same]
+        medium = np.full(distinct.shape[0], medium_id, np.uint8)
+        table = self.table
+        table.reserve(int(distinct.shape[0]))
+        slots = table.find(distinct, medium)
+        absent = slots < 0
+        state0 = np.where(absent, _ABSENT, table.state[np.maximum(slots, 0)])
+        ghost_at0 = np.where(state0 == GHOST, table.t_store[np.maximum(slots, 0)], -1.0)
+        ref_at0 = np.where(absent, -1.0, table.t_access[np.maximum(slots, 0)])
+        if absent.any():
+            slots[absent] = table.insert(distinct[absent], medium[absent], RESIDENT)
+            table.t_access[slots[absent]] = -1.0
+
+        # The state before each row, and the new ghost position each removal takes.
+        ghosts = tier.ghosts
+        first_new = ghosts.end
+        removals_before = np.cumsum(is_remove) - is_remove
+        new_position = first_new + removals_before
+        prev = np.maximum(previous, 0)
+        has_prev = previous >= 0
+        was_ghost = np.where(has_prev, is_remove[prev], state0[group] == GHOST)
+        was_resident = np.where(has_prev, ~is_remove[prev], state0[group] == RESIDENT)
+        ghost_at = np.where(has_prev, new_position[prev], ghost_at0[group].astype(np.int64))
+
+        # Restores: ghost rank = live ghosts evicted at or after this one, just before it.
+        dying = np.flatnonzero(was_ghost)  # a ghost stored, accessed or removed again
+        dying_at = ghost_at[dying]
+        restore = is_store[dying]
+        restored = dying[restore]
+        if restored.size:
+            at = dying_at[restore]
+            died_since = earlier_greater(dying_at)[restore]
+            before_chunk = at < first_new
+            live_old = np.zeros(restored.size, np.int64)
+            live_old[before_chunk] = ghosts.between(at[before_chunk], first_new)
+            fresh = first_new + removals_before[restored] - np.maximum(at, first_new)
+            rank = live_old + fresh - died_since
+            extra = np.maximum((rank - 1) / ratio + 1.0 - correction[restored], 1.0)
+            self._count_restores(tier, extra, weight[restored], capacity[restored])
+
+        # Hits: stack distances where references are followed (from the first hit on).
+        hit = ~is_remove & was_resident
+        followed = np.flatnonzero(~is_remove)  # references whose order is kept
+        if tier.recency is None and hit.any():
+            # Until a first hit nothing needs the reference order: follow it from there on.
+            tier.recency = _Order(with_keys=False)
+            followed = followed[followed >= np.flatnonzero(hit)[0]]
+        reference_at = np.full(m, -1, np.int64)
+        if tier.recency is not None:
+            first_ref = tier.recency.end
+            reference_at[followed] = first_ref + np.arange(followed.size)
+            # The previous reference of each row's key: the last earlier reference row of the
+            # key in this chunk (a running maximum within each key group), else the table's.
+            mark = np.where(reference_at[order] >= 0, reference_at[order] - first_ref + 1, 0)
+            span = m + 2
+            through_row = np.maximum.accumulate(mark + group_sorted * span) - group_sorted * span
+            before_row = np.zeros(m, np.int64)
+            before_row[1:] = through_row[:-1]
+            before_row[~same] = 0
+            prev_ref = np.empty(m, np.int64)
+            prev_ref[order] = np.where(
+                before_row > 0, first_ref + before_row - 1, ref_at0[group_sorted].astype(np.int64)
+            )
+            self._count_distances(tier.recency, tier, hit, followed, prev_ref, weight, capacity)
+        self._count_hits(tier, hit, weight)
+        tier.stores += int(np.count_nonzero(is_store & ~was_resident))
+        tier.restores += int(restored.size)
+
+        # Write back: ghost marks, reference marks, then each key's state after its last row.
+        is_last = np.zeros(m, bool)
+        is_last[last_rows] = True
+        new_alive = is_remove & is_last  # a removal not followed by a row of its key
+        shift = self._commit_order(
+            ghosts, dying_at[dying_at < first_new], new_alive[is_remove], keys[is_remove],
+            medium_id, ghost=True,
+        )  # fmt: skip
+        last = last_rows
+        final_ghost = is_remove[last]
+        table.state[slots] = np.where(final_ghost, GHOST, RESIDENT)
+        table.t_store[slots[final_ghost]] = new_position[last[final_ghost]] + shift
+        if tier.recency is not None:
+            was_referenced = np.zeros(int(distinct.shape[0]), bool)
+            was_referenced[group[followed]] = True
+            killed = ref_at0[was_referenced]
+            last_ref = np.zeros(int(distinct.shape[0]), np.int64)
+            last_ref[group[followed]] = reference_at[followed]  # ascending: the last one wins
+            alive_refs = reference_at[followed] == last_ref[group[followed]]
+            shift_ref = self._commit_order(
+                tier.recency, killed[killed >= 0].astype(np.int64), alive_refs, None, medium_id,
+                ghost=False,
+            )  # fmt: skip
+            table.t_access[slots[was_referenced]] = last_ref[was_referenced] + shift_ref
+
+    def _count_restores(self, tier: _Tier, extra: _F64, weight: _I64, capacity: _I64) -> None:
+        """Restores with their ghost ranks (scaled, in blocks), weights and the capacity at
+        their time."""
+        within = extra[None, :] <= (self._avoided_factors[:, None] - 1.0) * capacity[None, :]
+        tier.avoided += within.astype(np.int64) @ weight
+        at_least_one = self._factors >= 1.0
+        served = extra[None, :] <= (self._factors[at_least_one, None] - 1.0) * capacity[None, :]
+        tier.hits[at_least_one] += served.astype(np.int64) @ weight
+        if tier.bounds is None and capacity.any():
+            # Fixed once: a histogram's bounds must not move under Prometheus.
+            known = capacity[np.flatnonzero(capacity)[0] :]
+            tier.bounds = np.asarray(self.config.distance_buckets, np.float64) * known[0]
+            extra, weight = extra[-known.size :], weight[-known.size :]
+        if tier.bounds is not None:
+            bucket = np.searchsorted(tier.bounds, extra, side="left")  # le semantics
+            tier.counts += np.bincount(bucket, weights=weight, minlength=tier.counts.size).astype(
+                np.int64
+            )
+            tier.sum += float(extra @ weight)
+
+    def _count_hits(self, tier: _Tier, hit: _BOOL, weight: _I64) -> None:
+        """A hit counts at every factor from 1 up (a larger LRU cache holds what this one
+        does); below 1, :meth:`_count_distances` decides."""
+        hit_rows = np.flatnonzero(hit)
+        tier.sampled_hits += int(hit_rows.size)
+        tier.hits[self._factors >= 1.0] += int(weight[hit_rows].sum())
+
+    def _count_distances(
+        self,
+        recency: _Order,
+        tier: _Tier,
+        hit: _BOOL,
+        followed: _I64,
+        prev_ref: _I64,
+        weight: _I64,
+        capacity: _I64,
+    ) -> None:
+        """Hits at the factors below 1: those whose stack distance is at most k times C.
+
+        ``followed`` are the chunk's reference rows, at positions ``recency.end`` on (not yet
+        appended); ``prev_ref`` the position of each row's previous reference (-1: none known).
+        The distinct keys referenced after a hit's previous reference: those whose last
+        reference before the chunk is later (live marks in the tree), plus the chunk's earlier
+        references whose own previous reference is no later than it (each counts its key
+        once), minus the chunk's references up to it (counted by the second term, but not
+        after it).
+        """
+        below = self._factors < 1.0
+        if not below.any() or not hit[followed].any():
+            return
+        first_ref = recency.end
+        previous = prev_ref[followed]
+        no_later = np.arange(followed.size) - earlier_greater(previous)
+        in_chunk = no_later - np.maximum(0, previous - first_ref + 1)
+        known = hit[followed] & (previous >= 0)
+        old = known & (previous < first_ref)
+        before_chunk = np.zeros(followed.size, np.int64)
+        before_chunk[old] = recency.between(previous[old] + 1, first_ref)
+        others = before_chunk[known] + in_chunk[known]
+        distance = others / self.config.sample_ratio + 1.0
+        rows = followed[known]
+        fits = distance[None, :] <= self._factors[below, None] * capacity[rows][None, :]
+        tier.hits[below] += fits.astype(np.int64) @ weight[rows]
+
+    def _commit_order(
+        self,
+        order: _Order,
+        killed: _I64,
+        alive: _BOOL,
+        keys: _U64 | None,
+        medium_id: int,
+        ghost: bool,
+    ) -> int:
+        """Kill the marks the chunk superseded, append its new ones (renumbering the table's
+        positions of this medium if the order had to compact); returns how far the chunk's
+        positions moved."""
+        expected = order.end
+        order.kill(killed)
+        old = order.make_room(int(alive.shape[0]))
+        if old is not None:
+            table = self.table
+            column = table.t_store if ghost else table.t_access
+            live = (table.state == GHOST) if ghost else np.isin(table.state, (RESIDENT, GHOST))
+            mine = (table.medium == medium_id) & live & (column >= 0)
+            column[mine] = np.searchsorted(old, column[mine].astype(np.int64))
+        return order.append(alive, keys) - expected
+
+    def _forget_oldest(self, tier: _Tier, medium_id: int) -> None:
+        """Keep at most ``max_ghosts`` ghosts of a medium: the oldest go (their restores will
+        count as first stores, which only matters for ranks beyond what is kept)."""
+        excess = tier.ghosts.live - self.config.max_ghosts
+        if excess <= 0:
+            return
+        positions = tier.ghosts.oldest(excess)
+        keys = tier.ghosts.keys[positions]
+        slots = self.table.find(keys, np.full(keys.shape[0], medium_id, np.uint8))
+        slots = slots[slots >= 0]
+        if tier.recency is not None:
+            referenced = self.table.t_access[slots]
+            tier.recency.kill(referenced[referenced >= 0].astype(np.int64))
+        tier.ghosts.kill(positions)
+        self.table.delete(slots)
+
+    # --- reading ---------------------------------------------------------------------------
+    def snapshot(self) -> WhatIfSnapshot:
+        with self.lock:
+            self._flush_all()
+            media: dict[int, MediumWhatIf] = {}
+            nbytes = self.table.nbytes
+            for medium_id, tier in self._tiers.items():
+                nbytes += tier.ghosts.nbytes + (tier.recency.nbytes if tier.recency else 0)
+                distance = None
+                if tier.bounds is not None:
+                    distance = HistogramSnapshot(
+                        tuple(float(b) for b in tier.bounds),
+                        tier.counts.astype(np.uint64)[None, :].copy(),
+                        np.array([tier.sum]),
+                    )
+                media[medium_id] = MediumWhatIf(
+                    capacity=tier.capacity,
+                    capacity_configured=tier.configured,
+                    avoided=tuple(int(x) for x in tier.avoided),
+                    hits=tuple(int(x) for x in tier.hits),
+                    distances_known=tier.recency is not None,
+                    distance=distance,
+                    sampled_stores=tier.stores,
+                    sampled_restores=tier.restores,
+                    sampled_hits=tier.sampled_hits,
+                    ghosts=tier.ghosts.live,
+                )
+            return WhatIfSnapshot(
+                sample_ratio=self.config.sample_ratio,
+                factors=self.config.capacity_factors,
+                avoided_factors=self.config.avoided_factors,
+                media=media,
+                nbytes=nbytes,
+            )
