@@ -255,24 +255,34 @@ def _tokens(event: Stored) -> Any:
     return _zeros(count)
 
 
-def _vllm(event: Event) -> Any:
-    if type(event) is Stored:
-        return _VStored(
-            _seq(event.block_hashes),
-            event.parent_block_hash,
-            _tokens(event),
-            event.block_size,
-            event.lora_id,
-            event.medium,
-            event.lora_name,
-        )
-    if type(event) is Removed:
-        return _VRemoved(_seq(event.block_hashes), event.medium, event.reason)
-    if type(event) is Accessed:
-        return _VAccessed(_seq(event.block_hashes), event.medium)
-    if type(event) is Cleared:
-        return _VCleared()
-    raise TypeError(f"not a KV event: {event!r}")
+def _map_form(stored: type[Any], removed: type[Any], accessed: type[Any]) -> Callable[[Event], Any]:
+    """The converter for a map form: vLLM's and SGLang's differ only in the structs, which
+    decide what a null field looks like on the wire (written, or left out)."""
+
+    def convert(event: Event) -> Any:
+        if type(event) is Stored:
+            return stored(
+                _seq(event.block_hashes),
+                event.parent_block_hash,
+                _tokens(event),
+                event.block_size,
+                event.lora_id,
+                event.medium,
+                event.lora_name,
+            )
+        if type(event) is Removed:
+            return removed(_seq(event.block_hashes), event.medium, event.reason)
+        if type(event) is Accessed:
+            return accessed(_seq(event.block_hashes), event.medium)
+        if type(event) is Cleared:
+            return _VCleared()  # the same in both: {"type": "AllBlocksCleared"}
+        raise TypeError(f"not a KV event: {event!r}")
+
+    return convert
+
+
+_vllm = _map_form(_VStored, _VRemoved, _VAccessed)
+_sglang = _map_form(_SStored, _SRemoved, _SAccessed)
 
 
 def _vllm_array(event: Event) -> Any:
@@ -294,26 +304,6 @@ def _vllm_array(event: Event) -> Any:
         return _AAccessed(_seq(event.block_hashes), event.medium)
     if type(event) is Cleared:
         return _ACleared()
-    raise TypeError(f"not a KV event: {event!r}")
-
-
-def _sglang(event: Event) -> Any:
-    if type(event) is Stored:
-        return _SStored(
-            _seq(event.block_hashes),
-            event.parent_block_hash,
-            _tokens(event),
-            event.block_size,
-            event.lora_id,
-            event.medium,
-            event.lora_name,
-        )
-    if type(event) is Removed:
-        return _SRemoved(_seq(event.block_hashes), event.medium, event.reason)
-    if type(event) is Accessed:
-        return _SAccessed(_seq(event.block_hashes), event.medium)
-    if type(event) is Cleared:
-        return _VCleared()  # SGLang's map form is the same: {"type": "AllBlocksCleared"}
     raise TypeError(f"not a KV event: {event!r}")
 
 
