@@ -80,6 +80,7 @@ class EventStream:
         self._fed_through: int | None = None  # seq of the last message given to the decoder
         self.applied_through: int | None = None  # ... and of the last one the collector has
         self._unflushed_messages = 0
+        self._replayed_through = -1  # highest seq a replay applied (for late live copies)
         self._log = log.getChild(name)
 
     def handle(
@@ -99,6 +100,11 @@ class EventStream:
 
     def handle_message(self, message: Message) -> None:
         """A parsed live message: sequence check, then decode."""
+        if 0 < message.seq <= self._replayed_through:
+            # A live copy still in the socket's queue of a batch a replay already applied,
+            # however far behind: not a restarted publisher (that starts again at 0).
+            self.stats.duplicates += 1
+            return
         first = self.sequence.expected is None
         verdict = self.sequence.check(message.seq)
         if verdict is Verdict.DUPLICATE:
@@ -117,6 +123,7 @@ class EventStream:
                 "sequence gap: batches lost", extra={"missing": missing, "seq": message.seq}
             )
         elif verdict is Verdict.RESTART:
+            self._replayed_through = -1  # the new publisher numbers from 0 again
             self.flush()
             self.stats.engine_restarts += 1
             self._log.warning(
@@ -183,6 +190,7 @@ class EventStream:
         # Exactly the next one: the live messages after these (the one that revealed the gap
         # among them) come through the tracker again, and a hole before them is a new gap.
         self.sequence.expected = present[-1] + 1
+        self._replayed_through = present[-1]
 
     def flush(self) -> None:
         """Hand everything decoded since the last flush on as one batch.
