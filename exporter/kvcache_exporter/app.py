@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from . import __version__
-from .checkpoint import CheckpointStore, CheckpointWriter, capture, restore
+from .checkpoint import Checkpoint, CheckpointStore, CheckpointWriter, capture, restore
 from .collector import BlockLifecycleCollector
 from .config import ExporterConfig
 from .pipeline import Pipeline, new_pipeline
@@ -96,12 +96,17 @@ class Exporter:
         for engine in self.engines:
             engine.pipeline.monitor.tick(now, engine.source.stats.last_arrival)
         if self._checkpoints is not None and now >= self._next_checkpoint:
-            replaying = any(
-                e.source.replay is not None and e.source.replay.active for e in self.engines
-            )
-            if not replaying:  # held messages would be neither in it nor after its seq
+            checkpoint = self._checkpoint_now()
+            if checkpoint is not None:
                 self._next_checkpoint = now + self.config.storage_interval
-                self._checkpoints.submit(capture([e.pipeline for e in self.engines]))
+                self._checkpoints.submit(checkpoint)
+
+    def _checkpoint_now(self) -> Checkpoint | None:
+        """The state to checkpoint, or None while a replay is in flight: the live messages
+        it holds would be neither in the checkpoint nor after its sequence number."""
+        if any(e.source.replay is not None and e.source.replay.active for e in self.engines):
+            return None
+        return capture([e.pipeline for e in self.engines])
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -158,11 +163,7 @@ class Exporter:
             self._ingest.join(timeout=2.0)
         if self._checkpoints is not None:
             # Ingestion has stopped: the state is whole. With no replay in flight it is final.
-            replaying = any(
-                e.source.replay is not None and e.source.replay.active for e in self.engines
-            )
-            final = None if replaying else capture([e.pipeline for e in self.engines])
-            self._checkpoints.close(final)
+            self._checkpoints.close(self._checkpoint_now())
         if self.otlp is not None:
             # After ingestion stopped, before any socket closes: the last numbers go out.
             self.otlp.stop()

@@ -72,7 +72,6 @@ class ExporterConfig:
     sources: tuple[SourceSpec, ...]
     listen_address: str = ":9477"
     telemetry_path: str = "/metrics"
-    web_config_file: str | None = None
     web: WebConfig | None = None
     otlp: OTLPConfig | None = None  # None: OTLP export is off
     collector: CollectorConfig = field(default_factory=CollectorConfig)
@@ -413,7 +412,6 @@ def load(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Expor
         sources=sources,
         listen_address=values["web.listen-address"],
         telemetry_path=values["web.telemetry-path"],
-        web_config_file=values["web.config.file"],
         web=web_config,
         otlp=_otlp(values, env),
         collector=CollectorConfig(

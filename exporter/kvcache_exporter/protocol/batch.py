@@ -20,7 +20,6 @@ OP_REMOVE: Final = 1
 OP_ACCESS: Final = 2
 OP_CLEAR: Final = 3
 
-UNKNOWN_LABEL: Final = "unknown"
 OTHER_LABEL: Final = "other"
 MAX_LABEL_LENGTH: Final = 32
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.:-]")
@@ -159,11 +158,3 @@ class DecodeStats:
 
     def add_error(self, reason: str, count: int = 1) -> None:
         self.errors[reason] = self.errors.get(reason, 0) + count
-
-    def merge(self, other: DecodeStats) -> None:
-        for name, count in other.events.items():
-            self.add_event(name, count)
-        for reason, count in other.errors.items():
-            self.add_error(reason, count)
-        self.unknown_fields += other.unknown_fields
-        self.tokens_stored += other.tokens_stored

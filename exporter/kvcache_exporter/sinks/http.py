@@ -8,7 +8,6 @@ import logging
 import socket
 import ssl
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -106,10 +105,9 @@ class _Handler(BaseHTTPRequestHandler):
         path, _, query = self.path.partition("?")
         try:
             if path == routes.telemetry_path:
-                started = time.perf_counter()
-                text = routes.metrics()
-                self.server.last_scrape_seconds = time.perf_counter() - started
-                self._send(200, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
+                self._send(
+                    200, routes.metrics().encode(), "text/plain; version=0.0.4; charset=utf-8"
+                )
             elif path == "/":
                 self._send(200, _landing(routes.telemetry_path), "text/html; charset=utf-8")
             elif path == "/healthz":
@@ -153,7 +151,6 @@ class MetricsHTTPServer(ThreadingHTTPServer):
         self.routes = routes
         self.web = web or WebConfig()
         self._tls = self.web.tls.context() if self.web.tls is not None else None
-        self.last_scrape_seconds = 0.0
         self._thread: threading.Thread | None = None
 
     def finish_request(self, request: Any, client_address: Any) -> None:

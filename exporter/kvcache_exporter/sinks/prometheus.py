@@ -22,8 +22,6 @@ from ..collector import CollectorSnapshot
 from ..collector.histogram import HistogramSnapshot
 from ..sources.stream import SourceStats
 
-CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
-
 HISTOGRAM_FAMILIES: Final = (
     ("lifetime", "kvcache_block_lifetime_seconds", "Block lifetime, stored to removed."),
     (

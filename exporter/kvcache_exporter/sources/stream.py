@@ -38,7 +38,6 @@ class SourceStats:
     last_event_ts: float | None = None
     last_arrival: float | None = None
     connections: int = 0
-    listening: bool = False
 
     @property
     def up(self) -> bool:

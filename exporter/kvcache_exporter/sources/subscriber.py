@@ -25,11 +25,7 @@ POLL_MS: Final = 100
 TICK_SECONDS: Final = 1.0  # wall-clock checks (stalled sources) run this often
 
 _MONITOR_EVENTS: Final = (
-    zmq.EVENT_CONNECTED
-    | zmq.EVENT_ACCEPTED
-    | zmq.EVENT_DISCONNECTED
-    | zmq.EVENT_LISTENING
-    | zmq.EVENT_CLOSED
+    zmq.EVENT_CONNECTED | zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
 )
 
 log = logging.getLogger("kvcache_exporter.source")
@@ -106,8 +102,6 @@ class SubscriberSource:
             elif kind == zmq.EVENT_DISCONNECTED:
                 stats.connections = max(0, stats.connections - 1)
                 self._log.warning("engine disconnected", extra={"peer": peer})
-            elif kind == zmq.EVENT_LISTENING:
-                stats.listening = True
             elif kind == zmq.EVENT_CLOSED:
                 stats.connections = 0
 
