@@ -242,6 +242,26 @@ def health() -> model.Dashboard:
                 ],
             )
         )
+        .with_panel(
+            timeseries_panel(
+                "Refused publishers",
+                "ZeroMQ handshakes per second that failed, by reason: auth (a CURVE key not in "
+                "curve.allow), protocol (CURVE on one side only), closed (the peer hung up "
+                "mid-handshake: a CURVE engine given the wrong curve.engine-key, or a "
+                "non-ZeroMQ client). Nothing a refused publisher sends is read. See "
+                "docs/runbooks.md#kvcachehandshakefailures.",
+                "count:handshakes/s",
+                [
+                    Query(
+                        "sum by (instance, engine, reason) "
+                        f"({rate('kvcache_exporter_handshake_failures_total')})",
+                        "{{reason}} {{engine}} {{instance}}",
+                    )
+                ],
+                width=24,
+                no_value="no refused publishers",
+            )
+        )
     )
 
     builder = (

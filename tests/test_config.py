@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import zmq
+import zmq.auth
 
 from kvcache_exporter.config import DEFAULT_SOURCE, ConfigError, load
 
@@ -83,3 +85,75 @@ def test_bad_config_files(tmp_path: Path) -> None:
     for path, needle in ((bad_yaml, "not valid YAML"), (unknown, "unknown key")):
         with pytest.raises(ConfigError, match=needle):
             load(["--config.file", str(path)], environ={})
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Path:
+    """exporter.key_secret, engine.key, and allowed/ with two publishers' public keys."""
+    zmq.auth.create_certificates(tmp_path, "exporter")
+    zmq.auth.create_certificates(tmp_path, "engine")
+    (tmp_path / "allowed").mkdir()
+    for name in ("a", "b"):
+        zmq.auth.create_certificates(tmp_path / "allowed", name)
+    return tmp_path
+
+
+def test_curve_roles_per_source(keys: Path) -> None:
+    cfg = load(
+        [
+            "--source.curve.key-file", str(keys / "exporter.key_secret"),
+            "--source", f"e=tcp://h:1,replay=tcp://h:2,curve.engine-key={keys / 'engine.key'}",
+            "--source", f"agent=tcp://*:3,curve.allow={keys / 'allowed'}",
+            "--source", "plain=tcp://127.0.0.1:4",
+        ],
+        environ={},
+    )  # fmt: skip
+    exporter_public, _ = zmq.auth.load_certificate(keys / "exporter.key_secret")
+    engine_public, _ = zmq.auth.load_certificate(keys / "engine.key")
+    client, server = cfg.curve["e"], cfg.curve["agent"]
+    assert client.public_key == server.public_key == exporter_public
+    assert client.server_key == engine_public and not client.is_server
+    assert server.is_server and server.zap_domain == "agent"
+    assert server.allowed_keys == {
+        zmq.auth.load_certificate(keys / "allowed" / f"{name}.key")[0] for name in ("a", "b")
+    }
+    assert "plain" not in cfg.curve
+
+
+def test_curve_in_the_config_file_mapping_form(keys: Path) -> None:
+    file = keys / "c.yaml"
+    file.write_text(
+        f"source.curve.key-file: {keys / 'exporter.key_secret'}\n"
+        "source:\n  - name: e\n    endpoint: tcp://h:1\n"
+        f"    curve.engine-key: {keys / 'engine.key'}\n"
+    )
+    cfg = load(["--config.file", str(file)], environ={})
+    assert cfg.sources[0].curve_engine_key == str(keys / "engine.key")
+    assert not cfg.curve["e"].is_server
+
+
+def test_curve_mistakes_are_one_line_errors(keys: Path) -> None:
+    own = ["--source.curve.key-file", str(keys / "exporter.key_secret")]
+    engine = ["--source", f"e=tcp://h:1,curve.engine-key={keys / 'engine.key'}"]
+    cases = [
+        (engine, "source e: CURVE needs the exporter's own key pair"),
+        (own, "no source uses CURVE"),
+        (
+            [*engine, "--source.curve.key-file", str(keys / "engine.key")],
+            f"--source.curve.key-file {keys / 'engine.key'}: no secret-key",
+        ),
+        (
+            [*own, "--source", "e=tcp://h:1,curve.engine-key=/absent.key"],
+            "source e: curve.engine-key /absent.key: no such file",
+        ),
+        (
+            [*own, "--source", f"e=tcp://*:1,curve.allow={keys}/absent"],
+            f"source e: curve.allow {keys}/absent: no such directory",
+        ),
+        ([*engine, "--source.curve.key-file", "/absent"], "--source.curve.key-file: no such file"),
+    ]
+    for argv, needle in cases:
+        with pytest.raises(ConfigError) as info:
+            load(argv, environ={})
+        assert needle in str(info.value)
+        assert "\n" not in str(info.value)

@@ -31,6 +31,14 @@ def test_options() -> None:
     assert spec.name == "vllm-0"
     assert spec.replay == "tcp://h:5558"
     assert spec.topic == "kv-events"
+    assert not spec.uses_curve
+
+
+def test_curve_options() -> None:
+    client = SourceSpec.parse("e=tcp://h:5557,replay=tcp://h:5558,curve.engine-key=/k/e.key")
+    assert client.curve_engine_key == "/k/e.key" and client.curve_allow is None
+    server = SourceSpec.parse("agent=tcp://*:5557,curve.allow=/etc/kv/engines")
+    assert server.curve_allow == "/etc/kv/engines" and server.uses_curve
 
 
 @pytest.mark.parametrize(
@@ -48,6 +56,9 @@ def test_options() -> None:
         "a=tcp://h:1,replay=",
         "a=tcp://h:1,replay=h:2",
         "a=tcp://h:1,x=1",
+        "a=tcp://h:1,curve.engine-key=",
+        "a=tcp://h:1,curve.engine-key=e.key,curve.allow=dir",  # client or server, not both
+        "a=inproc://x,curve.allow=dir",  # inproc has no handshake
     ],
 )
 def test_rejects(text: str) -> None:

@@ -89,6 +89,7 @@ class Config:
     source_down_for: str = "5m"
     loss_window: str = "10m"
     decode_errors_for: str = "10m"
+    handshake_failures_for: str = "10m"
     stall_window: str = "10m"
     stall_history: str = "1h"
     stall_for: str = "5m"
@@ -307,6 +308,19 @@ def exporter_alerts(config: Config) -> list[Rule]:
             f'{{{{ printf "%.3g" $value }}}} messages or events/s from {ENGINE_AT} fail to decode '
             f"with reason {{{{ $labels.reason }}}}, continuously for {config.decode_errors_for}: "
             "usually an engine version whose event schema this exporter does not know.",
+        ),
+        _alert(
+            config,
+            "KVCacheHandshakeFailures",
+            "rate(kvcache_exporter_handshake_failures_total[5m]) > 0",
+            config.handshake_failures_for,
+            "warning",
+            f"A publisher to {ENGINE_AT} is refused ({{{{ $labels.reason }}}})",
+            f"For {config.handshake_failures_for}, ZeroMQ handshakes with a publisher on "
+            f"{ENGINE_AT} have kept failing with reason {{{{ $labels.reason }}}} "
+            f'({{{{ printf "%.3g" $value }}}}/s): nothing it sends is read. Usually a CURVE '
+            "key that does not match (curve.engine-key, curve.allow), or CURVE set on one "
+            "side only; if no engine should connect there, someone else is trying to.",
         ),
         _alert(
             config,

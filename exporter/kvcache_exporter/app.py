@@ -19,6 +19,7 @@ from .sinks.export import ExportRequest, render_export
 from .sinks.http import MetricsHTTPServer, Routes, parse_listen_address
 from .sinks.prometheus import EngineView, render
 from .sinks.summary import summarize
+from .sources.authenticator import PublisherAuthenticator
 from .sources.subscriber import IngestLoop, SubscriberSource
 
 if TYPE_CHECKING:
@@ -54,9 +55,14 @@ class Exporter:
             whatif = replace(config.whatif, capacity=spec.capacity)
             pipeline = new_pipeline(spec.name, config.collector, config.monitor, whatif)
             source = SubscriberSource(
-                spec, self.context, pipeline.stream, rcvhwm=config.receive_hwm
+                spec,
+                self.context,
+                pipeline.stream,
+                rcvhwm=config.receive_hwm,
+                curve=config.curve.get(spec.name),
             )
             self.engines.append(Engine(pipeline, source))
+        self.authenticator = PublisherAuthenticator(self.context, config.curve)
         self._stop = threading.Event()
         self._ingest: threading.Thread | None = None
         self.http: MetricsHTTPServer | None = None
@@ -127,6 +133,7 @@ class Exporter:
                 self.otlp = OTLPSink(self.config.otlp, self.views)
             except Exception as exc:  # e.g. an unreadable OTEL_EXPORTER_OTLP_CERTIFICATE
                 raise OSError(f"OTLP exporter: {exc}") from exc
+        self.authenticator.start()
         for engine in self.engines:
             engine.source.open()
         routes = Routes(
@@ -171,5 +178,6 @@ class Exporter:
             self.http.stop()
         for engine in self.engines:
             engine.source.close()
+        self.authenticator.stop()
         self.context.term()
         log.info("kvcache-exporter stopped")

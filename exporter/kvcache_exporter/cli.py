@@ -15,7 +15,7 @@ import zmq
 from . import config as config_mod
 from . import logs
 from .app import Exporter
-from .commands import analyze, demo, record, replay
+from .commands import analyze, demo, keygen, record, replay
 from .commands.common import UsageError
 
 log = logging.getLogger("kvcache_exporter")
@@ -67,12 +67,13 @@ SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "replay": replay.run,
     "record": record.run,
     "analyze": analyze.run,
+    "keygen": keygen.run,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``kvcache-exporter [FLAGS]`` serves; ``kvcache-exporter demo|replay|record|analyze``
-    runs a tool (each has its own ``--help``)."""
+    """``kvcache-exporter [FLAGS]`` serves; ``kvcache-exporter
+    demo|replay|record|analyze|keygen`` runs a tool (each has its own ``--help``)."""
     args = list(sys.argv[1:] if argv is None else argv)
     tune_gc()
     if args and args[0] in SUBCOMMANDS:

@@ -31,6 +31,16 @@ from .analysis.whatif import (
 from .checkpoint import CheckpointStore
 from .collector import CollectorConfig
 from .collector.histogram import ACCESS_COUNT_BUCKETS, RESIDENCY_BUCKETS, validate_buckets
+from .protocol.curve import (
+    CurveKeyError,
+    CurveRole,
+    client_role,
+    curve_available,
+    load_allowed_keys,
+    load_key_pair,
+    load_public_key,
+    server_role,
+)
 from .sinks.http import parse_listen_address
 from .sinks.webconfig import WebConfig, WebConfigError, load_web_config
 from .sources.spec import SourceSpec, SourceSpecError
@@ -78,6 +88,7 @@ class ExporterConfig:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     whatif: WhatIfConfig = field(default_factory=WhatIfConfig)  # capacities: per source
     receive_hwm: int = 200_000
+    curve: Mapping[str, CurveRole] = field(default_factory=dict)  # by source name
     storage_path: str | None = None
     storage_interval: float = 30.0
     log_level: str = "info"
@@ -262,6 +273,9 @@ OPTIONS: Final = (
             "reuse-distance bucket bounds, as multiples of the capacity", "M1,M2,..."),
     _Option("--source.receive-hwm", _positive_int, 200_000,
             "ZeroMQ receive high-water mark per source, in messages", "N"),
+    _Option("--source.curve.key-file", _existing_file, None,
+            "the exporter's CURVE key pair (a ZeroMQ secret certificate, NAME.key_secret) for "
+            "sources with curve.engine-key= or curve.allow=", "FILE"),
     _Option("--storage.path", _identity, None,
             "folder for periodic checkpoints; restarts continue from them (off when unset)",
             "DIR"),
@@ -288,8 +302,10 @@ def build_parser(prog: str = "kvcache-exporter") -> argparse.ArgumentParser:
     parser.add_argument(
         "--source",
         action="append",
-        metavar="NAME=ENDPOINT[,replay=EP][,topic=PREFIX][,bind][,capacity=N]",
-        help=f"an engine's event endpoint (repeatable; default {DEFAULT_SOURCE})",
+        metavar="NAME=ENDPOINT[,OPTION...]",
+        help="an engine's event endpoint, with options replay=EP, topic=PREFIX, bind, "
+        "capacity[.MEDIUM]=N, curve.engine-key=FILE, curve.allow=DIR "
+        f"(repeatable; default {DEFAULT_SOURCE})",
     )
     parser.add_argument("--config.file", dest="config_file", metavar="FILE", help="YAML config")
     for opt in OPTIONS:
@@ -341,6 +357,9 @@ def _file_sources(value: object, path: str) -> list[str]:
                 )
             elif capacity is not None:
                 text += f",capacity={capacity}"
+            for key in ("curve.engine-key", "curve.allow"):
+                if item.get(key):
+                    text += f",{key}={item[key]}"
             texts.append(text)
         else:
             raise ConfigError(
@@ -395,6 +414,7 @@ def load(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Expor
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ConfigError(f"{where}: source name {duplicates[0]!r} given twice")
+    curve = _curve_roles(sources, values["source.curve.key-file"])
     storage_path = values["storage.path"]
     if storage_path is not None:
         try:
@@ -428,11 +448,51 @@ def load(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Expor
             distance_buckets=values["whatif.distance-buckets"],
         ),
         receive_hwm=values["source.receive-hwm"],
+        curve=curve,
         storage_path=storage_path,
         storage_interval=values["storage.interval"],
         log_level=values["log.level"],
         log_format=values["log.format"],
     )
+
+
+def _curve_roles(sources: Sequence[SourceSpec], key_file: str | None) -> dict[str, CurveRole]:
+    """The exporter's CURVE role per source that asks for one, with every key file read and
+    checked now, so that a bad one stops the start-up instead of silencing a source."""
+    curve_sources = [spec for spec in sources if spec.uses_curve]
+    if not curve_sources:
+        if key_file is not None:
+            raise ConfigError(
+                f"--source.curve.key-file {key_file}: no source uses CURVE "
+                "(add curve.engine-key= or curve.allow= to a --source)"
+            )
+        return {}
+    if not curve_available():
+        raise ConfigError(
+            f"source {curve_sources[0].name}: this libzmq was built without CURVE support"
+        )
+    if key_file is None:
+        raise ConfigError(
+            f"source {curve_sources[0].name}: CURVE needs the exporter's own key pair "
+            "(--source.curve.key-file NAME.key_secret; make one with 'kvcache-exporter keygen')"
+        )
+    try:
+        _, secret = load_key_pair(key_file)
+    except CurveKeyError as exc:
+        raise ConfigError(f"--source.curve.key-file {exc}") from None
+    roles = {}
+    for spec in curve_sources:
+        try:
+            if spec.curve_engine_key is not None:
+                roles[spec.name] = client_role(secret, load_public_key(spec.curve_engine_key))
+            else:
+                assert spec.curve_allow is not None
+                allowed = load_allowed_keys(spec.curve_allow)
+                roles[spec.name] = server_role(secret, spec.name, allowed)
+        except CurveKeyError as exc:
+            option = "curve.engine-key" if spec.curve_engine_key else "curve.allow"
+            raise ConfigError(f"source {spec.name}: {option} {exc}") from None
+    return roles
 
 
 def _otel_env(env: Mapping[str, str], *names: str) -> tuple[str, str] | None:

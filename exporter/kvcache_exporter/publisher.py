@@ -8,9 +8,11 @@
         pub.removed([h9], reason="evicted")
         pub.publish()  # one batch, next sequence number
 
-See docs/protocol.md for the wire form, for engines not written in Python.
+See docs/protocol.md for the wire form, for engines not written in Python, and
+docs/security.md for CURVE keys (``load_key_pair``, ``load_public_key``).
 """
 
+from .protocol.curve import load_key_pair, load_public_key
 from .protocol.publisher import (
     Accessed,
     Cleared,
@@ -31,4 +33,6 @@ __all__ = [
     "WireForm",
     "encode_batch",
     "frames",
+    "load_key_pair",
+    "load_public_key",
 ]

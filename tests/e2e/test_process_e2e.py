@@ -105,6 +105,12 @@ BAD_FLAGS = [
     pytest.param(["--source", "vllm=udp://127.0.0.1:1"], {}, "udp://", id="source-transport"),
     pytest.param(["--web.listen-address", "h:x"], {}, "--web.listen-address", id="listen"),
     pytest.param(["--log.level", "loud"], {}, "--log.level", id="log-level"),
+    pytest.param(
+        ["--source", "vllm=tcp://127.0.0.1:1,curve.engine-key=/absent.key"],
+        {},
+        "source vllm: CURVE needs the exporter's own key pair (--source.curve.key-file",
+        id="curve-without-key-pair",
+    ),
     pytest.param(["--no-such-flag"], {}, "--no-such-flag", id="unknown-flag"),
     pytest.param(
         [],

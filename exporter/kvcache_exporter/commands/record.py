@@ -52,6 +52,9 @@ def run(argv: Sequence[str]) -> int:
         specs = [SourceSpec.parse(text) for text in args.source]
     except SourceSpecError as exc:
         raise UsageError(f"--source: {exc}") from None
+    for spec in specs:
+        if spec.uses_curve:
+            raise UsageError(f"--source {spec.name}: record does not speak CURVE yet")
     try:
         writer = RecordingWriter(args.output)
     except (RecordingError, OSError) as exc:

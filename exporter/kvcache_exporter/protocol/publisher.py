@@ -48,6 +48,8 @@ import numpy as np
 import numpy.typing as npt
 import zmq
 
+from .curve import CurveRole, client_role, server_role
+
 __all__ = [
     "END_SEQ",
     "Accessed",
@@ -390,6 +392,11 @@ class KVEventPublisher:
     ``dp_rank`` is written into every batch. Unlike vLLM, the endpoint is used as given: a
     data-parallel engine gives rank k its own endpoint (vLLM adds k to the port).
 
+    CURVE (Z85 keys, see :mod:`kvcache_exporter.protocol.curve`): with ``curve_secret_key``
+    alone both sockets are CURVE servers, for an exporter that has this engine's public key
+    (``curve.engine-key=``); with ``curve_server_key`` too they are clients of an exporter
+    that holds that key and allows this engine's public key (``curve.allow=``).
+
     Not thread-safe: one thread queues and publishes (the replay thread is internal).
     """
 
@@ -407,9 +414,20 @@ class KVEventPublisher:
         replay_topic_frame: bool = True,
         bind: bool | None = None,
         linger_ms: int = 1000,
+        curve_secret_key: bytes | None = None,
+        curve_server_key: bytes | None = None,
     ) -> None:
         if replay_buffer < 1:
             raise ValueError(f"replay_buffer must be >= 1, not {replay_buffer}")
+        if curve_server_key is not None and curve_secret_key is None:
+            raise ValueError("curve_server_key needs curve_secret_key (this engine's own key)")
+        curve: CurveRole | None = None
+        if curve_secret_key is not None:
+            curve = (
+                server_role(curve_secret_key)
+                if curve_server_key is None
+                else client_role(curve_secret_key, curve_server_key)
+            )
         self.endpoint = endpoint
         self.topic = topic
         self.form = WireForm(form)
@@ -427,6 +445,8 @@ class KVEventPublisher:
         self._pub = _open(self._ctx, zmq.PUB, endpoint)
         try:
             self._pub.setsockopt(zmq.SNDHWM, sndhwm)
+            if curve is not None:
+                curve.apply(self._pub)
             if self.binds:
                 self._pub.bind(endpoint)
             else:
@@ -440,7 +460,9 @@ class KVEventPublisher:
         if replay_endpoint is not None:
             try:
                 topic_frame = self._topic_bytes if replay_topic_frame else None
-                self._replay = _ReplayServer(self._ctx, replay_endpoint, self._ring, topic_frame)
+                self._replay = _ReplayServer(
+                    self._ctx, replay_endpoint, self._ring, topic_frame, curve
+                )
             except BaseException:
                 self._pub.close(linger=0)
                 raise
@@ -617,12 +639,19 @@ class _ReplayServer:
     """
 
     def __init__(
-        self, ctx: zmq.Context[Any], endpoint: str, ring: _ReplayRing, topic: bytes | None
+        self,
+        ctx: zmq.Context[Any],
+        endpoint: str,
+        ring: _ReplayRing,
+        topic: bytes | None,
+        curve: CurveRole | None,
     ) -> None:
         self._ring = ring
         self._topic = topic
         capacity = ring.capacity
         self._router = _open(ctx, zmq.ROUTER, endpoint)
+        if curve is not None:
+            curve.apply(self._router)
         # Report unroutable peers instead of dropping silently, and let one full replay fit in
         # the pipe; a client too slow for that loses the rest of its answer, not the engine.
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)

@@ -186,6 +186,9 @@ CATALOG: Final[tuple[Instrument, ...]] = (
        "ZeroMQ messages received."),
     _i("kvcache_exporter_decode_errors_total", "kvcache.exporter.decode_errors", _C, "{error}",
        "Messages or events that could not be read, by reason.", ("reason", "error.type")),
+    _i("kvcache_exporter_handshake_failures_total", "kvcache.exporter.handshake_failures", _C,
+       "{handshake}", "ZeroMQ handshakes with a publisher that failed, by reason; such a "
+       "publisher is not heard.", ("reason", "error.type")),
     _i("kvcache_exporter_unknown_fields_total", "kvcache.exporter.unknown_fields", _C,
        "{field}", "Event fields this exporter does not know, skipped."),
     _i("kvcache_exporter_sequence_gaps_total", "kvcache.exporter.sequence_gaps", _C, "{gap}",
@@ -308,6 +311,9 @@ def series(views: Sequence[EngineView], otlp_exports: Mapping[str, int] | None =
         put("kvcache_exporter_messages_total", e, int(src.messages))
         for reason, count in v.decode_errors.items():
             put("kvcache_exporter_decode_errors_total", (*e, ("reason", reason)), int(count))
+        for reason, count in dict(src.handshake_failures).items():
+            put("kvcache_exporter_handshake_failures_total", (*e, ("reason", reason)),
+                int(count))  # fmt: skip
         put("kvcache_exporter_unknown_fields_total", e, int(v.unknown_fields))
         put("kvcache_exporter_sequence_gaps_total", e, int(src.sequence_gaps))
         put("kvcache_exporter_batches_lost_total", e, int(src.batches_lost))

@@ -334,6 +334,19 @@ def render(views: Sequence[EngineView], otlp_exports: Mapping[str, int] | None =
                 [("engine", v.name), ("reason", reason)],
                 count,
             )
+    out.family(
+        "kvcache_exporter_handshake_failures_total",
+        "counter",
+        "ZeroMQ handshakes with a publisher that failed (a wrong or refused CURVE key, CURVE "
+        "on one side only, a peer that hung up), by reason; such a publisher is not heard.",
+    )
+    for v in views:
+        for reason, count in sorted(dict(v.source.handshake_failures).items()):
+            out.sample(
+                "kvcache_exporter_handshake_failures_total",
+                [("engine", v.name), ("reason", reason)],
+                count,
+            )
     per_engine(
         "kvcache_exporter_unknown_fields_total",
         "counter",

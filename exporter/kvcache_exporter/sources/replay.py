@@ -20,6 +20,7 @@ from typing import Any, Final
 
 import zmq
 
+from ..protocol.curve import CurveRole
 from ..protocol.decode import DecodeError
 from ..protocol.framing import REPLAY_END, Message, parse_live, parse_replay
 from .stream import EventStream
@@ -41,6 +42,7 @@ class ReplayRecovery:
         endpoint: str,
         timeout: float = DEFAULT_TIMEOUT,
         max_held: int = DEFAULT_MAX_HELD,
+        curve: CurveRole | None = None,
     ) -> None:
         self.stream = stream
         self.endpoint = endpoint
@@ -49,6 +51,8 @@ class ReplayRecovery:
         self.socket = context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.RCVHWM, 0)  # a whole replay buffer must fit in
+        if curve is not None:
+            curve.apply(self.socket)
         self.socket.connect(endpoint)
         self.active = False
         # Requests whose end marker has not come back yet. A replay that timed out may still

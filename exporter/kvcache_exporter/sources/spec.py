@@ -41,10 +41,15 @@ def _check_endpoint(endpoint: str, what: str) -> None:
 @dataclass(frozen=True, slots=True)
 class SourceSpec:
     """One engine event stream:
-    ``NAME=ENDPOINT[,replay=ENDPOINT][,topic=PREFIX][,bind][,capacity=N][,capacity.MEDIUM=N]``.
+    ``NAME=ENDPOINT[,replay=ENDPOINT][,topic=PREFIX][,bind][,capacity=N][,capacity.MEDIUM=N]``
+    ``[,curve.engine-key=FILE | ,curve.allow=DIR]``.
 
     ``capacity`` is the engine's cache size in blocks for the what-if model, as (medium, N)
     pairs (medium ``""``: every medium); without it the model uses the capacity it observes.
+
+    ``curve.engine-key`` (the engine's public key certificate: the exporter is the CURVE
+    client) or ``curve.allow`` (a directory of the publishers' public keys: the exporter is
+    the CURVE server and hears no one else) switch the source's sockets to CURVE.
     """
 
     name: str
@@ -53,6 +58,12 @@ class SourceSpec:
     topic: str = ""
     bind_flag: bool = False
     capacity: tuple[tuple[str, int], ...] = ()
+    curve_engine_key: str | None = None
+    curve_allow: str | None = None
+
+    @property
+    def uses_curve(self) -> bool:
+        return self.curve_engine_key is not None or self.curve_allow is not None
 
     @property
     def binds(self) -> bool:
@@ -87,6 +98,7 @@ class SourceSpec:
         topic = ""
         bind = False
         capacity: dict[str, int] = {}
+        curve: dict[str, str] = {}
         for option in options:
             key, has_value, value = option.partition("=")
             if key == "bind" and not has_value:
@@ -107,11 +119,21 @@ class SourceSpec:
                 except ValueError as exc:
                     raise SourceSpecError(f"source {name}: {exc}") from None
                 capacity[medium] = blocks
+            elif key in ("curve.engine-key", "curve.allow") and value:
+                curve[key] = value
             else:
                 raise SourceSpecError(
                     f"source {name}: unknown option {option!r} "
-                    "(replay=, topic=, bind, capacity=, capacity.MEDIUM=)"
+                    "(replay=, topic=, bind, capacity=, capacity.MEDIUM=, "
+                    "curve.engine-key=, curve.allow=)"
                 )
+        if len(curve) > 1:
+            raise SourceSpecError(
+                f"source {name}: curve.engine-key= and curve.allow= exclude each other "
+                "(the exporter is either the CURVE client or the server)"
+            )
+        if curve and endpoint.startswith("inproc://"):
+            raise SourceSpecError(f"source {name}: CURVE needs a tcp:// or ipc:// endpoint")
         return cls(
             name=name,
             endpoint=endpoint,
@@ -119,4 +141,6 @@ class SourceSpec:
             topic=topic,
             bind_flag=bind,
             capacity=tuple(capacity.items()),
+            curve_engine_key=curve.get("curve.engine-key"),
+            curve_allow=curve.get("curve.allow"),
         )

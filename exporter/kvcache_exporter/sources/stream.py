@@ -24,6 +24,16 @@ FLUSH_EVENTS: Final = 4096
 log = logging.getLogger("kvcache_exporter.source")
 
 
+# Why a ZeroMQ handshake with a publisher failed (``auth``: a key refused; ``protocol``: e.g.
+# CURVE on one side only; ``closed``: the peer hung up mid-handshake, as a CURVE server does
+# when the client has the wrong server key). All three are exported from zero.
+HANDSHAKE_FAILURE_REASONS: Final = ("auth", "protocol", "closed")
+
+
+def _no_handshake_failures() -> dict[str, int]:
+    return dict.fromkeys(HANDSHAKE_FAILURE_REASONS, 0)
+
+
 @dataclass(slots=True)
 class SourceStats:
     """What one source has seen, as counters for the exposition."""
@@ -37,7 +47,8 @@ class SourceStats:
     engine_restarts: int = 0
     last_event_ts: float | None = None
     last_arrival: float | None = None
-    connections: int = 0
+    handshake_failures: dict[str, int] = field(default_factory=_no_handshake_failures)
+    connections: int = 0  # peers past the handshake; not a counter (not checkpointed)
 
     @property
     def up(self) -> bool:

@@ -15,6 +15,7 @@ from typing import Any, Final
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from ..protocol.curve import CurveRole
 from .replay import ReplayRecovery
 from .spec import SourceSpec
 from .stream import EventStream, SourceStats
@@ -24,15 +25,29 @@ MAX_DRAIN: Final = 4096  # messages read before giving other sockets a turn
 POLL_MS: Final = 100
 TICK_SECONDS: Final = 1.0  # wall-clock checks (stalled sources) run this often
 
+_HANDSHAKE_FAILURES: Final = {  # monitor event -> one of HANDSHAKE_FAILURE_REASONS
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "closed",
+}
 _MONITOR_EVENTS: Final = (
-    zmq.EVENT_CONNECTED | zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
+    zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_DISCONNECTED
+    | zmq.EVENT_CLOSED
 )
 
 log = logging.getLogger("kvcache_exporter.source")
 
 
 class SubscriberSource:
-    """One ``--source``: its SUB socket, its monitor and the :class:`EventStream` it feeds."""
+    """One ``--source``: its SUB socket, its monitor and the :class:`EventStream` it feeds.
+
+    With ``curve``, the SUB socket and the replay socket take that CURVE role: a publisher
+    without the right key never completes the handshake, so nothing it sends is read.
+    """
 
     def __init__(
         self,
@@ -40,6 +55,7 @@ class SubscriberSource:
         context: zmq.Context[Any],
         stream: EventStream,
         rcvhwm: int = DEFAULT_RCVHWM,
+        curve: CurveRole | None = None,
     ) -> None:
         self.spec = spec
         self.stream = stream
@@ -48,10 +64,18 @@ class SubscriberSource:
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
         self.socket.setsockopt(zmq.SUBSCRIBE, spec.topic.encode())
+        if curve is not None:
+            curve.apply(self.socket)
         self.monitor = self.socket.get_monitor_socket(_MONITOR_EVENTS)
         self.replay = (
-            ReplayRecovery(stream, context, spec.replay) if spec.replay is not None else None
+            ReplayRecovery(stream, context, spec.replay, curve=curve)
+            if spec.replay is not None
+            else None
         )
+        # Connections whose handshake failed and whose disconnect has not been read yet:
+        # libzmq reports the failure, then the disconnect, of the same connection.
+        self._failed_open = 0
+        self._failing = False  # a failure was logged; the next ones only count until success
         self._log = log.getChild(spec.name)
 
     @property
@@ -87,7 +111,11 @@ class SubscriberSource:
         return received
 
     def handle_monitor(self) -> None:
-        """Track connection state from the socket monitor (source_up, readiness)."""
+        """Track connection state from the socket monitor (source_up, readiness).
+
+        A peer counts once its ZMTP handshake (CURVE included) has succeeded; every
+        connection ends in one disconnect, after either a success or a failure.
+        """
         stats = self.stream.stats
         while True:
             try:
@@ -95,15 +123,31 @@ class SubscriberSource:
             except zmq.Again:
                 return
             kind = event["event"]
-            peer = event["endpoint"].decode(errors="replace")
-            if kind in (zmq.EVENT_CONNECTED, zmq.EVENT_ACCEPTED):
+            endpoint = event["endpoint"].decode(errors="replace")
+            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 stats.connections += 1
-                self._log.info("engine connected", extra={"peer": peer})
+                self._failing = False
+                self._log.info("engine connected", extra={"endpoint": endpoint})
+            elif kind in _HANDSHAKE_FAILURES:
+                reason = _HANDSHAKE_FAILURES[kind]
+                self._failed_open += 1
+                stats.handshake_failures[reason] += 1
+                if not self._failing:
+                    self._failing = True
+                    self._log.warning(
+                        "handshake with a publisher failed; it is not heard (wrong CURVE key, "
+                        "or CURVE on one side only?)",
+                        extra={"endpoint": endpoint, "reason": reason},
+                    )
             elif kind == zmq.EVENT_DISCONNECTED:
-                stats.connections = max(0, stats.connections - 1)
-                self._log.warning("engine disconnected", extra={"peer": peer})
+                if self._failed_open:
+                    self._failed_open -= 1
+                else:
+                    stats.connections = max(0, stats.connections - 1)
+                    self._log.warning("engine disconnected", extra={"endpoint": endpoint})
             elif kind == zmq.EVENT_CLOSED:
                 stats.connections = 0
+                self._failed_open = 0
 
     def close(self) -> None:
         if self.replay is not None:

@@ -1,0 +1,219 @@
+"""Sources over real ZeroMQ sockets with CURVE: who is heard, who is not, and how it shows.
+
+Every test that says a publisher is not heard runs it beside one that is, on the same
+ingest loop, so "nothing arrived" cannot pass because nothing could have arrived.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+
+import zmq
+
+from kvcache_exporter.collector import CollectorConfig
+from kvcache_exporter.pipeline import Pipeline, new_pipeline
+from kvcache_exporter.protocol.curve import CurveRole, client_role, server_role
+from kvcache_exporter.protocol.publisher import KVEventPublisher, Stored
+from kvcache_exporter.sources.authenticator import PublisherAuthenticator
+from kvcache_exporter.sources.spec import SourceSpec
+from kvcache_exporter.sources.subscriber import IngestLoop, SubscriberSource
+
+from .conftest import free_port
+from .test_sources_replay import applied, assert_matches, batch_events, wait_until
+
+
+@dataclass
+class Keys:
+    public: bytes
+    secret: bytes
+
+    @classmethod
+    def new(cls) -> Keys:
+        public, secret = zmq.curve_keypair()
+        return cls(public, secret)
+
+
+@contextmanager
+def running(
+    sources: list[tuple[str, CurveRole | None]],
+) -> Iterator[dict[str, tuple[Pipeline, SubscriberSource]]]:
+    """Real sources (spec text, CURVE role) on one ingest loop, with the ZAP authenticator the
+    exporter starts for the server roles among them."""
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    running: dict[str, tuple[Pipeline, SubscriberSource]] = {}
+    roles = {}
+    for text, role in sources:
+        spec = SourceSpec.parse(text)
+        pipeline = new_pipeline(spec.name, CollectorConfig())
+        running[spec.name] = (
+            pipeline,
+            SubscriberSource(spec, context, pipeline.stream, curve=role),
+        )
+        if role is not None:
+            roles[spec.name] = role
+    authenticator = PublisherAuthenticator(context, roles)
+    authenticator.start()
+    for _, source in running.values():
+        source.open()
+    stop = threading.Event()
+    loop = IngestLoop([source for _, source in running.values()])
+    thread = threading.Thread(target=loop.run, args=(stop,))
+    thread.start()
+    try:
+        yield running
+    finally:
+        stop.set()
+        thread.join(5)
+        for _, source in running.values():
+            source.close()
+        authenticator.stop()
+        context.term()
+
+
+def publish_until(
+    publishers: list[KVEventPublisher], heard: Pipeline, count: int, timeout: float = 10.0
+) -> None:
+    """Every publisher sends a batch every 20 ms (a PUB drops what it sends before the
+    handshake) until ``heard`` has applied ``count`` of them."""
+    deadline = time.monotonic() + timeout
+    sent = 0
+    while applied(heard) < count:
+        assert time.monotonic() < deadline, f"heard {applied(heard)} of {count} batches"
+        for pub in publishers:
+            pub.send_batch(100.0 + sent, [Stored([1000 + sent], token_count=16)])
+        sent += 1
+        time.sleep(0.02)
+
+
+def test_engine_key_the_right_engine_is_heard_and_an_impostor_is_not() -> None:
+    """``curve.engine-key``: the exporter is the CURVE client of two endpoints and expects the
+    same engine key on both. The engine with that key is heard; a publisher with any other key
+    never completes the handshake: nothing it sends is counted, the failures are."""
+    engine, impostor, exporter = Keys.new(), Keys.new(), Keys.new()
+    role = client_role(exporter.secret, engine.public)
+    real_port, fake_port = free_port(), free_port()
+    with ExitStack() as stack:
+        real = stack.enter_context(
+            KVEventPublisher(
+                f"tcp://127.0.0.1:{real_port}", bind=True, curve_secret_key=engine.secret
+            )
+        )
+        fake = stack.enter_context(
+            KVEventPublisher(
+                f"tcp://127.0.0.1:{fake_port}", bind=True, curve_secret_key=impostor.secret
+            )
+        )
+        sources = [
+            (f"real=tcp://127.0.0.1:{real_port}", role),
+            (f"fake=tcp://127.0.0.1:{fake_port}", role),
+        ]
+        with running(sources) as engines:
+            (heard, real_source), (unheard, fake_source) = engines["real"], engines["fake"]
+            wait_until(lambda: real_source.stats.up)
+            publish_until([real, fake], heard, 20)
+            wait_until(lambda: fake_source.stats.handshake_failures["closed"] >= 2)
+            assert real_source.stats.messages >= 20
+            assert fake_source.stats.messages == 0 and applied(unheard) == 0
+            assert not fake_source.stats.up
+            assert real_source.stats.handshake_failures == {"auth": 0, "protocol": 0, "closed": 0}
+
+
+def test_engine_key_a_publisher_without_curve_is_not_heard() -> None:
+    """A plain (NULL mechanism) publisher on a CURVE source fails the handshake as a protocol
+    mismatch, and the other way round: a CURVE engine on a plain source."""
+    engine, exporter = Keys.new(), Keys.new()
+    role = client_role(exporter.secret, engine.public)
+    ports = [free_port() for _ in range(3)]
+    with ExitStack() as stack:
+        real, plain, curve_only = (
+            stack.enter_context(KVEventPublisher(f"tcp://127.0.0.1:{port}", bind=True, **keys))
+            for port, keys in zip(
+                ports,
+                ({"curve_secret_key": engine.secret}, {}, {"curve_secret_key": engine.secret}),
+                strict=True,
+            )
+        )
+        sources = [
+            (f"real=tcp://127.0.0.1:{ports[0]}", role),
+            (f"plain=tcp://127.0.0.1:{ports[1]}", role),
+            (f"nocurve=tcp://127.0.0.1:{ports[2]}", None),
+        ]
+        with running(sources) as engines:
+            heard = engines["real"][0]
+            publish_until([real, plain, curve_only], heard, 10)
+            for name in ("plain", "nocurve"):
+                source = engines[name][1]
+                wait_until(lambda s=source: s.stats.handshake_failures["protocol"] >= 1)
+                assert source.stats.messages == 0 and not source.stats.up
+
+
+def test_allow_list_only_listed_publishers_are_heard() -> None:
+    """``curve.allow``: the exporter binds as the CURVE server and asks the ZAP handler about
+    every publisher. Three connect to the same socket: the listed one is heard, one with an
+    unlisted key is refused (``auth``), one without CURVE fails (``protocol``); the source
+    counts exactly one live peer."""
+    exporter, allowed, stranger = Keys.new(), Keys.new(), Keys.new()
+    port = free_port()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    role = server_role(exporter.secret, "agent", frozenset([allowed.public]))
+    with running([(f"agent={endpoint},bind", role)]) as engines:
+        pipeline, source = engines["agent"]
+        with ExitStack() as stack:
+            good = stack.enter_context(
+                KVEventPublisher(
+                    endpoint,
+                    bind=False,
+                    curve_secret_key=allowed.secret,
+                    curve_server_key=exporter.public,
+                )
+            )
+            refused = stack.enter_context(
+                KVEventPublisher(
+                    endpoint,
+                    bind=False,
+                    curve_secret_key=stranger.secret,
+                    curve_server_key=exporter.public,
+                )
+            )
+            plain = stack.enter_context(KVEventPublisher(endpoint, bind=False))
+            publish_until([good, refused, plain], pipeline, 15)
+            failures = source.stats.handshake_failures
+            wait_until(lambda: failures["auth"] >= 1 and failures["protocol"] >= 1)
+            # Only the listed publisher's batches: all three send the same blocks, so a second
+            # publisher heard would add messages that store nothing new (re-announcements).
+            snap = pipeline.collector.snapshot()
+            assert int(snap.stored.sum()) == source.stats.messages
+            assert source.stats.connections == 1
+            assert source.stats.duplicates == 0 and source.stats.engine_restarts == 0
+        wait_until(lambda: source.stats.connections == 0)
+        assert not source.stats.up
+
+
+def test_replay_runs_over_curve_too() -> None:
+    """The replay DEALER takes the source's role: an exporter that starts after the engine
+    published 20 batches recovers them from the CURVE engine's replay ROUTER."""
+    engine, exporter = Keys.new(), Keys.new()
+    port, replay_port = free_port(), free_port()
+    with KVEventPublisher(
+        f"tcp://127.0.0.1:{port}",
+        replay_endpoint=f"tcp://127.0.0.1:{replay_port}",
+        bind=True,
+        curve_secret_key=engine.secret,
+    ) as pub:
+        for i in range(20):
+            pub.send_batch(100.0 + i, batch_events(i))
+        spec = f"e=tcp://127.0.0.1:{port},replay=tcp://127.0.0.1:{replay_port}"
+        with running([(spec, client_role(exporter.secret, engine.public))]) as engines:
+            pipeline, source = engines["e"]
+            wait_until(lambda: source.stats.up)
+            time.sleep(0.3)  # the subscription reaches the publisher
+            for i in range(20, 25):
+                pub.send_batch(100.0 + i, batch_events(i))
+            wait_until(lambda: applied(pipeline) == 25, what=lambda: str(source.stats))
+            assert source.stats.batches_replayed >= 20  # the held live ones may come too
+            assert source.stats.batches_lost == 0
+            assert_matches(pipeline, 25)
