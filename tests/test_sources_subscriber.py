@@ -163,21 +163,16 @@ def test_allow_list_only_listed_publishers_are_heard() -> None:
     with running([(f"agent={endpoint},bind", role)]) as engines:
         pipeline, source = engines["agent"]
         with ExitStack() as stack:
-            good = stack.enter_context(
-                KVEventPublisher(
-                    endpoint,
-                    bind=False,
-                    curve_secret_key=allowed.secret,
-                    curve_server_key=exporter.public,
+            good, refused = (
+                stack.enter_context(
+                    KVEventPublisher(
+                        endpoint,
+                        bind=False,
+                        curve_secret_key=keys.secret,
+                        curve_server_key=exporter.public,
+                    )
                 )
-            )
-            refused = stack.enter_context(
-                KVEventPublisher(
-                    endpoint,
-                    bind=False,
-                    curve_secret_key=stranger.secret,
-                    curve_server_key=exporter.public,
-                )
+                for keys in (allowed, stranger)
             )
             plain = stack.enter_context(KVEventPublisher(endpoint, bind=False))
             publish_until([good, refused, plain], pipeline, 15)
