@@ -12,12 +12,14 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
+import pytest
 import zmq
 
 from kvcache_exporter.collector import CollectorConfig
 from kvcache_exporter.pipeline import Pipeline, new_pipeline
 from kvcache_exporter.protocol.curve import CurveRole, client_role, server_role
 from kvcache_exporter.protocol.publisher import KVEventPublisher, Stored
+from kvcache_exporter.sources import subscriber
 from kvcache_exporter.sources.authenticator import PublisherAuthenticator
 from kvcache_exporter.sources.spec import SourceSpec
 from kvcache_exporter.sources.subscriber import IngestLoop, SubscriberSource
@@ -180,8 +182,13 @@ def test_allow_list_only_listed_publishers_are_heard() -> None:
             wait_until(lambda: failures["auth"] >= 1 and failures["protocol"] >= 1)
             # Only the listed publisher's batches: all three send the same blocks, so a second
             # publisher heard would add messages that store nothing new (re-announcements).
-            snap = pipeline.collector.snapshot()
-            assert int(snap.stored.sum()) == source.stats.messages
+            # Read once nothing moves any more (a message is counted as its batch is applied).
+            before, counts = None, (applied(pipeline), source.stats.messages)
+            while counts != before:
+                time.sleep(0.3)
+                before, counts = counts, (applied(pipeline), source.stats.messages)
+            stored, messages = counts
+            assert stored == messages
             assert source.stats.connections == 1
             assert source.stats.duplicates == 0 and source.stats.engine_restarts == 0
         wait_until(lambda: source.stats.connections == 0)
@@ -212,3 +219,108 @@ def test_replay_runs_over_curve_too() -> None:
             assert source.stats.batches_replayed >= 20  # the held live ones may come too
             assert source.stats.batches_lost == 0
             assert_matches(pipeline, 25)
+
+
+def test_connect_again_after_a_refused_handshake(monkeypatch: pytest.MonkeyPatch) -> None:
+    """libzmq gives up on an endpoint after a protocol failure (here: an engine without CURVE).
+    The source connects again by itself, so once the engine comes back with its key it is
+    heard without restarting the exporter."""
+    monkeypatch.setattr(subscriber, "REFUSED_RECONNECT_SECONDS", 0.3)
+    engine, exporter = Keys.new(), Keys.new()
+    port = free_port()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    with running([(f"e={endpoint}", client_role(exporter.secret, engine.public))]) as engines:
+        pipeline, source = engines["e"]
+        with KVEventPublisher(endpoint, bind=True):
+            wait_until(lambda: source.stats.handshake_failures["protocol"] >= 1)
+        with bind_when_free(endpoint, engine.secret) as fixed:
+            wait_until(lambda: source.stats.up)
+            publish_until([fixed], pipeline, 5)
+
+
+def bind_when_free(endpoint: str, secret: bytes) -> KVEventPublisher:
+    """A CURVE publisher bound where one was just closed (libzmq frees the port a moment
+    after close returns)."""
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            return KVEventPublisher(endpoint, bind=True, curve_secret_key=secret)
+        except zmq.ZMQError:
+            assert time.monotonic() < deadline, f"{endpoint} stays in use"
+            time.sleep(0.05)
+
+
+MONITOR_SEQUENCES = [
+    pytest.param(
+        [("accepted", 10), ("succeeded", 0)], 1, id="an engine",
+    ),
+    pytest.param(
+        # A peer with a ZMTP 1.0 greeting: dropped with no handshake event at all.
+        [("accepted", 10), ("succeeded", 0), ("accepted", 11), ("disconnected", 11)],
+        1,
+        id="a stray peer leaves, the engine stays",
+    ),
+    pytest.param(
+        [("accepted", 10), ("succeeded", 0), ("accepted", 11), ("auth", 0),
+         ("disconnected", 11), ("accepted", 12), ("protocol", 0), ("disconnected", 12)],
+        1,
+        id="refused peers come and go, the engine stays",
+    ),
+    pytest.param(
+        [("accepted", 10), ("succeeded", 0), ("accepted", 11), ("succeeded", 0),
+         ("disconnected", 10)],
+        1,
+        id="two engines, one leaves",
+    ),
+    pytest.param(
+        [("accepted", 10), ("succeeded", 0), ("disconnected", 10)], 0, id="the engine leaves",
+    ),
+    pytest.param(
+        [("accepted", 11), ("auth", 0), ("accepted", 12)], 0, id="only refused and unproven peers",
+    ),
+    pytest.param(
+        [("connected", 5), ("closed", 0), ("disconnected", 5), ("socket_closed", 6),
+         ("connected", 7), ("succeeded", 0)],
+        1,
+        id="connect: a wrong engine key, then the right engine",
+    ),
+    pytest.param(
+        [("accepted", 10), ("succeeded", 0), ("disconnected", 10), ("accepted", 10)],
+        0,
+        id="a descriptor reused by an unproven peer",
+    ),
+]  # fmt: skip
+
+EVENTS = {
+    "accepted": zmq.EVENT_ACCEPTED,
+    "connected": zmq.EVENT_CONNECTED,
+    "succeeded": zmq.EVENT_HANDSHAKE_SUCCEEDED,
+    "auth": zmq.EVENT_HANDSHAKE_FAILED_AUTH,
+    "protocol": zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+    "closed": zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
+    "disconnected": zmq.EVENT_DISCONNECTED,
+    "socket_closed": zmq.EVENT_CLOSED,
+}
+
+
+@pytest.mark.parametrize(("events", "connections"), MONITOR_SEQUENCES)
+def test_connections_from_monitor_event_sequences(
+    events: list[tuple[str, int]], connections: int
+) -> None:
+    """Event sequences as libzmq 4.3 reports them (seen over real sockets): a source is up
+    while a connection is open and a publisher proved itself since none was, whatever
+    strays and refused peers do beside it."""
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    spec = SourceSpec.parse("e=tcp://127.0.0.1:1")
+    source = SubscriberSource(spec, context, new_pipeline("e", CollectorConfig()).stream)
+    try:
+        for name, value in events:
+            source.on_monitor_event(EVENTS[name], value, spec.endpoint)
+        assert source.stats.connections == connections
+        assert source.stats.up is (connections > 0)
+        failures = source.stats.handshake_failures
+        for reason in ("auth", "protocol", "closed"):
+            assert failures[reason] == sum(name == reason for name, _ in events)
+    finally:
+        source.close()
+        context.term()

@@ -6,6 +6,7 @@ messages reaches the collector as a few large numpy batches.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -25,13 +26,18 @@ MAX_DRAIN: Final = 4096  # messages read before giving other sockets a turn
 POLL_MS: Final = 100
 TICK_SECONDS: Final = 1.0  # wall-clock checks (stalled sources) run this often
 
-_HANDSHAKE_FAILURES: Final = {  # monitor event -> one of HANDSHAKE_FAILURE_REASONS
-    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth",
-    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol",
-    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "closed",
+_HANDSHAKE_FAILURES: Final[dict[int, str]] = {  # event -> one of HANDSHAKE_FAILURE_REASONS
+    int(zmq.EVENT_HANDSHAKE_FAILED_AUTH): "auth",
+    int(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL): "protocol",
+    int(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL): "closed",
 }
+# libzmq does not reconnect after a handshake that failed with a protocol error (a refused
+# key is one): a connecting source tries again itself after this long.
+REFUSED_RECONNECT_SECONDS: Final = 5.0
 _MONITOR_EVENTS: Final = (
-    zmq.EVENT_HANDSHAKE_SUCCEEDED
+    zmq.EVENT_CONNECTED
+    | zmq.EVENT_ACCEPTED
+    | zmq.EVENT_HANDSHAKE_SUCCEEDED
     | zmq.EVENT_HANDSHAKE_FAILED_AUTH
     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
@@ -72,10 +78,14 @@ class SubscriberSource:
             if spec.replay is not None
             else None
         )
-        # Connections whose handshake failed and whose disconnect has not been read yet:
-        # libzmq reports the failure, then the disconnect, of the same connection.
-        self._failed_open = 0
+        # Open connections by file descriptor (the monitor names them in accept/connect and
+        # disconnect events), and whether a publisher on them proved itself: a handshake that
+        # succeeded, or a message. Handshake events carry no descriptor, so the source is up
+        # while some connection is open and one was proven since the last time none was.
+        self._open: set[int] = set()
+        self._proven = False
         self._failing = False  # a failure was logged; the next ones only count until success
+        self._reconnect_at: float | None = None
         self._log = log.getChild(spec.name)
 
     @property
@@ -108,46 +118,65 @@ class SubscriberSource:
                 self.stream.handle(frames, arrival)
         if received:
             self.stream.flush()
+            # A peer that speaks an older ZMTP reports no handshake; its messages prove it.
+            # (Not after the last connection closed: those are its predecessor's leftovers.)
+            if self._open and not self._proven:
+                self._proven = True
+                self._update_connections()
         return received
 
     def handle_monitor(self) -> None:
-        """Track connection state from the socket monitor (source_up, readiness).
-
-        A peer counts once its ZMTP handshake (CURVE included) has succeeded; every
-        connection ends in one disconnect, after either a success or a failure.
-        """
-        stats = self.stream.stats
+        """Track connection state from the socket monitor (source_up, readiness)."""
         while True:
             try:
                 event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
             except zmq.Again:
                 return
-            kind = event["event"]
-            endpoint = event["endpoint"].decode(errors="replace")
-            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                stats.connections += 1
-                self._failing = False
-                self._log.info("engine connected", extra={"endpoint": endpoint})
-            elif kind in _HANDSHAKE_FAILURES:
-                reason = _HANDSHAKE_FAILURES[kind]
-                self._failed_open += 1
-                stats.handshake_failures[reason] += 1
-                if not self._failing:
-                    self._failing = True
-                    self._log.warning(
-                        "handshake with a publisher failed; it is not heard (wrong CURVE key, "
-                        "or CURVE on one side only?)",
-                        extra={"endpoint": endpoint, "reason": reason},
-                    )
-            elif kind == zmq.EVENT_DISCONNECTED:
-                if self._failed_open:
-                    self._failed_open -= 1
-                else:
-                    stats.connections = max(0, stats.connections - 1)
-                    self._log.warning("engine disconnected", extra={"endpoint": endpoint})
-            elif kind == zmq.EVENT_CLOSED:
-                stats.connections = 0
-                self._failed_open = 0
+            self.on_monitor_event(
+                int(event["event"]), int(event["value"]), event["endpoint"].decode(errors="replace")
+            )
+
+    def on_monitor_event(self, kind: int, value: int, endpoint: str) -> None:
+        """One socket-monitor event (``value``: the connection's descriptor where it has one)."""
+        if kind in (zmq.EVENT_CONNECTED, zmq.EVENT_ACCEPTED):
+            self._open.add(value)
+        elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self._proven = True
+            self._failing = False
+            self._log.info("engine connected", extra={"endpoint": endpoint})
+        elif kind in _HANDSHAKE_FAILURES:
+            reason = _HANDSHAKE_FAILURES[kind]
+            failures = self.stream.stats.handshake_failures
+            failures[reason] = failures.get(reason, 0) + 1
+            if not self._failing:
+                self._failing = True
+                self._log.warning(
+                    "handshake with a publisher failed; it is not heard (wrong CURVE key, "
+                    "or CURVE on one side only?)",
+                    extra={"endpoint": endpoint, "reason": reason},
+                )
+            if reason != "closed" and not self.spec.binds and self._reconnect_at is None:
+                self._reconnect_at = time.monotonic() + REFUSED_RECONNECT_SECONDS
+        elif kind in (zmq.EVENT_DISCONNECTED, zmq.EVENT_CLOSED):
+            self._open.discard(value)
+            if not self._open and self._proven:
+                self._proven = False
+                self._log.warning("engine disconnected", extra={"endpoint": endpoint})
+        self._update_connections()
+
+    def _update_connections(self) -> None:
+        self.stream.stats.connections = len(self._open) if self._proven else 0
+
+    def check_reconnect(self, now: float) -> None:
+        """Connect again once a refused handshake's wait is over (``now``: monotonic)."""
+        if self._reconnect_at is None or now < self._reconnect_at:
+            return
+        self._reconnect_at = None
+        endpoint = self.spec.zmq_endpoint
+        with contextlib.suppress(zmq.ZMQError):  # libzmq may have dropped the endpoint already
+            self.socket.disconnect(endpoint)
+        self.socket.connect(endpoint)
+        self._log.info("connecting again after a refused handshake", extra={"endpoint": endpoint})
 
     def close(self) -> None:
         if self.replay is not None:
@@ -182,6 +211,7 @@ class IngestLoop:
                 self._handlers[sock]()
             now = time.monotonic()
             for source in self._sources:
+                source.check_reconnect(now)
                 if source.replay is not None:
                     source.replay.check_timeout(now)
             if self._on_tick is not None and time.monotonic() >= next_tick:
