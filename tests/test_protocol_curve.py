@@ -54,6 +54,7 @@ OTHER_PUBLIC = zmq.curve_keypair()[0].decode()
         (None, None, "no public-key line; not a ZeroMQ certificate"),
         ("too-short", None, "the public-key is not a 40-character Z85 key"),
         ("~" * 40, None, "the public-key is not a 40-character Z85 key"),  # not Z85
+        ("#" * 40, None, "the public-key is not a 40-character Z85 key"),  # Z85 beyond 2**32
         (GOOD_PUBLIC, None, "no secret-key (expected a line 'secret-key = \"<40 Z85 chars>\"')"),
         (GOOD_PUBLIC, "x" * 39, "the secret-key is not a 40-character Z85 key"),
         (OTHER_PUBLIC, GOOD_SECRET, "the public-key does not belong to the secret-key"),

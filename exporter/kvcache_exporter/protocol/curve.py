@@ -35,7 +35,7 @@ def _check_key(key: bytes | None, what: str, path: Path) -> bytes:
         raise CurveKeyError(f"{path}: no {what} (expected a line '{what} = \"<40 Z85 chars>\"')")
     try:
         valid = len(key) == KEY_LENGTH and len(z85.decode(key)) == 32
-    except (ValueError, KeyError, IndexError, TypeError):
+    except Exception:  # z85.decode raises what it meets: KeyError, struct.error, ...
         valid = False
     if not valid:
         raise CurveKeyError(f"{path}: the {what} is not a {KEY_LENGTH}-character Z85 key")
@@ -87,8 +87,8 @@ def load_allowed_keys(directory: str | os.PathLike[str]) -> frozenset[bytes]:
 class CurveRole:
     """One side of a CURVE handshake: this side's key pair, and either the server's public key
     (this side is the client) or, for the server, the clients it lets in: ``allowed_keys``
-    under the ZAP domain ``zap_domain`` (a ZAP handler must serve it; without one libzmq
-    lets every client in that knows the server's key)."""
+    under the ZAP domain ``zap_domain``, which a ZAP handler must serve (a server without a
+    domain lets in every client that knows its public key)."""
 
     public_key: bytes
     secret_key: bytes
@@ -108,6 +108,9 @@ class CurveRole:
             sock.setsockopt(zmq.CURVE_SERVER, 1)
             if self.zap_domain:
                 sock.setsockopt(zmq.ZAP_DOMAIN, self.zap_domain.encode())
+                # Refuse every client while no ZAP handler answers, instead of letting in
+                # anyone who knows the server's public key.
+                sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
         else:
             sock.setsockopt(zmq.CURVE_SERVERKEY, self.server_key)
 
