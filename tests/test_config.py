@@ -120,16 +120,33 @@ def test_curve_roles_per_source(keys: Path) -> None:
     assert "plain" not in cfg.curve
 
 
-def test_curve_in_the_config_file_mapping_form(keys: Path) -> None:
+def test_source_mappings_in_the_config_file(keys: Path) -> None:
+    """Every option has a mapping form, nested or dotted; an unknown key is an error, never
+    a silently plain source."""
     file = keys / "c.yaml"
     file.write_text(
         f"source.curve.key-file: {keys / 'exporter.key_secret'}\n"
-        "source:\n  - name: e\n    endpoint: tcp://h:1\n"
+        "source:\n"
+        "  - name: e\n    endpoint: tcp://h:1\n    replay: tcp://h:2\n    topic: kv\n"
         f"    curve.engine-key: {keys / 'engine.key'}\n"
+        "    capacity: {GPU: 4000, CPU: 16000}\n"
+        "  - name: node\n    endpoint: tcp://*:3\n    bind: true\n"
+        f"    curve: {{allow: {keys / 'allowed'}}}\n"
+        "  - {name: plain, endpoint: 'ipc:///tmp/x', bind: false, replay: null, capacity: 9}\n"
     )
     cfg = load(["--config.file", str(file)], environ={})
-    assert cfg.sources[0].curve_engine_key == str(keys / "engine.key")
-    assert not cfg.curve["e"].is_server
+    e, node, plain = cfg.sources
+    assert (e.replay, e.topic, e.curve_engine_key) == ("tcp://h:2", "kv", str(keys / "engine.key"))
+    assert e.capacity == (("GPU", 4000), ("CPU", 16000))
+    assert node.bind_flag and node.curve_allow == str(keys / "allowed")
+    assert cfg.curve["node"].is_server and not cfg.curve["e"].is_server
+    assert not plain.binds and plain.replay is None and plain.capacity == (("", 9),)
+
+    for typo in ("curve: {alow: /etc/kv}", "curve_allow: /etc/kv", "repaly: tcp://h:2"):
+        file.write_text(f"source:\n  - name: x\n    endpoint: tcp://*:3\n    {typo}\n")
+        with pytest.raises(ConfigError, match="unknown option") as info:
+            load(["--config.file", str(file)], environ={})
+        assert "\n" not in str(info.value)
 
 
 def test_curve_mistakes_are_one_line_errors(keys: Path) -> None:

@@ -337,30 +337,27 @@ def _load_file(path: str) -> dict[str, Any]:
 
 
 def _file_sources(value: object, path: str) -> list[str]:
+    """The config file's sources as ``--source`` texts. A mapping's keys besides name and
+    endpoint become its options (nested mappings as dotted names: ``capacity: {GPU: N}`` is
+    ``capacity.GPU=N``, ``curve: {allow: DIR}`` is ``curve.allow=DIR``; ``bind: true`` is
+    ``bind``), so an unknown key is refused like an unknown option, never ignored."""
     items = value if isinstance(value, list) else [value]
     texts = []
     for item in items:
         if isinstance(item, str):
             texts.append(item)
         elif isinstance(item, Mapping) and "name" in item and "endpoint" in item:
-            text = f"{item['name']}={item['endpoint']}"
-            if item.get("replay"):
-                text += f",replay={item['replay']}"
-            if item.get("topic"):
-                text += f",topic={item['topic']}"
-            if item.get("bind"):
-                text += ",bind"
-            capacity = item.get("capacity")
-            if isinstance(capacity, Mapping):
-                text += "".join(
-                    f",capacity.{medium}={blocks}" for medium, blocks in capacity.items()
-                )
-            elif capacity is not None:
-                text += f",capacity={capacity}"
-            for key in ("curve.engine-key", "curve.allow"):
-                if item.get(key):
-                    text += f",{key}={item[key]}"
-            texts.append(text)
+            options = []
+            for key, option in item.items():
+                if key in ("name", "endpoint") or option is None or option is False:
+                    continue
+                if option is True:
+                    options.append(str(key))
+                elif isinstance(option, Mapping):
+                    options += [f"{key}.{sub}={v}" for sub, v in option.items()]
+                else:
+                    options.append(f"{key}={option}")
+            texts.append(",".join([f"{item['name']}={item['endpoint']}", *options]))
         else:
             raise ConfigError(
                 f"--config.file {path}: source: expected 'NAME=ENDPOINT' or a mapping "
