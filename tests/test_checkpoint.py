@@ -107,3 +107,29 @@ def test_save_is_atomic_and_leaves_no_temporary_files(tmp_path: Path) -> None:
     for _ in range(3):
         store.save(capture([fed("vllm", FRAMES[:20])]))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.npz"]
+
+
+def test_handshake_failures_persist_and_other_versions_checkpoints_restore(
+    tmp_path: Path,
+) -> None:
+    """The handshake failure counters come back; a checkpoint of an earlier version (without
+    them) or of a later one (with a stats field this one does not know) restores the rest,
+    nothing set aside. The counters sit apart from "stats", which earlier versions read whole."""
+    first = fed("vllm", FRAMES[:50])
+    first.stream.stats.handshake_failures["auth"] = 3
+    store = CheckpointStore(tmp_path)
+    checkpoint = capture([first])
+    entry = checkpoint.meta["engines"]["vllm"]
+    assert "handshake_failures" not in entry["stats"] and "connections" not in entry["stats"]
+
+    resumed = new_pipeline("vllm", CollectorConfig())
+    restore([resumed], checkpoint, store)
+    assert resumed.stream.stats.handshake_failures == {"auth": 3, "protocol": 0, "closed": 0}
+
+    del entry["handshake_failures"]  # as an earlier version wrote it
+    entry["stats"]["frames_from_the_future"] = 7  # as a later version might
+    older = new_pipeline("vllm", CollectorConfig())
+    restore([older], checkpoint, store)
+    assert older.stream.stats.handshake_failures == {"auth": 0, "protocol": 0, "closed": 0}
+    assert older.stream.stats.messages == first.stream.stats.messages == 50
+    assert not list(tmp_path.glob("checkpoint.npz.bad-*"))

@@ -21,7 +21,7 @@ import os
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Final
 
@@ -54,6 +54,11 @@ def _fingerprint(pipeline: Pipeline) -> dict[str, Any]:
     }
 
 
+# SourceStats fields not in a checkpoint's "stats": the live connection count (not a
+# counter), and the handshake failures (stored beside it).
+_STATS_KEPT_APART: Final = frozenset({"connections", "handshake_failures"})
+
+
 def capture(pipelines: list[Pipeline]) -> Checkpoint:
     """Copy every engine's state. Call it where no batch is half applied (the ingest thread
     between bursts, or after it stopped)."""
@@ -69,7 +74,9 @@ def capture(pipelines: list[Pipeline]) -> Checkpoint:
             "media": list(pipeline.collector.media.names),
             "reasons": list(pipeline.collector.reasons.names),
             "next_seq": stream.applied_through + 1 if stream.applied_through is not None else None,
-            "stats": {k: v for k, v in asdict(stream.stats).items() if k != "connections"},
+            "stats": {k: v for k, v in asdict(stream.stats).items() if k not in _STATS_KEPT_APART},
+            # Apart from "stats", which an earlier version reads whole into SourceStats.
+            "handshake_failures": dict(stream.stats.handshake_failures),
             "decoded": {
                 "events": dict(decoded.events),
                 "errors": dict(decoded.errors),
@@ -175,8 +182,10 @@ def _restore_one(pipeline: Pipeline, entry: dict[str, Any], arrays: dict[str, An
     collector.load_state(
         {name.removeprefix(prefix): v for name, v in arrays.items() if name.startswith(prefix)}
     )
-    stats = entry["stats"]
-    stream.stats = SourceStats(**{**stats, "connections": 0})
+    # Fields a later version added are left out, so that going back a version keeps the rest.
+    known = {f.name for f in fields(SourceStats)} - _STATS_KEPT_APART
+    stream.stats = SourceStats(**{k: v for k, v in entry["stats"].items() if k in known})
+    stream.stats.handshake_failures.update(entry.get("handshake_failures", {}))
     decoded = entry["decoded"]
     stream.decoder.stats.events.update(decoded["events"])
     stream.decoder.stats.errors.update(decoded["errors"])
