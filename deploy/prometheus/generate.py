@@ -89,7 +89,10 @@ class Config:
     source_down_for: str = "5m"
     loss_window: str = "10m"
     decode_errors_for: str = "10m"
-    handshake_failures_for: str = "10m"
+    handshake_window: str = "15m"
+    handshake_closed_min: int = 10
+    """Hang-ups mid-handshake in the window before they count: a peer that is not ZeroMQ (a
+    port scan) shows as one; a CURVE engine refusing the exporter's key, every few seconds."""
     stall_window: str = "10m"
     stall_history: str = "1h"
     stall_for: str = "5m"
@@ -179,6 +182,7 @@ def _alert(
     return rule
 
 
+HANDSHAKE_FAILURES = "kvcache_exporter_handshake_failures_total"
 WHERE = "{{ $labels.engine }} ({{ $labels.medium }}) on {{ $labels.instance }}"
 ENGINE_AT = "{{ $labels.engine }} on {{ $labels.instance }}"
 
@@ -312,15 +316,17 @@ def exporter_alerts(config: Config) -> list[Rule]:
         _alert(
             config,
             "KVCacheHandshakeFailures",
-            "rate(kvcache_exporter_handshake_failures_total[5m]) > 0",
-            config.handshake_failures_for,
+            f'increase({HANDSHAKE_FAILURES}{{reason!="closed"}}[{config.handshake_window}]) > 0\n'
+            f'or increase({HANDSHAKE_FAILURES}{{reason="closed"}}[{config.handshake_window}])'
+            f" > {config.handshake_closed_min}",
+            "0m",
             "warning",
             f"A publisher to {ENGINE_AT} is refused ({{{{ $labels.reason }}}})",
-            f"For {config.handshake_failures_for}, ZeroMQ handshakes with a publisher on "
-            f"{ENGINE_AT} have kept failing with reason {{{{ $labels.reason }}}} "
-            f'({{{{ printf "%.3g" $value }}}}/s): nothing it sends is read. Usually a CURVE '
-            "key that does not match (curve.engine-key, curve.allow), or CURVE set on one "
-            "side only; if no engine should connect there, someone else is trying to.",
+            f"{{{{ $value | humanize }}}} ZeroMQ handshakes with publishers on {ENGINE_AT} "
+            f"failed with reason {{{{ $labels.reason }}}} in the last {config.handshake_window}:"
+            " nothing such a publisher sends is read. Usually a CURVE key that does not match "
+            "(curve.engine-key, curve.allow), or CURVE set on one side only; if no engine "
+            "should connect there, someone else is trying to.",
         ),
         _alert(
             config,
