@@ -149,17 +149,33 @@ def test_curve_publishers_without_the_right_key_are_not_heard(
             )
 
         wait_for(settled, 15, "real and agent up, fake and the stranger refused")
-        time.sleep(0.3)  # the subscriptions reach the publishers
-        for i in range(10):
+
+        # Every publisher sends batch i (a fresh block) until the heard ones got 10 each: a
+        # subscription may take a moment to reach a publisher, which drops what it sent before.
+        def heard() -> dict[str, float]:
+            samples = exporter.scrape()
+            name = "kvcache_exporter_messages_total"
+            return {e: value(samples, name, engine=e) for e in ("real", "agent", "fake")}
+
+        i = 0
+        while min(heard()[e] for e in ("real", "agent")) < 10:
+            assert i < 500, heard()
             for pub in (real, fake, listed, stranger):
                 pub.send_batch(100.0 + i, [Stored([1000 + i], token_count=16)])
-        # Refused peers retry their handshakes for as long as they run, moving the failure
-        # counters; stopping them lets /metrics settle.
+            i += 1
+            time.sleep(0.02)
+        # The exporter keeps connecting to the impostor (a wrong engine key is a hang-up, which
+        # libzmq retries), moving the failure counter; stopping it lets /metrics settle.
         fake.close()
         stranger.close()
-        samples = exporter.wait_ingested({"real": 10, "agent": 10, "fake": 0})
+        time.sleep(1.0)  # what is in flight on loopback arrives
+        counts = heard()
+        assert counts["fake"] == 0
+        samples = exporter.wait_ingested({e: int(n) for e, n in counts.items()})
         for engine in ("real", "agent"):
-            assert value(samples, "kvcache_blocks_stored_total", engine=engine, medium="GPU") == 10
+            # One fresh block per message: nothing but the heard publisher's batches.
+            stored = value(samples, "kvcache_blocks_stored_total", engine=engine, medium="GPU")
+            assert stored == counts[engine] >= 10
             assert failures(samples, engine, "protocol") == 0
         assert failures(samples, "real", "closed") == 0
         assert value(samples, "kvcache_exporter_source_up", engine="fake") == 0
