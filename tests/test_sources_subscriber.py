@@ -6,6 +6,7 @@ ingest loop, so "nothing arrived" cannot pass because nothing could have arrived
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ import zmq
 from kvcache_exporter.collector import CollectorConfig
 from kvcache_exporter.pipeline import Pipeline, new_pipeline
 from kvcache_exporter.protocol.curve import CurveRole, client_role, server_role
-from kvcache_exporter.protocol.publisher import KVEventPublisher, Stored
+from kvcache_exporter.protocol.publisher import KVEventPublisher, Stored, encode_batch, frames
 from kvcache_exporter.sources import subscriber
 from kvcache_exporter.sources.authenticator import PublisherAuthenticator
 from kvcache_exporter.sources.spec import SourceSpec
@@ -41,10 +42,10 @@ class Keys:
 
 @contextmanager
 def running(
-    sources: list[tuple[str, CurveRole | None]],
+    sources: list[tuple[str, CurveRole | None]], authenticate: bool = True
 ) -> Iterator[dict[str, tuple[Pipeline, SubscriberSource]]]:
     """Real sources (spec text, CURVE role) on one ingest loop, with the ZAP authenticator the
-    exporter starts for the server roles among them."""
+    exporter starts for the server roles among them (unless ``authenticate`` is false)."""
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     running: dict[str, tuple[Pipeline, SubscriberSource]] = {}
     roles = {}
@@ -57,7 +58,7 @@ def running(
         )
         if role is not None:
             roles[spec.name] = role
-    authenticator = PublisherAuthenticator(context, roles)
+    authenticator = PublisherAuthenticator(context, roles if authenticate else {})
     authenticator.start()
     for _, source in running.values():
         source.open()
@@ -179,7 +180,11 @@ def test_allow_list_only_listed_publishers_are_heard() -> None:
             plain = stack.enter_context(KVEventPublisher(endpoint, bind=False))
             publish_until([good, refused, plain], pipeline, 15)
             failures = source.stats.handshake_failures
-            wait_until(lambda: failures["auth"] >= 1 and failures["protocol"] >= 1)
+            # Who notices a mechanism mismatch first is a race: the plain publisher shows as
+            # "protocol" or as a hang-up ("closed").
+            wait_until(
+                lambda: failures["auth"] >= 1 and failures["protocol"] + failures["closed"] >= 1
+            )
             # Only the listed publisher's batches: all three send the same blocks, so a second
             # publisher heard would add messages that store nothing new (re-announcements).
             # Read once nothing moves any more (a message is counted as its batch is applied).
@@ -222,29 +227,101 @@ def test_replay_runs_over_curve_too() -> None:
 
 
 def test_connect_again_after_a_refused_handshake(monkeypatch: pytest.MonkeyPatch) -> None:
-    """libzmq gives up on an endpoint after a protocol failure (here: an engine without CURVE).
-    The source connects again by itself, so once the engine comes back with its key it is
-    heard without restarting the exporter."""
-    monkeypatch.setattr(subscriber, "REFUSED_RECONNECT_SECONDS", 0.3)
+    """libzmq gives up on an endpoint after a protocol failure (here: an engine without CURVE,
+    on both its sockets). The source connects both again by itself, so once the engine comes
+    back with its key it is heard, and its replay buffer read, without restarting the exporter:
+    the 20 batches it publishes before the source is back come from replay."""
+    monkeypatch.setattr(subscriber, "REFUSED_RECONNECT_SECONDS", 3.0)
     engine, exporter = Keys.new(), Keys.new()
-    port = free_port()
-    endpoint = f"tcp://127.0.0.1:{port}"
-    with running([(f"e={endpoint}", client_role(exporter.secret, engine.public))]) as engines:
+    endpoint, replay = (f"tcp://127.0.0.1:{free_port()}" for _ in range(2))
+    role = client_role(exporter.secret, engine.public)
+    with running([(f"e={endpoint},replay={replay}", role)]) as engines:
         pipeline, source = engines["e"]
-        with KVEventPublisher(endpoint, bind=True):
+        with KVEventPublisher(endpoint, bind=True, replay_endpoint=replay):
             wait_until(lambda: source.stats.handshake_failures["protocol"] >= 1)
-        with bind_when_free(endpoint, engine.secret) as fixed:
+        with bind_when_free(endpoint, engine.secret, replay) as fixed:
+            for i in range(20):  # no subscriber yet: only the replay buffer keeps them
+                fixed.send_batch(100.0 + i, batch_events(i))
             wait_until(lambda: source.stats.up)
-            publish_until([fixed], pipeline, 5)
+            time.sleep(0.3)  # the subscription reaches the publisher
+            for i in range(20, 25):
+                fixed.send_batch(100.0 + i, batch_events(i))
+            wait_until(lambda: applied(pipeline) == 25, what=lambda: str(source.stats))
+            assert source.stats.batches_lost == 0
+            assert_matches(pipeline, 25)
 
 
-def bind_when_free(endpoint: str, secret: bytes) -> KVEventPublisher:
+@pytest.mark.parametrize(
+    ("spec_text", "reason", "reconnects"),
+    [
+        ("e=tcp://127.0.0.1:1", "protocol", True),
+        ("e=tcp://127.0.0.1:1", "auth", True),
+        ("e=tcp://127.0.0.1:1", "closed", False),  # libzmq retries a hang-up itself
+        ("e=tcp://*:1", "protocol", False),  # a bound source: the publisher connects
+    ],
+)
+def test_which_refusals_make_the_source_connect_again(
+    spec_text: str, reason: str, reconnects: bool
+) -> None:
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    spec = SourceSpec.parse(spec_text)
+    source = SubscriberSource(spec, context, new_pipeline("e", CollectorConfig()).stream)
+    try:
+        for name, value in (("connected", 5), (reason, 0), ("disconnected", 5)):
+            source.on_monitor_event(EVENTS[name], value, spec.endpoint)
+        assert (source.reconnect_at is not None) is reconnects
+    finally:
+        source.close()
+        context.term()
+
+
+def test_an_allow_list_without_its_zap_handler_lets_no_one_in() -> None:
+    """Should the ZAP handler not run, a ``curve.allow`` source refuses every publisher, even
+    a listed one, instead of admitting anyone who knows the exporter's public key."""
+    exporter, listed = Keys.new(), Keys.new()
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    role = server_role(exporter.secret, "agent", frozenset([listed.public]))
+    with running([(f"agent={endpoint},bind", role)], authenticate=False) as engines:
+        _, source = engines["agent"]
+        with KVEventPublisher(
+            endpoint, bind=False, curve_secret_key=listed.secret, curve_server_key=exporter.public
+        ) as pub:
+            deadline = time.monotonic() + 1.0
+            while time.monotonic() < deadline:
+                pub.send_batch(100.0, [Stored([1000], token_count=16)])
+                time.sleep(0.02)
+            wait_until(lambda: sum(source.stats.handshake_failures.values()) >= 1)
+            assert source.stats.messages == 0 and not source.stats.up
+
+
+def test_a_publisher_speaking_zmtp_2_is_up_once_it_sends() -> None:
+    """A ZMTP 2.0 peer (libzmq 3.x) reports no handshake event; its first message proves it."""
+    port = free_port()
+    with running([(f"old=tcp://127.0.0.1:{port},bind", None)]) as engines:
+        pipeline, source = engines["old"]
+        with socket.create_connection(("127.0.0.1", port)) as peer:
+            peer.sendall(b"\xff" + b"\0" * 8 + b"\x7f" + b"\x01\x01")  # ZMTP 2.0 greeting, PUB
+            peer.recv(64)  # the SUB's greeting
+            peer.sendall(b"\x00\x00")  # an empty identity
+            time.sleep(0.3)
+            assert not source.stats.up  # connected, not proven
+            payload = encode_batch(100.0, [Stored([1000], token_count=16)])
+            for flags, frame in zip(b"\x01\x01\x00", frames("kv", 0, payload), strict=True):
+                peer.sendall(bytes([flags, len(frame)]) + frame)  # short frames (< 256 bytes)
+            wait_until(lambda: applied(pipeline) == 1)
+            assert source.stats.up
+        wait_until(lambda: not source.stats.up)
+
+
+def bind_when_free(endpoint: str, secret: bytes, replay: str) -> KVEventPublisher:
     """A CURVE publisher bound where one was just closed (libzmq frees the port a moment
     after close returns)."""
     deadline = time.monotonic() + 5
     while True:
         try:
-            return KVEventPublisher(endpoint, bind=True, curve_secret_key=secret)
+            return KVEventPublisher(
+                endpoint, bind=True, curve_secret_key=secret, replay_endpoint=replay
+            )
         except zmq.ZMQError:
             assert time.monotonic() < deadline, f"{endpoint} stays in use"
             time.sleep(0.05)

@@ -81,11 +81,14 @@ class SubscriberSource:
         # Open connections by file descriptor (the monitor names them in accept/connect and
         # disconnect events), and whether a publisher on them proved itself: a handshake that
         # succeeded, or a message. Handshake events carry no descriptor, so the source is up
-        # while some connection is open and one was proven since the last time none was.
+        # while some connection is open and one was proven since the last time none was (an
+        # unproven one still open when the engine leaves keeps it up until libzmq's handshake
+        # timeout, 30 s, closes it).
         self._open: set[int] = set()
         self._proven = False
         self._failing = False  # a failure was logged; the next ones only count until success
-        self._reconnect_at: float | None = None
+        self.reconnect_at: float | None = None  # monotonic time of the next connect, if refused
+        self._reconnect_logged = False
         self._log = log.getChild(spec.name)
 
     @property
@@ -142,7 +145,7 @@ class SubscriberSource:
             self._open.add(value)
         elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             self._proven = True
-            self._failing = False
+            self._failing = self._reconnect_logged = False
             self._log.info("engine connected", extra={"endpoint": endpoint})
         elif kind in _HANDSHAKE_FAILURES:
             reason = _HANDSHAKE_FAILURES[kind]
@@ -155,8 +158,10 @@ class SubscriberSource:
                     "or CURVE on one side only?)",
                     extra={"endpoint": endpoint, "reason": reason},
                 )
-            if reason != "closed" and not self.spec.binds and self._reconnect_at is None:
-                self._reconnect_at = time.monotonic() + REFUSED_RECONNECT_SECONDS
+            # A hang-up ("closed") libzmq retries itself; reconnecting then could cut the
+            # connection it has just made again.
+            if reason != "closed" and not self.spec.binds and self.reconnect_at is None:
+                self.reconnect_at = time.monotonic() + REFUSED_RECONNECT_SECONDS
         elif kind in (zmq.EVENT_DISCONNECTED, zmq.EVENT_CLOSED):
             self._open.discard(value)
             if not self._open and self._proven:
@@ -168,15 +173,33 @@ class SubscriberSource:
         self.stream.stats.connections = len(self._open) if self._proven else 0
 
     def check_reconnect(self, now: float) -> None:
-        """Connect again once a refused handshake's wait is over (``now``: monotonic)."""
-        if self._reconnect_at is None or now < self._reconnect_at:
+        """Connect again, the replay socket too, once a refused handshake's wait is over
+        (``now``: monotonic). Never raises: a failure waits for the next turn."""
+        if self.reconnect_at is None or now < self.reconnect_at:
             return
-        self._reconnect_at = None
-        endpoint = self.spec.zmq_endpoint
-        with contextlib.suppress(zmq.ZMQError):  # libzmq may have dropped the endpoint already
-            self.socket.disconnect(endpoint)
-        self.socket.connect(endpoint)
-        self._log.info("connecting again after a refused handshake", extra={"endpoint": endpoint})
+        self.reconnect_at = None
+        if self._open:  # connected meanwhile
+            return
+        sockets = [(self.socket, self.spec.zmq_endpoint)]
+        if self.replay is not None:
+            sockets.append((self.replay.socket, self.replay.endpoint))
+        try:
+            for sock, endpoint in sockets:
+                with contextlib.suppress(zmq.ZMQError):  # libzmq may have dropped it already
+                    sock.disconnect(endpoint)
+                sock.connect(endpoint)
+        except zmq.ZMQError as exc:
+            self.reconnect_at = now + REFUSED_RECONNECT_SECONDS
+            self._log.warning("cannot connect again", extra={"error": str(exc)})
+            return
+        # Once per failing streak: a source that stays refused retries every few seconds.
+        level = logging.DEBUG if self._reconnect_logged else logging.INFO
+        self._reconnect_logged = True
+        self._log.log(
+            level,
+            "connecting again after a refused handshake",
+            extra={"endpoint": self.spec.endpoint},
+        )
 
     def close(self) -> None:
         if self.replay is not None:
@@ -197,8 +220,9 @@ class IngestLoop:
         self._sources = sources
         self._handlers: dict[Any, Callable[[], object]] = {}
         for source in sources:
-            self._handlers[source.socket] = source.drain
+            # The monitor first: a connection is known before the messages it brought.
             self._handlers[source.monitor] = source.handle_monitor
+            self._handlers[source.socket] = source.drain
             if source.replay is not None:
                 self._handlers[source.replay.socket] = source.replay.read_answers
         for sock in self._handlers:
