@@ -132,7 +132,7 @@ def test_source_mappings_in_the_config_file(keys: Path) -> None:
         "    capacity: {GPU: 4000, CPU: 16000}\n"
         "  - name: node\n    endpoint: tcp://*:3\n    bind: true\n"
         f"    curve: {{allow: {keys / 'allowed'}}}\n"
-        "  - {name: plain, endpoint: 'ipc:///tmp/x', bind: false, replay: null, capacity: 9}\n"
+        "  - {name: plain, endpoint: 'ipc:///tmp/x', bind: false, replay: '', capacity: 9}\n"
     )
     cfg = load(["--config.file", str(file)], environ={})
     e, node, plain = cfg.sources

@@ -349,7 +349,9 @@ def _file_sources(value: object, path: str) -> list[str]:
         elif isinstance(item, Mapping) and "name" in item and "endpoint" in item:
             options = []
             for key, option in item.items():
-                if key in ("name", "endpoint") or option is None or option is False:
+                # None, false and "" say "not set" (an empty replay or topic always did).
+                unset = option is None or option is False or option == ""
+                if key in ("name", "endpoint") or unset:
                     continue
                 if option is True:
                     options.append(str(key))
