@@ -1,7 +1,7 @@
 """The ZAP handler that lets only allowed publishers through to ``curve.allow=`` sources.
 
 libzmq asks a ZAP handler (RFC 27) about every client that completes a CURVE handshake with a
-server socket; without one it lets in anyone who knows the server's public key. pyzmq's
+server socket; without one, these sockets (ZAP_ENFORCE_DOMAIN) refuse every client. pyzmq's
 :class:`~zmq.auth.thread.ThreadAuthenticator` is that handler, on its own thread; each
 source is its own ZAP domain, with the keys read from its ``curve.allow`` directory at start.
 """

@@ -48,7 +48,7 @@ class SourceStats:
     last_event_ts: float | None = None
     last_arrival: float | None = None
     handshake_failures: dict[str, int] = field(default_factory=_no_handshake_failures)
-    connections: int = 0  # peers past the handshake; not a counter (not checkpointed)
+    connections: int = 0  # open connections once a publisher proved itself; not checkpointed
 
     @property
     def up(self) -> bool:
