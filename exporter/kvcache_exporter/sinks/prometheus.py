@@ -214,10 +214,22 @@ def render(views: Sequence[EngineView], otlp_exports: Mapping[str, int] | None =
             if value is not None:
                 out.sample(name, [("engine", engine)], value)
 
-    out.family("kvcache_events_total", "counter", "Events decoded, by event type.")
-    for v in views:
-        for kind, count in sorted(v.events.items()):
-            out.sample("kvcache_events_total", [("engine", v.name), ("type", kind)], count)
+    def per_engine_by(
+        name: str, kind: str, help_text: str, label: str, values: dict[str, Mapping[str, int]]
+    ) -> None:
+        """One sample per engine and ``label`` value (sorted)."""
+        out.family(name, kind, help_text)
+        for engine, counts in values.items():
+            for key, count in sorted(counts.items()):
+                out.sample(name, [("engine", engine), (label, key)], count)
+
+    per_engine_by(
+        "kvcache_events_total",
+        "counter",
+        "Events decoded, by event type.",
+        "type",
+        {v.name: v.events for v in views},
+    )
 
     per_medium(
         "kvcache_blocks_stored_total",
@@ -322,31 +334,21 @@ def render(views: Sequence[EngineView], otlp_exports: Mapping[str, int] | None =
         "ZeroMQ messages received.",
         {v.name: v.source.messages for v in views},
     )
-    out.family(
+    per_engine_by(
         "kvcache_exporter_decode_errors_total",
         "counter",
         "Messages or events that could not be read, by reason.",
+        "reason",
+        {v.name: v.decode_errors for v in views},
     )
-    for v in views:
-        for reason, count in sorted(v.decode_errors.items()):
-            out.sample(
-                "kvcache_exporter_decode_errors_total",
-                [("engine", v.name), ("reason", reason)],
-                count,
-            )
-    out.family(
+    per_engine_by(
         "kvcache_exporter_handshake_failures_total",
         "counter",
         "ZeroMQ handshakes with a publisher that failed (a wrong or refused CURVE key, CURVE "
         "on one side only, a peer that hung up), by reason; such a publisher is not heard.",
+        "reason",
+        {v.name: dict(v.source.handshake_failures) for v in views},
     )
-    for v in views:
-        for reason, count in sorted(dict(v.source.handshake_failures).items()):
-            out.sample(
-                "kvcache_exporter_handshake_failures_total",
-                [("engine", v.name), ("reason", reason)],
-                count,
-            )
     per_engine(
         "kvcache_exporter_unknown_fields_total",
         "counter",
