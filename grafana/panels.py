@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from grafana_foundation_sdk.builders import bargauge, heatmap, stat, statetimeline, timeseries
 from grafana_foundation_sdk.builders import common as common_builders
@@ -106,6 +107,32 @@ def row(title: str) -> dash.Row:
     return dash.Row(title)
 
 
+_Panel = TypeVar(
+    "_Panel", timeseries.Panel, stat.Panel, heatmap.Panel, statetimeline.Panel, bargauge.Panel
+)
+
+
+def _common(
+    panel: _Panel,
+    title: str,
+    description: str,
+    unit: str,
+    queries: Sequence[Query],
+    width: int,
+    height: int,
+) -> _Panel:
+    """What every panel here sets the same way: text, unit, data source, queries and size."""
+    return (
+        panel.title(title)
+        .description(description)
+        .unit(unit)
+        .datasource(DATASOURCE)
+        .targets(_targets(queries))
+        .span(width)
+        .height(height)
+    )
+
+
 def timeseries_panel(
     title: str,
     description: str,
@@ -121,14 +148,7 @@ def timeseries_panel(
 ) -> timeseries.Panel:
     """Lines over time; ``thresholds`` are drawn as dashed lines."""
     panel = (
-        timeseries.Panel()
-        .title(title)
-        .description(description)
-        .unit(unit)
-        .datasource(DATASOURCE)
-        .targets(_targets(queries))
-        .span(width)
-        .height(height)
+        _common(timeseries.Panel(), title, description, unit, queries, width, height)
         .fill_opacity(10)
         .show_points(common.VisibilityMode.NEVER)
         .legend(_legend())
@@ -164,14 +184,7 @@ def stat_panel(
 ) -> stat.Panel:
     """Big numbers, one per series, colored by ``thresholds`` (or ``mappings``)."""
     panel = (
-        stat.Panel()
-        .title(title)
-        .description(description)
-        .unit(unit)
-        .datasource(DATASOURCE)
-        .targets(_targets(queries))
-        .span(width)
-        .height(height)
+        _common(stat.Panel(), title, description, unit, queries, width, height)
         .thresholds(_thresholds(thresholds))
         .color_mode(common.BigValueColorMode.VALUE)
         .graph_mode(common.BigValueGraphMode.AREA if graph else common.BigValueGraphMode.NONE)
@@ -199,14 +212,7 @@ def heatmap_panel(
     if not query.heatmap:
         raise ValueError(f"{title}: a heatmap query needs heatmap format")
     return (
-        heatmap.Panel()
-        .title(title)
-        .description(description)
-        .unit(y_unit)
-        .datasource(DATASOURCE)
-        .targets(_targets([query]))
-        .span(width)
-        .height(height)
+        _common(heatmap.Panel(), title, description, y_unit, [query], width, height)
         .calculate(False)
         .rows_frame(heatmap.RowsHeatmapOptions().layout(common.HeatmapCellLayout.LE))
         .y_axis(heatmap.YAxisConfig().unit(y_unit))
@@ -241,14 +247,7 @@ def state_timeline_panel(
 ) -> statetimeline.Panel:
     """States over time, one lane per series; ``mappings`` name and color the states."""
     panel = (
-        statetimeline.Panel()
-        .title(title)
-        .description(description)
-        .unit(NONE)
-        .datasource(DATASOURCE)
-        .targets(_targets(queries))
-        .span(width)
-        .height(height)
+        _common(statetimeline.Panel(), title, description, NONE, queries, width, height)
         .mappings(_mappings(mappings))
         .thresholds(_thresholds([(None, GREY)]))
         .show_value(common.VisibilityMode.NEVER)
@@ -273,14 +272,7 @@ def bargauge_panel(
 ) -> bargauge.Panel:
     """Horizontal bars, one per series (or per bucket of a heatmap-format query)."""
     panel = (
-        bargauge.Panel()
-        .title(title)
-        .description(description)
-        .unit(unit)
-        .datasource(DATASOURCE)
-        .targets(_targets(queries))
-        .span(width)
-        .height(height)
+        _common(bargauge.Panel(), title, description, unit, queries, width, height)
         .orientation(common.VizOrientation.HORIZONTAL)
         .display_mode(common.BarGaugeDisplayMode.GRADIENT)
         .value_mode(common.BarGaugeValueMode.COLOR)
