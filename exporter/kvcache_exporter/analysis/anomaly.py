@@ -59,7 +59,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Final
 
@@ -336,6 +336,23 @@ def _levels_low(value: float, warn: float, crit: float, scale: float) -> AlertLe
     return None
 
 
+def _raise_and_hold(
+    levels: Callable[[float, float, float, float], AlertLevel | None],
+    value: float,
+    warn: float,
+    crit: float,
+    scale: float,
+    enough: bool = True,
+    enough_to_hold: bool = True,
+) -> tuple[AlertLevel | None, AlertLevel | None]:
+    """The level to raise at (the thresholds themselves, with enough data) and the level an
+    alert already raised holds at (thresholds eased by ``scale``, with less data needed)."""
+    return (
+        levels(value, warn, crit, 1.0) if enough else None,
+        levels(value, warn, crit, scale) if enough_to_hold else None,
+    )
+
+
 @dataclass(slots=True)
 class _State:
     level: AlertLevel | None = None
@@ -554,15 +571,14 @@ class AnomalyDetector:
         base = (s.evicted - b.evicted) / base_span
         factor = rate / max(base, cfg.storm_baseline_floor)
         scale = cfg.clear_ratio
-        level = (
-            _levels_high(factor, cfg.storm_factor, cfg.storm_critical_factor, 1.0)
-            if rate >= cfg.storm_min_rate
-            else None
-        )
-        held = (
-            _levels_high(factor, cfg.storm_factor, cfg.storm_critical_factor, scale)
-            if rate >= cfg.storm_min_rate * scale
-            else None
+        level, held = _raise_and_hold(
+            _levels_high,
+            factor,
+            cfg.storm_factor,
+            cfg.storm_critical_factor,
+            scale,
+            enough=rate >= cfg.storm_min_rate,
+            enough_to_hold=rate >= cfg.storm_min_rate * scale,
         )
         return _Reading(
             level,
@@ -599,15 +615,14 @@ class AnomalyDetector:
             return _no_data(f"no stores in {window}", th)
         ratio = restores / stores
         scale = cfg.clear_ratio
-        level = (
-            _levels_high(ratio, cfg.thrash_ratio, cfg.thrash_critical_ratio, 1.0)
-            if stores >= cfg.thrash_min_stores
-            else None
-        )
-        held = (
-            _levels_high(ratio, cfg.thrash_ratio, cfg.thrash_critical_ratio, scale)
-            if stores >= cfg.thrash_min_stores * scale
-            else None
+        level, held = _raise_and_hold(
+            _levels_high,
+            ratio,
+            cfg.thrash_ratio,
+            cfg.thrash_critical_ratio,
+            scale,
+            enough=stores >= cfg.thrash_min_stores,
+            enough_to_hold=stores >= cfg.thrash_min_stores * scale,
         )
         return _Reading(
             level,
@@ -642,23 +657,16 @@ class AnomalyDetector:
             return _no_data("median lifetime: no lifetimes in a window", th)
         ratio = short_med / base_med
         scale = cfg.clear_ratio
-        enough = (
-            n_short >= cfg.residency_min_observations
-            and n_base >= cfg.residency_min_baseline_observations
-        )
-        enough_held = (
-            n_short >= cfg.residency_min_observations * scale
-            and n_base >= cfg.residency_min_baseline_observations * scale
-        )
-        level = (
-            _levels_low(ratio, cfg.residency_ratio, cfg.residency_critical_ratio, 1.0)
-            if enough
-            else None
-        )
-        held = (
-            _levels_low(ratio, cfg.residency_ratio, cfg.residency_critical_ratio, scale)
-            if enough_held
-            else None
+        level, held = _raise_and_hold(
+            _levels_low,
+            ratio,
+            cfg.residency_ratio,
+            cfg.residency_critical_ratio,
+            scale,
+            enough=n_short >= cfg.residency_min_observations
+            and n_base >= cfg.residency_min_baseline_observations,
+            enough_to_hold=n_short >= cfg.residency_min_observations * scale
+            and n_base >= cfg.residency_min_baseline_observations * scale,
         )
         base_span = s.ts - b.ts
         return _Reading(
@@ -713,8 +721,9 @@ class AnomalyDetector:
         lost = head.lost_batches - s.lost_batches
         span = now - s.ts
         return _Reading(
-            _levels_high(lost, cfg.loss_batches, cfg.loss_critical_batches, 1.0),
-            _levels_high(lost, cfg.loss_batches, cfg.loss_critical_batches, cfg.clear_ratio),
+            *_raise_and_hold(
+                _levels_high, lost, cfg.loss_batches, cfg.loss_critical_batches, cfg.clear_ratio
+            ),
             float(lost),
             f"{lost} event batch{'es' if lost != 1 else ''} lost in the last {_num(span)} s "
             "(sequence gaps not recovered)",
