@@ -257,9 +257,14 @@ def _tokens(event: Stored) -> Any:
     return _zeros(count)
 
 
-def _map_form(stored: type[Any], removed: type[Any], accessed: type[Any]) -> Callable[[Event], Any]:
-    """The converter for a map form: vLLM's and SGLang's differ only in the structs, which
-    decide what a null field looks like on the wire (written, or left out)."""
+def _converter(
+    stored: Callable[..., Any],
+    removed: Callable[[Any, str | None, str | None], Any],
+    accessed: Callable[[Any, str | None], Any],
+    cleared: Callable[[], Any],
+) -> Callable[[Event], Any]:
+    """An event converter for one wire form: the forms differ only in the structs, which
+    decide the shape (map or array) and what a null field looks like (written, or left out)."""
 
     def convert(event: Event) -> Any:
         if type(event) is Stored:
@@ -277,42 +282,24 @@ def _map_form(stored: type[Any], removed: type[Any], accessed: type[Any]) -> Cal
         if type(event) is Accessed:
             return accessed(_seq(event.block_hashes), event.medium)
         if type(event) is Cleared:
-            return _VCleared()  # the same in both: {"type": "AllBlocksCleared"}
+            return cleared()
         raise TypeError(f"not a KV event: {event!r}")
 
     return convert
 
 
-_vllm = _map_form(_VStored, _VRemoved, _VAccessed)
-_sglang = _map_form(_SStored, _SRemoved, _SAccessed)
-
-
-def _vllm_array(event: Event) -> Any:
-    if type(event) is Stored:
-        return _AStored(
-            _seq(event.block_hashes),
-            event.parent_block_hash,
-            _tokens(event),
-            event.block_size,
-            event.lora_id,
-            event.medium,
-            event.lora_name,
-        )
-    if type(event) is Removed:
-        if event.reason is None:
-            return _ARemoved(_seq(event.block_hashes), event.medium)
-        return _ARemovedWithReason(_seq(event.block_hashes), event.medium, None, None, event.reason)
-    if type(event) is Accessed:
-        return _AAccessed(_seq(event.block_hashes), event.medium)
-    if type(event) is Cleared:
-        return _ACleared()
-    raise TypeError(f"not a KV event: {event!r}")
+def _array_removed(hashes: Any, medium: str | None, reason: str | None) -> Any:
+    """A removal in vLLM's array form: with a reason, the struct that carries one."""
+    if reason is None:
+        return _ARemoved(hashes, medium)
+    return _ARemovedWithReason(hashes, medium, None, None, reason)
 
 
 _TO_WIRE: Final[dict[WireForm, Callable[[Event], Any]]] = {
-    WireForm.VLLM: _vllm,
-    WireForm.VLLM_ARRAY: _vllm_array,
-    WireForm.SGLANG: _sglang,
+    WireForm.VLLM: _converter(_VStored, _VRemoved, _VAccessed, _VCleared),
+    WireForm.VLLM_ARRAY: _converter(_AStored, _array_removed, _AAccessed, _ACleared),
+    # {"type": "AllBlocksCleared"} is the same in both map forms.
+    WireForm.SGLANG: _converter(_SStored, _SRemoved, _SAccessed, _VCleared),
 }
 
 
