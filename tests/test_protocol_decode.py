@@ -25,6 +25,7 @@ from kvcache_exporter.protocol.batch import (
     OP_REMOVE,
     OP_STORE,
     EventBatch,
+    GroupSpec,
     LabelTable,
 )
 from kvcache_exporter.protocol.decode import (
@@ -34,6 +35,7 @@ from kvcache_exporter.protocol.decode import (
     fold_hash,
     hashes_to_array,
     msgpack_array_length,
+    new_adapter_table,
 )
 
 VECTORS = Path(__file__).parent / "fixtures" / "vectors"
@@ -216,15 +218,64 @@ def test_vectors_fed_together_flush_in_order(path: Path) -> None:
 
 
 def test_vector_script_is_the_same_across_engines() -> None:
-    """Every producer encodes the same logical script (a sanity check on the fixtures): same
-    row types and media per message; hashes differ only where the README says they do."""
+    """Every producer encodes the same logical script (a sanity check on the fixtures): the
+    vLLM and SGLang struct files agree on row types and media per message; the live and
+    TensorRT-LLM captures keep its shape (5 batches, 5 stored blocks, one clear, one block
+    resident at the end) in what their engines can send."""
     shapes = {
         path.stem: [[(r[0], r[3]) for r in expected_rows(v.expected)] for v in load_vectors(path)]
         for path in VECTOR_FILES
     }
-    # vLLM 0.9.2 has no medium; everything else agrees exactly.
-    with_medium = {k: s for k, s in shapes.items() if k != "vllm-0.9.2"}
+    captured = {k for k in shapes if k.endswith("-live") or k.startswith("trtllm-")}
+    assert captured  # the fixtures hold them
+    # vLLM 0.9.2 has no medium; the other struct-encoded files agree exactly.
+    with_medium = {k: s for k, s in shapes.items() if k != "vllm-0.9.2" and k not in captured}
     assert len({json.dumps(s) for s in with_medium.values()}) == 1
+    for name in captured:
+        rows = [row for message in shapes[name] for row in message]
+        assert len(shapes[name]) == 5, name
+        assert sum(kind == "BlockStored" for kind, _ in rows) == 5, name
+        assert sum(kind == "AllBlocksCleared" for kind, _ in rows) == 1, name
+        assert shapes[name][-1] == [("BlockStored", "GPU")], name
+
+
+def expected_extras(expected: dict[str, Any]) -> list[tuple[str, int]]:
+    """Per row: (adapter, tokens) a vector's ``expected`` block implies — ``lora_name``, else
+    ``lora_id`` as its digits, else ``base``; a stored block holds ``block_size`` tokens."""
+    out: list[tuple[str, int]] = []
+    for event in expected["events"]:
+        if event["type"] == "AllBlocksCleared":
+            out.append(("base", 0))
+            continue
+        if event["type"] != "BlockStored":
+            out.extend(("base", 0) for _ in event["block_hashes"])
+            continue
+        name, lora_id = event.get("lora_name"), event.get("lora_id")
+        adapter = name or (str(lora_id) if lora_id is not None else "base")
+        assert event["token_count"] == event["block_size"] * len(event["block_hashes"])
+        out.extend((adapter, event["block_size"]) for _ in event["block_hashes"])
+    return out
+
+
+@pytest.mark.parametrize("path", VECTOR_FILES, ids=[p.stem for p in VECTOR_FILES])
+def test_vectors_adapters_groups_and_tokens(path: Path) -> None:
+    """Every engine's bytes give each stored block its adapter (vLLM and SGLang by
+    ``lora_name``, TensorRT-LLM by ``lora_id``, the base model otherwise) and ``block_size``
+    tokens; none of these single-group streams names a group other than 0, and no removal
+    says how many copies remain."""
+    d = new_decoder()
+    for v in load_vectors(path):
+        d.feed(v.payload)
+        batch = d.flush()
+        got = [
+            (d.adapters.names[a], t)
+            for a, t in zip(batch.adapter.tolist(), batch.tokens.tolist(), strict=True)
+        ]
+        assert got == expected_extras(v.expected)
+        assert set(batch.group.tolist()) <= {0}
+        assert (batch.copies_left == -1).all()
+    assert d.groups.names == ["0"]
+    assert d.stats.groups == {}
 
 
 def test_memoryview_payload() -> None:
@@ -872,11 +923,13 @@ def generated_event(draw: st.DrawFn, form: str) -> tuple[Any, list[Row], int, st
     folded = [h & MASK if isinstance(h, int) else int.from_bytes(h[-8:], "big") for h in hashes]
     tokens = 0
     if kind == "BlockStored":
-        tokens = draw(st.integers(0, 40))
+        sent = draw(st.integers(0, 40))
+        # Each block holds block_size tokens; a trailing one fewer if token_ids stop short.
+        tokens = sum(min(16, max(0, sent - 16 * i)) for i in range(len(hashes)))
         fields = {
             "block_hashes": hashes,
             "parent_block_hash": draw(st.one_of(st.none(), _hash)),
-            "token_ids": list(range(tokens)),
+            "token_ids": list(range(sent)),
             "block_size": 16,
             "lora_id": draw(st.one_of(st.none(), st.integers(0, 9))),
             "medium": medium,
@@ -932,3 +985,88 @@ def test_generated_batches_decode_exactly(
     assert d.stats.tokens_stored == sum(b[3] for b in batches)
     assert d.stats.errors == {}
     assert d.stats.unknown_fields == 0
+
+
+# --- 5. KV-cache groups, copies, adapters, tokens -------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["map", "array"])
+def test_group_idx_spec_and_remaining_copies(form: str) -> None:
+    """``group_idx`` (absent or null: group 0) labels every row of its event; a store's
+    ``kv_cache_spec_kind`` and ``kv_cache_spec_sliding_window`` say what its group is; a
+    removal's ``remaining_copy_counts`` lands on its rows when it matches the hashes."""
+    if form == "map":
+        events: list[Any] = [
+            stored(
+                [1, 2],
+                tokens=200,
+                group_idx=0,
+                kv_cache_spec_kind="sliding_window",
+                kv_cache_spec_sliding_window=128,
+            ),
+            stored([1], group_idx=1, kv_cache_spec_kind="full_attention"),
+            stored([9]),
+            removed([1, 2], group_idx=0, remaining_copy_counts=[1, 0]),
+            removed([1], group_idx=1, remaining_copy_counts=[0, 0]),  # does not match: unsaid
+            {"type": "BlockAccessed", "block_hashes": [1], "medium": "GPU", "group_idx": 1},
+        ]
+    else:
+        pad = [None]  # extra_keys
+        events = [
+            [*stored([1, 2], tokens=200, form="array"), *pad, 0, "sliding_window", 128],
+            [*stored([1], form="array"), *pad, 1, "full_attention", None],
+            stored([9], form="array"),
+            ["BlockRemoved", [1, 2], "GPU", 0, [1, 0]],
+            ["BlockRemoved", [1], "GPU", 1, [0, 0]],
+            ["BlockAccessed", [1], "GPU", 1],
+        ]
+    d = new_decoder()
+    d.feed(encode([TS, events]))
+    batch = d.flush()
+    groups = [d.groups.names[g] for g in batch.group.tolist()]
+    assert groups == ["0", "0", "1", "0", "0", "0", "1", "1"]
+    assert batch.copies_left.tolist() == [-1, -1, -1, -1, 1, 0, -1, -1]
+    assert batch.tokens.tolist() == [16, 16, 16, 16, 0, 0, 0, 0]
+    assert d.stats.groups == {
+        0: GroupSpec("sliding_window", "128"),
+        1: GroupSpec("full_attention", ""),
+    }
+    assert d.stats.errors == {}
+    assert d.stats.unknown_fields == 0
+
+
+def test_sglang_salted_array_store_is_read() -> None:
+    """SGLang <= 0.5.19 puts a metadata map where vLLM's arrays have ``lora_name``: the store
+    is read (base adapter), not dropped, and the map is not an unknown field."""
+    salted = [*stored([5], form="array")[:7], {"cache_salt": "tenant-a"}]
+    d, rows = decode_one(encode([TS, [salted], 0]))
+    assert rows == [("BlockStored", 5, TS, "GPU", None)]
+    assert d.stats.errors == {}
+    assert d.stats.unknown_fields == 0
+
+
+def test_hostile_group_values_stay_bounded() -> None:
+    """Group values that are not ints land in ``other``; at most 16 group labels exist."""
+    events = [stored([i], group_idx=i) for i in range(40)]
+    events += [stored([99], group_idx=[1, 2]), stored([98], group_idx="x" * 100)]
+    d = new_decoder()
+    d.feed(encode([TS, events]))
+    batch = d.flush()
+    assert len(d.groups.names) <= 16
+    assert d.groups.names[batch.group[-2]] == "other"
+    assert len(batch) == 42
+    assert d.stats.errors == {}
+
+
+def test_adapter_labels_are_capped() -> None:
+    """Beyond ``max_adapters`` named adapters, stores land in ``other``; the base model is
+    ``base``; removals carry no adapter."""
+    d = PayloadDecoder(
+        LabelTable("unknown"), LabelTable("evicted"), adapters=new_adapter_table(max_adapters=2)
+    )
+    events = [stored([i], lora_name=f"a{i}") for i in range(4)]
+    events += [stored([7], lora_id=3), stored([8]), removed([1])]
+    d.feed(encode([TS, events]))
+    batch = d.flush()
+    names = [d.adapters.names[a] for a in batch.adapter.tolist()]
+    assert names == ["a0", "a1", "other", "other", "other", "base", "base"]

@@ -154,7 +154,9 @@ def test_token_ids_and_counts() -> None:
     assert events[2]["token_ids"] == [0] * 1024
     assert len(events[3]["token_ids"]) == 70_000
     decoder, _ = decode(payload)
-    assert decoder.stats.tokens_stored == 3 + 20 + 1024 + 70_000
+    # Tokens a block holds: block_size, fewer for a partial last block; 70,000 token ids over
+    # one 16-token block (as a sliding-window store sends) are still one block's 16 tokens.
+    assert decoder.stats.tokens_stored == 3 + 20 + 1024 + 16
     with pytest.raises(ValueError, match="token_count"):
         encode_batch(0.0, [Stored([1], token_count=-1)])
 

@@ -1,16 +1,17 @@
 """The columnar batch every decoder produces and every collector consumes.
 
 One row per block operation, in stream order. A ``BlockStored`` event with 16 hashes becomes
-16 rows; ``AllBlocksCleared`` becomes one ``OP_CLEAR`` row. Label strings from the wire
-(medium, removal reason) travel as small integer ids into a bounded :class:`LabelTable`, so a
-hostile stream cannot explode label cardinality.
+16 rows; ``AllBlocksCleared`` becomes one ``OP_CLEAR`` row. Label values from the wire
+(medium, removal reason, KV-cache group, LoRA adapter) travel as small integer ids into bounded
+:class:`LabelTable` s, so a hostile stream cannot explode label cardinality.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -26,7 +27,11 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_.:-]")
 
 U64Array = npt.NDArray[np.uint64]
 U8Array = npt.NDArray[np.uint8]
+U32Array = npt.NDArray[np.uint32]
+I32Array = npt.NDArray[np.int32]
 F64Array = npt.NDArray[np.float64]
+
+NO_COPY_COUNT: Final = -1  # a removal that does not say how many copies of its hash remain
 
 
 class LabelTable:
@@ -57,8 +62,16 @@ class LabelTable:
         return label_id
 
     def id_of(self, value: object) -> int:
-        """The id for a raw wire value (str, None, or anything else)."""
-        label_id = self._ids.get(value)
+        """The id for a raw wire value: a str, an int (named by its decimal digits, as group
+        indexes and LoRA ids are), None (the default), or anything else (``other``)."""
+        if isinstance(value, int) and not isinstance(value, bool):
+            key: object = value
+            value = str(value)
+        elif isinstance(value, str):
+            key = value
+        else:
+            key = None if value is None else OTHER_LABEL
+        label_id = self._ids.get(key)
         if label_id is not None:
             return label_id
         if isinstance(value, str) and value:
@@ -68,8 +81,7 @@ class LabelTable:
         if name not in self._ids and len(self.names) >= self.capacity - 1:
             name = OTHER_LABEL
         label_id = self._intern(name)
-        if isinstance(value, str):
-            self._ids[value] = label_id
+        self._ids[key] = label_id
         return label_id
 
     def restore(self, names: list[str]) -> None:
@@ -82,8 +94,9 @@ class LabelTable:
             elif label_id >= self.capacity or self._intern(name) != label_id:
                 raise ValueError(f"label {name!r} cannot keep id {label_id}")
 
-    def ids_of(self, values: list[object]) -> list[int]:
-        """Ids for many values; one dict lookup each, interning only what is new."""
+    def ids_of(self, values: Sequence[object]) -> list[int]:
+        """Ids for many values; one dict lookup each, interning only what is new (values must
+        be hashable: str, int or None, as the decoders pass them)."""
         get = self._ids.get
         ids = list(map(get, values))
         if None in ids:
@@ -91,9 +104,25 @@ class LabelTable:
         return ids  # type: ignore[return-value]
 
 
+# Marks a column the producer left out (filled in by EventBatch.__post_init__).
+_DEFAULT_COLUMN: Final[Any] = None
+_OPTIONAL_COLUMNS: Final = (
+    ("group", np.uint8, 0),
+    ("adapter", np.uint8, 0),
+    ("tokens", np.uint32, 0),
+    ("copies_left", np.int32, NO_COPY_COUNT),
+)
+
+
 @dataclass(frozen=True, slots=True)
 class EventBatch:
     """Block operations in stream order, as parallel numpy columns (one row per block).
+
+    ``group`` is the row's KV-cache group (label id; a block is identified by medium, group
+    and hash). On stores, ``adapter`` is the LoRA adapter (label id, 0 for the base model) and
+    ``tokens`` the tokens the block holds; on removals, ``copies_left`` is how many physical
+    copies of the hash the engine says remain (``NO_COPY_COUNT`` where it does not say).
+    Columns a producer leaves out are filled with those defaults.
 
     ``chain`` locates stored blocks in their prefix chains, when the producer said: row *i* is
     block ``offset[i]`` (0-based) of a ``BlockStored`` whose parent is ``parent[i]``
@@ -106,6 +135,16 @@ class EventBatch:
     medium: U8Array
     reason: U8Array
     chain: PrefixChain | None = None
+    group: U8Array = _DEFAULT_COLUMN
+    adapter: U8Array = _DEFAULT_COLUMN
+    tokens: U32Array = _DEFAULT_COLUMN
+    copies_left: I32Array = _DEFAULT_COLUMN
+
+    def __post_init__(self) -> None:
+        n = self.op.shape[0]
+        for name, dtype, fill in _OPTIONAL_COLUMNS:
+            if getattr(self, name) is _DEFAULT_COLUMN:
+                object.__setattr__(self, name, np.full(n, fill, dtype))
 
     def __len__(self) -> int:
         return int(self.op.shape[0])
@@ -129,6 +168,10 @@ class EventBatch:
             medium=self.medium[rows],
             reason=self.reason[rows],
             chain=None if self.chain is None else self.chain.take(rows),
+            group=self.group[rows],
+            adapter=self.adapter[rows],
+            tokens=self.tokens[rows],
+            copies_left=self.copies_left[rows],
         )
 
 
@@ -144,6 +187,15 @@ class PrefixChain:
         return PrefixChain(self.parent[rows], self.has_parent[rows], self.offset[rows])
 
 
+@dataclass(frozen=True, slots=True)
+class GroupSpec:
+    """What a KV-cache group is, as its stores say (``kv_cache_spec_kind`` and
+    ``kv_cache_spec_sliding_window``): ``unknown`` / ``""`` until one does."""
+
+    kind: str = "unknown"
+    sliding_window: str = ""
+
+
 @dataclass(slots=True)
 class DecodeStats:
     """What a decoder saw besides the rows: event counts and problems, by name."""
@@ -152,6 +204,8 @@ class DecodeStats:
     errors: dict[str, int] = field(default_factory=dict)
     unknown_fields: int = 0
     tokens_stored: int = 0
+    # Per KV-cache group label id: what its stores say it is (kind, sliding window or "").
+    groups: dict[int, GroupSpec] = field(default_factory=dict)
 
     def add_event(self, name: str, count: int = 1) -> None:
         self.events[name] = self.events.get(name, 0) + count

@@ -11,6 +11,7 @@ with numpy once per flush, so many small messages coalesce into one batch.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from itertools import chain, repeat
 from operator import attrgetter, is_not
@@ -21,12 +22,16 @@ import numpy as np
 import numpy.typing as npt
 
 from .batch import (
+    MAX_LABEL_LENGTH,
+    NO_COPY_COUNT,
     OP_ACCESS,
     OP_CLEAR,
     OP_REMOVE,
     OP_STORE,
+    OTHER_LABEL,
     DecodeStats,
     EventBatch,
+    GroupSpec,
     LabelTable,
     PrefixChain,
 )
@@ -43,14 +48,18 @@ STORED_FIELDS: Final = (
     "lora_id",
     "medium",
     "lora_name",
-    # vLLM >= 0.26 (hybrid KV cache groups, multimodal keys): read and ignored.
+    # vLLM >= 0.26: hybrid KV-cache groups (read), multimodal extra keys (ignored).
     "extra_keys",
     "group_idx",
     "kv_cache_spec_kind",
     "kv_cache_spec_sliding_window",
+    # SGLang >= 0.5.20 and TensorRT-LLM: request salt, session and multimodal keys (ignored).
+    "cache_salt",
+    "session_id",
+    "mm_keys",
 )
 REMOVED_FIELDS: Final = ("block_hashes", "medium", "group_idx", "remaining_copy_counts", "reason")
-ACCESSED_FIELDS: Final = ("block_hashes", "medium")
+ACCESSED_FIELDS: Final = ("block_hashes", "medium", "group_idx")
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +97,11 @@ class _MapStored(
     group_idx: Any = None
     kv_cache_spec_kind: Any = None
     kv_cache_spec_sliding_window: Any = None
+    cache_salt: msgspec.Raw = _NULL
+    session_id: msgspec.Raw = _NULL
+    mm_keys: msgspec.Raw = _NULL
     reason: ClassVar[None] = None
+    remaining_copy_counts: ClassVar[None] = None
 
 
 class _MapRemoved(
@@ -97,9 +110,11 @@ class _MapRemoved(
     block_hashes: list[Hash]
     medium: str | None = None
     group_idx: Any = None
-    remaining_copy_counts: msgspec.Raw = _NULL
+    remaining_copy_counts: list[int] | None = None
     reason: str | None = None
     parent_block_hash: ClassVar[None] = None
+    lora_name: ClassVar[None] = None
+    lora_id: ClassVar[None] = None
 
 
 class _MapAccessed(
@@ -107,8 +122,12 @@ class _MapAccessed(
 ):
     block_hashes: list[Hash]
     medium: str | None = None
+    group_idx: Any = None
     reason: ClassVar[None] = None
     parent_block_hash: ClassVar[None] = None
+    lora_name: ClassVar[None] = None
+    lora_id: ClassVar[None] = None
+    remaining_copy_counts: ClassVar[None] = None
 
 
 class _MapCleared(
@@ -118,6 +137,10 @@ class _MapCleared(
     medium: ClassVar[None] = None
     reason: ClassVar[None] = None
     parent_block_hash: ClassVar[None] = None
+    group_idx: ClassVar[None] = None
+    lora_name: ClassVar[None] = None
+    lora_id: ClassVar[None] = None
+    remaining_copy_counts: ClassVar[None] = None
 
 
 # --- array form (vLLM <= 0.23): fields by position, trailing ones optional ---------------
@@ -130,14 +153,16 @@ class _ArrStored(
     block_size: int | None = None
     lora_id: int | None = None
     medium: str | None = None
-    lora_name: str | None = None
-    # Positions vLLM 0.23 declares after lora_name; read and ignored.
-    pos7: Any = None
-    pos8: Any = None
-    pos9: Any = None
-    pos10: Any = None
+    # vLLM's lora_name; SGLang <= 0.5.19 puts a metadata map ({"cache_salt": ...}) here.
+    lora_name: Any = None
+    # Positions vLLM 0.23 declares after lora_name: extra_keys (ignored), then the group.
+    extra_keys: Any = None
+    group_idx: Any = None
+    kv_cache_spec_kind: Any = None
+    kv_cache_spec_sliding_window: Any = None
     pos11: Any = None
     reason: ClassVar[None] = None
+    remaining_copy_counts: ClassVar[None] = None
 
 
 class _ArrRemoved(
@@ -147,9 +172,11 @@ class _ArrRemoved(
     medium: str | None = None
     # vLLM's group_idx and remaining_copy_counts come first; the native reason follows them.
     group_idx: Any = None
-    remaining_copy_counts: msgspec.Raw = _NULL
+    remaining_copy_counts: list[int] | None = None
     reason: str | None = None
     parent_block_hash: ClassVar[None] = None
+    lora_name: ClassVar[None] = None
+    lora_id: ClassVar[None] = None
 
 
 class _ArrAccessed(
@@ -157,8 +184,12 @@ class _ArrAccessed(
 ):
     block_hashes: list[Hash]
     medium: str | None = None
+    group_idx: Any = None
     reason: ClassVar[None] = None
     parent_block_hash: ClassVar[None] = None
+    lora_name: ClassVar[None] = None
+    lora_id: ClassVar[None] = None
+    remaining_copy_counts: ClassVar[None] = None
 
 
 class _ArrCleared(
@@ -168,6 +199,10 @@ class _ArrCleared(
     medium: ClassVar[None] = None
     reason: ClassVar[None] = None
     parent_block_hash: ClassVar[None] = None
+    group_idx: ClassVar[None] = None
+    lora_name: ClassVar[None] = None
+    lora_id: ClassVar[None] = None
+    remaining_copy_counts: ClassVar[None] = None
 
 
 _MapEvent = _MapStored | _MapRemoved | _MapAccessed | _MapCleared
@@ -218,7 +253,7 @@ _KNOWN_FIELDS: Final = {
 _ARRAY_WIDTH: Final = {
     "BlockStored": 12,
     "BlockRemoved": 5,
-    "BlockAccessed": 2,
+    "BlockAccessed": 3,
     "AllBlocksCleared": 0,
 }
 _MAP_LENIENT: Final = {
@@ -251,6 +286,13 @@ _get_medium = attrgetter("medium")
 _get_reason = attrgetter("reason")
 _get_tokens = attrgetter("token_ids")
 _get_parent = attrgetter("parent_block_hash")
+_get_group = attrgetter("group_idx")
+_get_block_size = attrgetter("block_size")
+_get_lora_name = attrgetter("lora_name")
+_get_lora_id = attrgetter("lora_id")
+_get_copies_left = attrgetter("remaining_copy_counts")
+_get_spec = attrgetter("group_idx", "kv_cache_spec_kind", "kv_cache_spec_sliding_window")
+_UNSAFE_KIND: Final = re.compile(r"[^A-Za-z0-9_.:-]")
 
 
 def fold_hash(value: object) -> int:
@@ -310,6 +352,79 @@ def _prefix_chain(events: list[Any], counts: npt.NDArray[np.int64]) -> PrefixCha
     )
 
 
+DEFAULT_GROUP: Final = "0"
+BASE_ADAPTER: Final = "base"  # the adapter label of blocks stored without a LoRA adapter
+DEFAULT_MAX_ADAPTERS: Final = 32
+MAX_GROUPS: Final = 16
+
+
+def new_group_table() -> LabelTable:
+    """KV-cache group labels: ``"0"`` for events that name none, at most 16 groups."""
+    return LabelTable(DEFAULT_GROUP, capacity=MAX_GROUPS)
+
+
+def new_adapter_table(max_adapters: int = DEFAULT_MAX_ADAPTERS) -> LabelTable:
+    """LoRA adapter labels: ``base``, up to ``max_adapters`` names, then ``other``."""
+    return LabelTable(BASE_ADAPTER, capacity=max_adapters + 2)
+
+
+def _block_tokens(
+    events: list[Any], op_ev: npt.NDArray[np.uint8], counts: npt.NDArray[np.int64]
+) -> npt.NDArray[np.uint32]:
+    """Tokens each stored block holds (0 on other rows): ``block_size``, the engine's unit of
+    caching, and fewer only for a trailing partial block of a store whose ``token_ids`` stop
+    short of it.
+
+    ``token_ids`` cannot be split per block in general: a sliding-window group's stores carry
+    tokens of blocks that are not in ``block_hashes``. Where ``block_size`` is not sent, each
+    block is taken to hold an equal share of the store's tokens.
+    """
+    tokens = np.zeros(int(counts.sum()), np.uint32)
+    store_events = np.flatnonzero(op_ev == OP_STORE)
+    if not store_events.size:
+        return tokens
+    stores = list(map(events.__getitem__, store_events.tolist()))
+    n = counts[store_events]
+    sent = np.fromiter(map(msgpack_array_length, map(_get_tokens, stores)), np.int64, len(stores))
+    sizes = list(map(_get_block_size, stores))
+    try:
+        size = np.array(sizes, dtype=np.int64)
+    except (TypeError, OverflowError):  # some store without a block size (or a bad one)
+        size = np.array([b if isinstance(b, int) and 0 < b < 2**31 else 0 for b in sizes])
+    size = np.where(size > 0, size, -(-sent // np.maximum(n, 1)))
+    offset = np.arange(int(n.sum()), dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)
+    row_size = np.repeat(size, n)
+    held = np.clip(np.repeat(sent, n) - offset * row_size, 0, row_size)
+    row_is_store = np.repeat(op_ev == OP_STORE, counts)
+    tokens[row_is_store] = np.minimum(held, np.iinfo(np.uint32).max)
+    return tokens
+
+
+def _copies_left(events: list[Any], counts: npt.NDArray[np.int64]) -> npt.NDArray[np.int32]:
+    """Per row: the removal's ``remaining_copy_counts`` entry, or NO_COPY_COUNT."""
+    lists = list(map(_get_copies_left, events))
+    out = np.full(int(counts.sum()), NO_COPY_COUNT, np.int32)
+    if lists.count(None) == len(lists):
+        return out
+    starts = np.cumsum(counts) - counts
+    for start, count, values in zip(starts.tolist(), counts.tolist(), lists, strict=True):
+        # A list that does not match the hashes one to one says nothing usable.
+        if values is not None and len(values) == count:
+            out[start : start + count] = np.clip(values, 0, np.iinfo(np.int32).max)
+    return out
+
+
+def _is_label_value(value: object) -> bool:
+    """Can a wire value be a label table key (a str, an int, or None)?"""
+    return value is None or isinstance(value, str | int)
+
+
+def _spec_name(value: object) -> str:
+    if isinstance(value, str) and value:
+        return _UNSAFE_KIND.sub("_", value)[:MAX_LABEL_LENGTH]
+    return "unknown"
+
+
 class PayloadDecoder:
     """Decodes payloads of one source into pending rows; :meth:`flush` returns them as a batch.
 
@@ -321,9 +436,13 @@ class PayloadDecoder:
         media: LabelTable,
         reasons: LabelTable,
         limits: DecodeLimits | None = None,
+        groups: LabelTable | None = None,
+        adapters: LabelTable | None = None,
     ) -> None:
         self.media = media
         self.reasons = reasons
+        self.groups = groups or new_group_table()
+        self.adapters = adapters or new_adapter_table()
         self.limits = limits or DecodeLimits()
         self.stats = DecodeStats()
         self._map = msgspec.msgpack.Decoder(_MapBatch)
@@ -439,18 +558,51 @@ class PayloadDecoder:
         if int(counts.max(initial=0)) > self.limits.max_hashes_per_event:
             return self._flush_oversized(events, event_ts)
         op_ev = np.array(ops, dtype=np.uint8)
-        self._count_events(op_ev, events)
         media = self.media.ids_of(list(map(_get_medium, events)))
         reasons = self.reasons.ids_of(list(map(_get_reason, events)))
+        groups = self._group_ids(events)
         hashes = hashes_to_array(list(chain.from_iterable(hash_lists)))
+        op = np.repeat(op_ev, counts)
+        tokens = _block_tokens(events, op_ev, counts)
+        self._count_events(op_ev, events, int(tokens.sum()))
         return EventBatch(
-            op=np.repeat(op_ev, counts),
+            op=op,
             block_hash=hashes,
             ts=np.repeat(np.array(event_ts, dtype=np.float64), counts),
             medium=np.repeat(np.array(media, dtype=np.uint8), counts),
             reason=np.repeat(np.array(reasons, dtype=np.uint8), counts),
             chain=_prefix_chain(events, counts),
+            group=np.repeat(groups, counts),
+            adapter=np.repeat(self._adapter_ids(events, op_ev), counts),
+            tokens=tokens,
+            copies_left=_copies_left(events, counts),
         )
+
+    def _group_ids(self, events: list[Any]) -> npt.NDArray[np.uint8]:
+        """Per event: its KV-cache group's label id (group 0 where the event names none)."""
+        values = list(map(_get_group, events))
+        if values.count(None) == len(values):
+            return np.zeros(len(events), np.uint8)
+        if not all(map(_is_label_value, values)):
+            values = [v if _is_label_value(v) else OTHER_LABEL for v in values]
+        return np.array(self.groups.ids_of(values), np.uint8)
+
+    def _adapter_ids(
+        self, events: list[Any], op_ev: npt.NDArray[np.uint8]
+    ) -> npt.NDArray[np.uint8]:
+        """Per event: its LoRA adapter's label id (0, ``base``, for none and non-stores):
+        ``lora_name``, else ``lora_id`` where that is all an engine sends (TensorRT-LLM)."""
+        names = list(map(_get_lora_name, events))
+        ids = list(map(_get_lora_id, events))
+        if names.count(None) == len(names) and ids.count(None) == len(ids):
+            return np.zeros(len(events), np.uint8)
+        values = [
+            n if isinstance(n, str) and n else (i if isinstance(i, int) else None)
+            for n, i in zip(names, ids, strict=True)
+        ]
+        adapter = np.array(self.adapters.ids_of(values), np.uint8)
+        adapter[op_ev != OP_STORE] = 0
+        return adapter
 
     def _flush_oversized(self, events: list[Any], event_ts: list[float]) -> EventBatch:
         limit = self.limits.max_hashes_per_event
@@ -460,11 +612,33 @@ class PayloadDecoder:
         self._event_ts = [t for t, k in zip(event_ts, keep, strict=True) if k]
         return self.flush()
 
-    def _count_events(self, op_ev: np.ndarray[Any, np.dtype[np.uint8]], events: list[Any]) -> None:
+    def _count_events(self, op_ev: npt.NDArray[np.uint8], events: list[Any], tokens: int) -> None:
         per_op = np.bincount(op_ev, minlength=4)
         for op, count in enumerate(per_op.tolist()):
             if count:
                 self.stats.add_event(EVENT_NAMES[op], count)
+        self.stats.tokens_stored += tokens
         if per_op[OP_STORE]:
-            stored = map(events.__getitem__, np.flatnonzero(op_ev == OP_STORE).tolist())
-            self.stats.tokens_stored += sum(map(msgpack_array_length, map(_get_tokens, stored)))
+            rows = np.flatnonzero(op_ev == OP_STORE).tolist()
+            spec_list = list(map(_get_spec, map(events.__getitem__, rows)))
+            specs: set[tuple[Any, ...]]
+            try:
+                specs = set(spec_list)
+            except TypeError:  # a list or map where a group, kind or window belongs
+                specs = {
+                    tuple(v if _is_label_value(v) else OTHER_LABEL for v in spec)
+                    for spec in spec_list
+                }
+            if specs != {(None, None, None)}:
+                self._learn_groups(specs)
+
+    def _learn_groups(self, specs: set[tuple[Any, ...]]) -> None:
+        """Remember what each group's stores say it is (a handful of distinct specs a flush)."""
+        for group, kind, window in specs:
+            if kind is None and window is None:
+                continue
+            label = self.groups.id_of(group if _is_label_value(group) else OTHER_LABEL)
+            sliding = (
+                str(window) if isinstance(window, int) and not isinstance(window, bool) else ""
+            )
+            self.stats.groups[label] = GroupSpec(_spec_name(kind), sliding)
