@@ -6,8 +6,9 @@ between them random payloads, mutated copies of the real vectors' payloads (byte
 insertions), wrong frame counts and bad sequence frames. At the end it checks that
 
 - the process is still up;
-- every valid batch was applied exactly once: ``kvcache_blocks_stored_total{medium="FUZZ"}``
-  equals the valid batches sent (a mutation cannot make that label);
+- every valid batch was applied exactly once:
+  ``kvcache_blocks_stored_total{medium="FUZZ",group="0"}`` equals the valid batches sent (a
+  mutation cannot make that label);
 - every message was received and every bad one counted: messages, decode errors by reason,
   events by type and unknown fields equal what the same stream gives the exporter's own
   pipeline in this process (so nothing was dropped or left uncounted on the way).
@@ -155,7 +156,7 @@ def run(frames: int, seed: int, invalid_share: float) -> dict[str, float]:
             "invalid": invalid,
             "send_seconds": sent_seconds,
             "valid_applied": values.get(
-                'kvcache_blocks_stored_total{engine="fuzz",medium="FUZZ"}', 0
+                'kvcache_blocks_stored_total{engine="fuzz",medium="FUZZ",group="0"}', 0
             ),
             "messages": values.get('kvcache_exporter_messages_total{engine="fuzz"}', 0),
             "messages_expected": view.source.messages,

@@ -9,9 +9,12 @@ import numpy as np
 
 from kvcache_exporter.checkpoint import CheckpointStore, capture, restore
 from kvcache_exporter.collector import CollectorConfig
+from kvcache_exporter.collector.table import RESIDENT
 from kvcache_exporter.engine import PrefixCacheSimulator, bundled_trace_path, read_mooncake
 from kvcache_exporter.offline import simulate_frames
 from kvcache_exporter.pipeline import Pipeline, new_pipeline
+
+from .streams import read_stream
 
 FRAMES = list(
     simulate_frames(
@@ -39,6 +42,10 @@ def numbers(pipeline: Pipeline) -> list[object]:
         [(h.counts.tolist(), np.round(h.sums, 6).tolist()) for h in snap.histograms.values()],
         stats.messages, stats.sequence_gaps, dict(pipeline.stream.decoder.stats.events),
         pipeline.stream.decoder.stats.tokens_stored,
+        snap.groups, snap.places, snap.adapters, snap.resident_hashes.tolist(),
+        snap.resident_tokens.tolist(), snap.adapter_stored.tolist(),
+        snap.adapter_resident.tolist(), snap.unknown_removals,
+        dict(pipeline.stream.decoder.stats.groups),
     ]  # fmt: skip
 
 
@@ -66,6 +73,29 @@ def test_a_restored_engine_continues_exactly_where_it_stopped(tmp_path: Path) ->
     got = resumed.collector.eviction_records()
     want = whole.collector.eviction_records()
     assert np.array_equal(got.block_hash, want.block_hash)
+
+
+def test_a_hybrid_engine_continues_with_its_groups_and_copies(tmp_path: Path) -> None:
+    """vLLM 0.33's own hybrid stream, checkpointed half-way: the groups, their kinds, the
+    physical copies of hashes resident at the checkpoint (removed after it, once per copy)
+    and every per-place counter continue as in one pass, with no unknown removal."""
+    frames = [(1.0, message) for message in read_stream("hybrid")]
+    half = 3651  # a moment when 162 hashes have two physical copies
+    first = fed("vllm", frames[:half])
+    table = first.collector.table
+    assert np.count_nonzero((table.state == RESIDENT) & (table.copies > 1)) > 100
+    store = CheckpointStore(tmp_path)
+    store.save(capture([first]))
+    resumed = new_pipeline("vllm", CollectorConfig())
+    checkpoint = store.load()
+    assert checkpoint is not None
+    restore([resumed], checkpoint, store)
+    for ts, message in frames[half:]:
+        resumed.stream.handle(message, ts)
+    resumed.stream.flush()
+    assert numbers(resumed) == numbers(fed("vllm", frames))
+    assert resumed.collector.snapshot().unknown_removals == 0
+    assert len(resumed.collector.snapshot().places) == 2
 
 
 def test_the_sequence_continues_so_a_gap_since_the_checkpoint_is_seen(tmp_path: Path) -> None:

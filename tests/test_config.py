@@ -47,6 +47,13 @@ def test_buckets_from_flag() -> None:
     assert cfg.collector.duration_buckets == (0.5, 1.0, 10.0)
 
 
+def test_max_adapters_from_flag_and_env() -> None:
+    assert load([], environ={}).collector.max_adapters == 32
+    assert load(["--collector.max-adapters", "3"], environ={}).collector.max_adapters == 3
+    env = {"KVCACHE_EXPORTER_COLLECTOR_MAX_ADAPTERS": "250"}
+    assert load([], environ=env).collector.max_adapters == 250
+
+
 @pytest.mark.parametrize(
     ("argv", "env", "needle"),
     [
@@ -65,6 +72,9 @@ def test_buckets_from_flag() -> None:
         ([], {"KVCACHE_EXPORTER_COLLECTOR_MAX_TRACKED_BLOCKS": "-3"}, "MAX_TRACKED_BLOCKS"),
         (["--config.file", "/nonexistent.yaml"], {}, "--config.file /nonexistent.yaml"),
         (["--otlp.protocol", "carrier-pigeon"], {}, "--otlp.protocol"),
+        (["--collector.max-adapters", "0"], {}, "--collector.max-adapters: must be in 1..250"),
+        (["--collector.max-adapters", "251"], {}, "--collector.max-adapters"),
+        (["--source", "a=tcp://x:1,report-mode=partial"], {}, "unknown option"),
     ],
 )
 def test_bad_values_are_one_line_errors_naming_the_setting(

@@ -17,7 +17,13 @@ from typing import Any
 import pytest
 import yaml
 
-from .test_prometheus_rules import RULES, metric_names, rules, served_metric_names
+from .test_prometheus_rules import (
+    RULES,
+    grouped_metric_names,
+    metric_names,
+    rules,
+    served_metric_names,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 GRAFANA = ROOT / "grafana"
@@ -156,7 +162,7 @@ def test_variables(dashboard: dict[str, Any]) -> None:
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
     expected = ["datasource", "job", "instance", "engine"]
     if dashboard["uid"] == "kvcache-overview":
-        expected.append("medium")
+        expected += ["medium", "group"]
     assert list(variables) == expected
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["query"] == "prometheus"
@@ -190,6 +196,65 @@ def test_panels_filter_by_the_variables(dashboard: dict[str, Any]) -> None:
             for _, matchers in selectors:
                 assert 'job=~"$job"' in matchers, f"{panel['title']}: {expr}"
                 assert 'instance=~"$instance"' in matchers, f"{panel['title']}: {expr}"
+
+
+SELECTOR = re.compile(r"([a-zA-Z_:][\w:]*)\{([^}]*)\}")
+AGGREGATION = re.compile(r"\b(?:sum|min|max|avg|count|topk|bottomk|quantile)\b\s*(?:by|without|\()")
+
+
+def has_group_label(name: str) -> bool:
+    """Whether a series a panel reads carries the KV-cache ``group`` label: a block-level
+    family of ``docs/metrics.md``, or a per-group recorded series (``engine_medium:`` rules
+    sum the groups away)."""
+    return name in grouped_metric_names() or name.startswith("engine_medium_group:")
+
+
+def test_the_group_variable_filters_only_series_with_a_group() -> None:
+    """Raw block-level series and per-group rules are narrowed to ``$group``; pool-level
+    rules, what-if and adapter families, which have no ``group`` label, never are (a
+    ``group=~"0"`` matcher would select nothing of them). A block-level series divided into a
+    pool-level one (the what-if's share of stores) is the whole pool's, summed by engine and
+    medium: the groups of a medium share the pool the what-if models."""
+    dashboard = load(GRAFANA / "dashboards" / "kvcache-overview.json")
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["group"]["query"].startswith("label_values(kvcache_group_info{")
+    filtered = unfiltered = pooled = 0
+    for where, expr in expressions(dashboard):
+        if where.startswith("variable"):
+            continue
+        selectors = SELECTOR.findall(expr)
+        with_pool_level = any(
+            not has_group_label(n) and n.startswith("kvcache_") for n, _ in selectors
+        )
+        for name, matchers in selectors:
+            if not has_group_label(name):
+                assert "group" not in matchers, f"{where}: {name} has no group label"
+                unfiltered += 1
+            elif 'group=~"$group"' in matchers:
+                filtered += 1
+            else:
+                assert with_pool_level, f"{where}: {name} ignores $group"
+                assert f"sum by (engine, medium) (rate({name}{{{matchers}}}" in expr, where
+                pooled += 1
+    assert filtered > 10 and unfiltered > 5 and pooled == 1
+
+
+def test_legends_name_the_group_of_per_group_series(dashboard: dict[str, Any]) -> None:
+    """A series that keeps its ``group`` (a raw block-level series, not aggregated, or one
+    aggregated ``by`` the group) says which group it is in its legend."""
+    for panel in panels(dashboard):
+        for target in panel["targets"]:
+            expr = target["expr"]
+            if target.get("format") in {"table", "heatmap"}:
+                continue
+            reads_groups = any(has_group_label(n) for n, _ in SELECTOR.findall(expr))
+            keeps_group = re.search(r"\bby \([^)]*\bgroup\b", expr) or (
+                reads_groups and not AGGREGATION.search(expr)
+            )
+            if keeps_group:
+                assert "{{group}}" in target.get("legendFormat", ""), (
+                    f"{panel['title']} [{target['refId']}]: legend without {{{{group}}}}"
+                )
 
 
 def test_every_series_is_served_or_recorded(dashboard: dict[str, Any]) -> None:
@@ -234,6 +299,14 @@ def test_issue_panels_are_there() -> None:
         "Exporter alerts raised in the time range",
         "Trend direction",
         "Trend slope",
+        "Groups: kind and sliding window",
+        "Block lifetime per group",
+        "Idle before evict per group",
+        "Resident blocks and hashes per group",
+        "Resident tokens per group",
+        "Resident blocks by adapter",
+        "Stores and restores by adapter",
+        "Restore ratio by adapter",
     } <= overview
     assert {
         "Sources up",

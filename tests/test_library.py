@@ -37,7 +37,7 @@ from kvcache_exporter import (
 )
 from kvcache_exporter.analysis.anomaly import AnomalyConfig
 
-from .reference import Block, Hist, ReferenceCollector
+from .reference import Block, Hist, Key, ReferenceCollector
 
 ALLOCATE, ACCESS, EVICT, RESET = "allocate", "access", "evict", "reset"
 REASONS = ("evicted", "freed", "preempted")
@@ -84,25 +84,15 @@ class Removal:
 
 
 class LoggingReference(ReferenceCollector):
-    """The reference, also logging each removal of a resident block in stream order."""
+    """The reference, also logging each removal of a resident block in stream order. The
+    library's semantics: allocating an id already resident is an access (``hit_reports``)."""
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__(hit_reports=True)
         self.log: list[Removal] = []
 
-    def _record(self, h: int, reason: str, block: Block, ts: float) -> None:
-        self.log.append(Removal(h, reason, block.stored, block.last, ts, block.accesses))
-
-    def remove(self, h: int, medium: str, ts: float, reason: str = "evicted") -> None:
-        block = self.resident.get((h, medium))
-        if block is not None:
-            self._record(h, reason, block, ts)
-        super().remove(h, medium, ts, reason)
-
-    def clear(self, ts: float) -> None:
-        for (h, _), block in self.resident.items():
-            self._record(h, "cleared", block, ts)
-        super().clear(ts)
+    def ended(self, key: Key, reason: str, block: Block, ts: float) -> None:
+        self.log.append(Removal(key[0], reason, block.stored, block.last, ts, block.accesses))
 
 
 def reference_of(
@@ -664,11 +654,12 @@ def test_export_json_and_csv() -> None:
 
 
 def test_export_prometheus_text() -> None:
-    """The exposition carries the library's counters and histograms."""
+    """The exposition carries the library's counters and histograms (every block of the
+    library is in KV-cache group "0")."""
     text = small_history().export("prometheus")
-    assert 'kvcache_blocks_stored_total{engine="eng",medium="GPU"} 5' in text
+    assert 'kvcache_blocks_stored_total{engine="eng",medium="GPU",group="0"} 5' in text
     assert 'kvcache_cache_clears_total{engine="eng"} 1' in text
-    assert 'kvcache_block_lifetime_seconds_count{engine="eng",medium="GPU"} 4' in text
+    assert 'kvcache_block_lifetime_seconds_count{engine="eng",medium="GPU",group="0"} 4' in text
 
 
 def test_export_prometheus_passes_promtool(promtool: str) -> None:

@@ -229,9 +229,77 @@ def test_rules_read_only_served_metrics_or_recorded_series() -> None:
 
 
 def test_recording_rule_names_follow_the_convention() -> None:
+    """``level:metric:operation``; the level is the pool (``engine_medium``) or, for quantiles
+    only, the KV-cache group (``engine_medium_group``)."""
     for rule in rules(RULES):
         level, metric, operation = rule["record"].split(":")
-        assert level == "engine_medium" and metric.startswith("kvcache_") and operation
+        assert level in {"engine_medium", "engine_medium_group"}, rule["record"]
+        assert metric.startswith("kvcache_") and operation
+        if level == "engine_medium_group":
+            assert operation == "histogram_quantile5m", rule["record"]
+
+
+_GROUPED_ROW = re.compile(
+    r"^\| `(kvcache_\w+)\{([^}`]*)\}` \| (counter|gauge|histogram) \|", re.MULTILINE
+)
+
+
+def grouped_metric_names() -> set[str]:
+    """Sample names of the families ``docs/metrics.md`` lists with a ``group`` label."""
+    names: set[str] = set()
+    for name, labels, kind in _GROUPED_ROW.findall(METRICS_DOC.read_text()):
+        if "group" not in [label.strip() for label in labels.split(",")]:
+            continue
+        if kind == "histogram":
+            names.update(f"{name}{suffix}" for suffix in ("_bucket", "_count", "_sum"))
+        else:
+            names.add(name)
+    return names
+
+
+_SUM_GROUPS_AWAY = re.compile(r"sum without \(group(?:, \w+)*\) \((?:rate\()?$")
+
+
+def test_pool_rules_sum_the_groups_away() -> None:
+    """Every read of a family with a ``group`` label in an ``engine_medium:`` rule is wrapped
+    in ``sum without (group …)``, so the result is one series per pool and vector matches with
+    other pool-level series (``and``, ``/``) do not come out empty; ``engine_medium_group:``
+    rules keep the group."""
+    grouped = grouped_metric_names()
+    assert {"kvcache_blocks_stored_total", "kvcache_block_lifetime_seconds_bucket"} <= grouped
+    assert "kvcache_whatif_hits_total" not in grouped
+    for rule in rules(RULES):
+        level = rule["record"].split(":")[0]
+        for match in re.finditer(r"\b(kvcache_\w+)", rule["expr"]):
+            if match[1] not in grouped:
+                continue
+            wrapped = bool(_SUM_GROUPS_AWAY.search(rule["expr"][: match.start()]))
+            if level == "engine_medium":
+                assert wrapped, f"{rule['record']}: {match[1]} keeps its group: {rule['expr']}"
+            else:
+                assert not wrapped and "without (group" not in rule["expr"], rule["record"]
+
+
+def test_every_histogram_has_quantiles_per_pool_and_per_group() -> None:
+    recorded = {(r["record"], r["labels"]["quantile"]) for r in rules(RULES) if "labels" in r}
+    generator = load_generator()
+    for histogram in generator.HISTOGRAMS:
+        for level in ("engine_medium", "engine_medium_group"):
+            for q in generator.QUANTILES:
+                assert (f"{level}:{histogram}:histogram_quantile5m", q) in recorded
+
+
+def test_residency_is_judged_per_group_and_thrashing_per_pool() -> None:
+    by_name = {rule["alert"]: rule for rule in rules(ALERTS)}
+    collapse = by_name["KVCacheResidencyCollapse"]
+    assert "engine_medium_group:kvcache_block_lifetime_seconds" in collapse["expr"]
+    assert "engine_medium:" not in collapse["expr"]
+    for text in collapse["annotations"].values():
+        if "$labels" in text:
+            assert "{{ $labels.group }}" in text
+    for name in ("KVCacheThrashing", "KVCacheEvictionStorm"):
+        assert "engine_medium_group:" not in by_name[name]["expr"]
+        assert "$labels.group" not in str(by_name[name]["annotations"])
 
 
 @pytest.mark.parametrize("path", [RULES, ALERTS], ids=["rules", "alerts"])

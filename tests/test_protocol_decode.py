@@ -29,6 +29,7 @@ from kvcache_exporter.protocol.batch import (
     LabelTable,
 )
 from kvcache_exporter.protocol.decode import (
+    MAX_GROUPS,
     DecodeError,
     DecodeLimits,
     PayloadDecoder,
@@ -1046,13 +1047,13 @@ def test_sglang_salted_array_store_is_read() -> None:
 
 
 def test_hostile_group_values_stay_bounded() -> None:
-    """Group values that are not ints land in ``other``; at most 16 group labels exist."""
+    """Group values that are not ints land in ``other``; at most MAX_GROUPS labels exist."""
     events = [stored([i], group_idx=i) for i in range(40)]
     events += [stored([99], group_idx=[1, 2]), stored([98], group_idx="x" * 100)]
     d = new_decoder()
     d.feed(encode([TS, events]))
     batch = d.flush()
-    assert len(d.groups.names) <= 16
+    assert len(d.groups.names) == MAX_GROUPS
     assert d.groups.names[batch.group[-2]] == "other"
     assert len(batch) == 42
     assert d.stats.errors == {}

@@ -29,7 +29,8 @@ def records() -> EngineRecords:
         accesses=np.array([1, 0], np.uint32),
         prefix_depth=np.array([4, 0], np.uint16),
     )
-    return EngineRecords("vllm", ("unknown", "GPU"), ("evicted", "cleared"), log.records())
+    places = (("unknown", "0"), ("GPU", "0"))  # place id 1: GPU, group 0
+    return EngineRecords("vllm", places, ("evicted", "cleared"), log.records())
 
 
 def export(query: dict[str, list[str]]) -> tuple[bytes, str]:
@@ -88,11 +89,11 @@ def test_export_json_and_csv(server: MetricsHTTPServer) -> None:
     assert [r["block_hash"] for r in document["evictions"]] == ["0" * 15 + "1", "0" * 15 + "2"]
     first = document["evictions"][0]
     assert first["lifetime_seconds"] == 2.0 and first["idle_seconds"] == 1.5
-    assert first["medium"] == "GPU" and first["prefix_depth"] == 4
+    assert first["medium"] == "GPU" and first["group"] == "0" and first["prefix_depth"] == 4
     status, headers, body = fetch(server, "/api/v1/export?format=csv&limit=1&engine=vllm")
     lines = body.decode().splitlines()
     assert headers["Content-Type"].startswith("text/csv")
-    assert lines[0].startswith("engine,block_hash,medium,reason")
+    assert lines[0].startswith("engine,block_hash,medium,group,reason")
     assert len(lines) == 2 and ",cleared," in lines[1]
 
 

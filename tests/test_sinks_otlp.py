@@ -268,10 +268,12 @@ def test_kinds_units_temporality_and_resource_when_cumulative(fed: Fed) -> None:
         else:
             assert metric.kind == "sum"
             assert metric.monotonic is (inst.kind is Kind.COUNTER)
-    engine_medium = frozenset({("kvcache.engine", "sim"), ("kvcache.medium", "GPU")})
-    assert flat.metrics["kvcache.blocks.stored"].points[engine_medium] == int(
-        view.collector.stored[view.collector.media.index("GPU")]
+    place = frozenset(
+        {("kvcache.engine", "sim"), ("kvcache.medium", "GPU"), ("kvcache.group", "0")}
     )
+    gpu = view.collector.place("GPU")
+    assert gpu is not None
+    assert flat.metrics["kvcache.blocks.stored"].points[place] == int(view.collector.stored[gpu])
 
 
 # --- delta temporality --------------------------------------------------------------------------
@@ -345,7 +347,7 @@ def test_delta_exports_add_up_to_the_cumulative_numbers() -> None:
     }
     for key in sums:  # float sums of differences: equal up to rounding
         assert got[key] == pytest.approx(want[key], rel=1e-9, abs=1e-9), key
-    gpu = frozenset({("engine", "delta"), ("medium", "GPU")})
+    gpu = frozenset({("engine", "delta"), ("medium", "GPU"), ("group", "0")})
     assert want[("kvcache_blocks_stored_total", gpu)] > 0  # not vacuous
 
 

@@ -59,20 +59,20 @@ def test_values_match_the_vector_script() -> None:
     def value(name: str, **labels: str) -> float:
         return got[(name, tuple(sorted({"engine": "vllm", **labels}.items())))]
 
-    assert value("kvcache_blocks_stored_total", medium="GPU") == 3
-    assert value("kvcache_blocks_stored_total", medium="CPU") == 1
-    assert value("kvcache_blocks_stored_total", medium="unknown") == 1
-    assert value("kvcache_blocks_removed_total", medium="GPU", reason="evicted") == 3
-    assert value("kvcache_blocks_removed_total", medium="GPU", reason="cleared") == 1
-    assert value("kvcache_blocks_removed_total", medium="CPU", reason="cleared") == 1
-    assert value("kvcache_resident_blocks", medium="unknown") == 1
+    assert value("kvcache_blocks_stored_total", medium="GPU", group="0") == 3
+    assert value("kvcache_blocks_stored_total", medium="CPU", group="0") == 1
+    assert value("kvcache_blocks_stored_total", medium="unknown", group="0") == 1
+    assert value("kvcache_blocks_removed_total", medium="GPU", group="0", reason="evicted") == 3
+    assert value("kvcache_blocks_removed_total", medium="GPU", group="0", reason="cleared") == 1
+    assert value("kvcache_blocks_removed_total", medium="CPU", group="0", reason="cleared") == 1
+    assert value("kvcache_resident_blocks", medium="unknown", group="0") == 1
     assert value("kvcache_cache_clears_total") == 1
     assert value("kvcache_exporter_unknown_removals_total") == 1
     assert value("kvcache_events_total", type="BlockStored") == 4
     assert value("kvcache_exporter_decode_errors_total", reason="msgpack") == 2
-    assert value("kvcache_block_lifetime_seconds_count", medium="GPU") == 3
-    assert value("kvcache_block_lifetime_seconds_sum", medium="GPU") == 2.5
-    assert value("kvcache_block_lifetime_seconds_bucket", medium="GPU", le="1.0") == 2
+    assert value("kvcache_block_lifetime_seconds_count", medium="GPU", group="0") == 3
+    assert value("kvcache_block_lifetime_seconds_sum", medium="GPU", group="0") == 2.5
+    assert value("kvcache_block_lifetime_seconds_bucket", medium="GPU", group="0", le="1.0") == 2
     assert value("kvcache_stored_tokens_total") == 80
     assert value("kvcache_exporter_source_up") == 1
 

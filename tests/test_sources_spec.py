@@ -34,6 +34,14 @@ def test_options() -> None:
     assert not spec.uses_curve
 
 
+def test_report_mode() -> None:
+    """``report-mode=full``: stores of resident blocks are hit reports; the default and
+    ``report-mode=default``: they are physical copies."""
+    assert SourceSpec.parse("v=tcp://h:5557,report-mode=full").hit_reports
+    assert not SourceSpec.parse("v=tcp://h:5557,report-mode=default").hit_reports
+    assert not SourceSpec.parse("v=tcp://h:5557").hit_reports
+
+
 def test_curve_options() -> None:
     client = SourceSpec.parse("e=tcp://h:5557,replay=tcp://h:5558,curve.engine-key=/k/e.key")
     assert client.curve_engine_key == "/k/e.key" and client.curve_allow is None
@@ -56,6 +64,8 @@ def test_curve_options() -> None:
         "a=tcp://h:1,replay=",
         "a=tcp://h:1,replay=h:2",
         "a=tcp://h:1,x=1",
+        "a=tcp://h:1,report-mode=",
+        "a=tcp://h:1,report-mode=FULL",
         "a=tcp://h:1,curve.engine-key=",
         "a=tcp://h:1,curve.engine-key=e.key,curve.allow=dir",  # client or server, not both
         "a=inproc://x,curve.allow=dir",  # inproc has no handshake

@@ -53,7 +53,8 @@ class Exporter:
         self.engines: list[Engine] = []
         for spec in config.sources:
             whatif = replace(config.whatif, capacity=spec.capacity)
-            pipeline = new_pipeline(spec.name, config.collector, config.monitor, whatif)
+            collector = replace(config.collector, hit_reports=spec.hit_reports)
+            pipeline = new_pipeline(spec.name, collector, config.monitor, whatif)
             source = SubscriberSource(
                 spec,
                 self.context,

@@ -30,9 +30,11 @@ import numpy.typing as npt
 
 from . import __version__
 from .pipeline import Pipeline
+from .protocol.batch import GroupSpec
 from .sources.stream import SourceStats
 
-FORMAT_VERSION: Final = 1
+# 2: counters per place (medium and KV-cache group), physical copies, adapters and tokens.
+FORMAT_VERSION: Final = 2
 FILE_NAME: Final = "checkpoint.npz"
 
 log = logging.getLogger("kvcache_exporter.checkpoint")
@@ -73,6 +75,8 @@ def capture(pipelines: list[Pipeline]) -> Checkpoint:
             "fingerprint": _fingerprint(pipeline),
             "media": list(pipeline.collector.media.names),
             "reasons": list(pipeline.collector.reasons.names),
+            "groups": list(pipeline.collector.groups.names),
+            "adapters": list(pipeline.collector.adapters.names),
             "next_seq": stream.applied_through + 1 if stream.applied_through is not None else None,
             "stats": {k: v for k, v in asdict(stream.stats).items() if k not in _STATS_KEPT_APART},
             # Apart from "stats", which an earlier version reads whole into SourceStats.
@@ -82,6 +86,7 @@ def capture(pipelines: list[Pipeline]) -> Checkpoint:
                 "errors": dict(decoded.errors),
                 "unknown_fields": decoded.unknown_fields,
                 "tokens_stored": decoded.tokens_stored,
+                "groups": {str(g): [s.kind, s.sliding_window] for g, s in decoded.groups.items()},
             },
         }
     meta = {
@@ -178,6 +183,8 @@ def _restore_one(pipeline: Pipeline, entry: dict[str, Any], arrays: dict[str, An
     collector, stream = pipeline.collector, pipeline.stream
     collector.media.restore(entry["media"])
     collector.reasons.restore(entry["reasons"])
+    collector.groups.restore(entry["groups"])
+    collector.adapters.restore(entry["adapters"])
     prefix = f"{pipeline.name}/"
     collector.load_state(
         {name.removeprefix(prefix): v for name, v in arrays.items() if name.startswith(prefix)}
@@ -191,6 +198,8 @@ def _restore_one(pipeline: Pipeline, entry: dict[str, Any], arrays: dict[str, An
     stream.decoder.stats.errors.update(decoded["errors"])
     stream.decoder.stats.unknown_fields = int(decoded["unknown_fields"])
     stream.decoder.stats.tokens_stored = int(decoded["tokens_stored"])
+    for group, (kind, window) in decoded["groups"].items():
+        stream.decoder.stats.groups[int(group)] = GroupSpec(str(kind), str(window))
     if entry["next_seq"] is not None:
         stream.resume_at(int(entry["next_seq"]))
 

@@ -41,6 +41,7 @@ from .protocol.curve import (
     load_public_key,
     server_role,
 )
+from .protocol.decode import DEFAULT_MAX_ADAPTERS, MAX_ADAPTERS
 from .sinks.http import parse_listen_address
 from .sinks.webconfig import WebConfig, WebConfigError, load_web_config
 from .sources.spec import SourceSpec, SourceSpecError
@@ -99,6 +100,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise ValueError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _adapters(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= MAX_ADAPTERS:
+        raise ValueError(f"must be in 1..{MAX_ADAPTERS}, got {text}")
     return value
 
 
@@ -255,6 +263,9 @@ OPTIONS: Final = (
             "fraction of block hashes whose lifecycle is tracked, in (0, 1]", "RATIO"),
     _Option("--collector.max-tracked-blocks", _positive_int, 4_000_000,
             "most resident blocks held per engine; stores beyond are counted, not tracked", "N"),
+    _Option("--collector.max-adapters", _adapters, DEFAULT_MAX_ADAPTERS,
+            "LoRA adapters labelled by name per engine; blocks of any further adapter are "
+            "counted under adapter=\"other\"", "N"),
     _Option("--collector.removed-memory", _non_negative_int, 1_000_000,
             "removed hashes remembered per engine to recognise restores", "N"),
     _Option("--collector.duration-buckets", _buckets, RESIDENCY_BUCKETS,
@@ -437,6 +448,7 @@ def load(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Expor
             sample_ratio=values["collector.sample-ratio"],
             max_tracked_blocks=values["collector.max-tracked-blocks"],
             removed_memory=values["collector.removed-memory"],
+            max_adapters=values["collector.max-adapters"],
             duration_buckets=values["collector.duration-buckets"],
             access_buckets=values["collector.access-buckets"],
         ),

@@ -126,6 +126,9 @@ class MetricsConfig:
             access_buckets=self.access_buckets,
             depth_buckets=self.depth_buckets,
             eviction_log_size=self.eviction_log_size,
+            # The library's calls say "allocated", not "one more copy": an id already
+            # resident is an access (the sidecar's hit-report mode), never a second copy.
+            hit_reports=True,
         )
 
     def monitor_config(self) -> MonitorConfig:
@@ -278,6 +281,7 @@ class BatchMetricsCollector:
         )
         collector = self._pipeline.collector
         self._medium = collector.media.id_of(self.config.medium)
+        self._medium_name = collector.media.names[self._medium]  # as the label table keeps it
         # (ops, ids, times, reasons) per buffered call, in call order
         self._chunks: list[tuple[_U8, npt.NDArray[np.uint64], npt.NDArray[np.float64], _U8]] = []
         self._calls: list[tuple[int, int, float, int]] = []  # single-block calls, in order
@@ -394,14 +398,16 @@ class BatchMetricsCollector:
                 "p90": quantile(merged, 0, 0.9),
                 "p99": quantile(merged, 0, 0.99),
             }
-        removed = snap.removed.sum(axis=0)
+        # Every block is on the configured medium (in group "0"): its row of each counter.
+        m = self._medium
+        removed = snap.per_medium(snap.removed)[m]
         return CacheMetricsSummary(
             sample_rate=self.config.sample_rate,
-            blocks_allocated=int(snap.stored.sum()),
+            blocks_allocated=int(snap.per_medium(snap.stored)[m]),
             blocks_evicted={r: int(removed[i]) for i, r in enumerate(snap.reasons) if removed[i]},
-            blocks_accessed=int(snap.accessed.sum()),
-            restores=int(snap.restores.sum()),
-            resident_blocks=int(snap.resident.sum()),
+            blocks_accessed=int(snap.per_medium(snap.accessed)[m]),
+            restores=int(snap.per_medium(snap.restores)[m]),
+            resident_blocks=int(snap.per_medium(snap.resident)[m]),
             tracked_blocks=snap.tracked,
             cache_resets=snap.clears,
             unknown_evictions=snap.unknown_removals,
@@ -458,13 +464,13 @@ class BatchMetricsCollector:
             self.flush_all()
             collector = self._pipeline.collector
             rec = collector.eviction_records()
-            media, reasons = collector.media.names, collector.reasons.names
+            snap = collector.snapshot()  # a record's medium column holds its place id
         start = 0 if limit is None else max(0, len(rec) - limit)
         return [
             KVCacheEvictionEvent(
                 block_id=int(rec.block_hash[i]),
-                reason=reasons[int(rec.reason[i])],
-                medium=media[int(rec.medium[i])],
+                reason=snap.reasons[int(rec.reason[i])],
+                medium=snap.place_labels(int(rec.medium[i]))[0],
                 allocated_at=float(rec.stored_at[i]),
                 last_access_at=float(rec.last_access_at[i]),
                 evicted_at=float(rec.removed_at[i]),
@@ -479,7 +485,9 @@ class BatchMetricsCollector:
         collector keeps no per-access history, so ``get_reuse_gaps_seconds`` is empty)."""
         with self._lock:
             self.flush_all()
-            record = self._pipeline.collector.block(int(block_id) & U64_MASK, self._medium)
+            collector = self._pipeline.collector
+            place = collector.snapshot().place(self._medium_name)
+            record = None if place is None else collector.block(int(block_id) & U64_MASK, place)
         if record is None:
             return None
         state = BlockMetricsState(block_id, record.stored_at, record.last_access_at)

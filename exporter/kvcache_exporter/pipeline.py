@@ -10,12 +10,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+
 from .analysis.monitor import EngineMonitor, MonitorConfig
 from .analysis.patterns import access_patterns
 from .analysis.whatif import WhatIfConfig, WhatIfModel
 from .collector import BlockLifecycleCollector, CollectorConfig
 from .collector.lifecycle import DEFAULT_REASONS, REASON_RESTART
 from .protocol.batch import EventBatch, LabelTable
+from .protocol.decode import new_adapter_table, new_group_table
 from .sinks.export import EngineRecords
 from .sinks.prometheus import EngineView
 from .sources.stream import EventStream
@@ -52,6 +55,7 @@ class Pipeline:
             decode_errors=self.stream.decode_errors(),
             unknown_fields=decoded.unknown_fields,
             tokens_stored=decoded.tokens_stored,
+            groups={self.collector.groups.names[g]: spec for g, spec in decoded.groups.items()},
             sample_ratio=self.collector.config.sample_ratio,
             alerts_active=self.monitor.active(),
             alerts_raised=self.monitor.raised_total(),
@@ -64,7 +68,7 @@ class Pipeline:
         """The recent removals of tracked blocks, for ``/api/v1/export``."""
         return EngineRecords(
             engine=self.name,
-            media=tuple(self.collector.media.names),
+            places=self.collector.place_labels(),
             reasons=tuple(self.collector.reasons.names),
             records=self.collector.eviction_records(),
         )
@@ -79,7 +83,9 @@ def new_pipeline(
     """An engine's collector, stream, monitor and what-if model, sharing label tables."""
     media = LabelTable("unknown")
     reasons = LabelTable("evicted", seed=DEFAULT_REASONS)
-    collector = BlockLifecycleCollector(config, media, reasons)
+    groups = new_group_table()
+    adapters = new_adapter_table(config.max_adapters)
+    collector = BlockLifecycleCollector(config, media, reasons, groups, adapters)
     # The monitor reads the stream's loss counter; the lambda runs only after `stream` exists.
     monitor = EngineMonitor(name, lambda: stream.stats.batches_lost, monitor_config)
     whatif_config = whatif_config or WhatIfConfig()
@@ -92,12 +98,22 @@ def new_pipeline(
             monitor.sample(grid_ts, at_cut)
         if whatif is not None:
             # Same thread as the collector's writes: its resident counts are this batch's.
-            whatif.apply(batch, collector.resident)
+            copies = collector.copy_rows
+            keyed = batch.take(np.flatnonzero(~copies)) if copies.any() else batch
+            whatif.apply(keyed, collector.resident_keys_by_medium())
 
     def restart(ts: float) -> None:
         collector.clear(ts, REASON_RESTART)
         if whatif is not None:
             whatif.clear()
 
-    stream = EventStream(name, on_batch=apply, on_restart=restart, media=media, reasons=reasons)
+    stream = EventStream(
+        name,
+        on_batch=apply,
+        on_restart=restart,
+        media=media,
+        reasons=reasons,
+        groups=groups,
+        adapters=adapters,
+    )
     return Pipeline(name, collector, stream, monitor, apply, whatif)

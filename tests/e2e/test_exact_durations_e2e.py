@@ -53,7 +53,7 @@ def test_duration_on_a_bucket_bound_counts_in_that_bucket(
         samples = exporter.wait_ingested({"engine": len(batches)})
 
     names = ("reuse_gap", "idle_before_evict")
-    labels = {"engine": "engine", "medium": "GPU", "le": "30.0"}
+    labels = {"engine": "engine", "medium": "GPU", "group": "0", "le": "30.0"}
     got = {name: value(samples, f"kvcache_block_{name}_seconds_bucket", **labels) for name in names}
     want = {name: cumulative(reference.hist[name], 30.0) for name in names}
     assert want == {"reuse_gap": 2, "idle_before_evict": 1}

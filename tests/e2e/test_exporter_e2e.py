@@ -234,10 +234,18 @@ def test_block_counters_match_reference(run: Run, engine: str) -> None:
     s, ref = run.samples, run.refs[engine]
     for medium in media_of(run, engine):
         got = {
-            "stored": value(s, "kvcache_blocks_stored_total", engine=engine, medium=medium),
-            "accessed": value(s, "kvcache_blocks_accessed_total", engine=engine, medium=medium),
-            "restores": value(s, "kvcache_block_restores_total", engine=engine, medium=medium),
-            "resident": value(s, "kvcache_resident_blocks", engine=engine, medium=medium),
+            "stored": value(
+                s, "kvcache_blocks_stored_total", engine=engine, medium=medium, group="0"
+            ),
+            "accessed": value(
+                s, "kvcache_blocks_accessed_total", engine=engine, medium=medium, group="0"
+            ),
+            "restores": value(
+                s, "kvcache_block_restores_total", engine=engine, medium=medium, group="0"
+            ),
+            "resident": value(
+                s, "kvcache_resident_blocks", engine=engine, medium=medium, group="0"
+            ),
         }
         want = {
             "stored": ref.stored[medium],
@@ -268,7 +276,8 @@ def test_removals_match_reference(run: Run, engine: str) -> None:
 def test_tracked_and_tokens(run: Run, engine: str) -> None:
     """At sample ratio 1 every resident block is tracked; stored tokens are those sent."""
     s, ref = run.samples, run.refs[engine]
-    assert value(s, "kvcache_tracked_blocks", engine=engine) == len(ref.resident)
+    tracked = select(s, "kvcache_tracked_blocks", engine=engine)
+    assert sum(tracked.values()) == len(ref.resident)
     assert value(s, "kvcache_stored_tokens_total", engine=engine) == stored_tokens(
         run.sinks[engine].batches
     )
@@ -289,7 +298,9 @@ def test_histogram_matches_reference(run: Run, engine: str, family: str, key: st
         row = hist.counts.get(medium, [0] * (len(hist.bounds) + 1))
         got = {
             float(dict(labels)["le"]): count
-            for labels, count in select(s, family + "_bucket", engine=engine, medium=medium).items()
+            for labels, count in select(
+                s, family + "_bucket", engine=engine, medium=medium, group="0"
+            ).items()
         }
         assert set(got) == {*hist.bounds, math.inf}, medium
         wrong, cumulative = [], 0
@@ -298,8 +309,10 @@ def test_histogram_matches_reference(run: Run, engine: str, family: str, key: st
             if got[bound] != cumulative:
                 wrong.append(f"le={bound:g}: exported {got[bound]:g}, reference {cumulative}")
         assert not wrong, f"{medium}: " + "; ".join(wrong)
-        assert value(s, family + "_count", engine=engine, medium=medium) == hist.count(medium)
-        assert value(s, family + "_sum", engine=engine, medium=medium) == pytest.approx(
+        assert value(s, family + "_count", engine=engine, medium=medium, group="0") == hist.count(
+            medium
+        )
+        assert value(s, family + "_sum", engine=engine, medium=medium, group="0") == pytest.approx(
             hist.sums[medium], rel=1e-6, abs=1e-9
         ), medium
 
@@ -321,8 +334,8 @@ def test_prometheus_scrapes_the_exporter(run: Run, prometheus_bin: str) -> None:
     prometheus = run.prometheus
     assert prometheus is not None, f"{prometheus_bin} was not on PATH when the module started"
     prometheus.wait_ready()
-    promql = 'kvcache_blocks_stored_total{engine="map",medium="GPU"}'
-    want = value(run.samples, "kvcache_blocks_stored_total", engine="map", medium="GPU")
+    promql = 'kvcache_blocks_stored_total{engine="map",medium="GPU",group="0"}'
+    want = value(run.samples, "kvcache_blocks_stored_total", engine="map", medium="GPU", group="0")
     assert want == run.refs["map"].stored["GPU"]
 
     def answered() -> bool:

@@ -172,11 +172,11 @@ def assert_matches_scrape(flat: Flat, scraped: Samples, temporality: int) -> Non
     }
     # not vacuous: the stream exercised every path
     for medium in ("GPU", "CPU"):
-        labels = {"engine": ENGINE, "medium": medium}
+        labels = {"engine": ENGINE, "medium": medium, "group": "0"}
         for family in ("kvcache_blocks_stored_total", "kvcache_block_restores_total"):
             assert value(want, family, **labels) > 0, (family, medium)
         assert value(want, "kvcache_block_lifetime_seconds_count", **labels) > 0
-    assert value(want, "kvcache_blocks_accessed_total", engine=ENGINE, medium="GPU") > 0
+    assert value(want, "kvcache_blocks_accessed_total", engine=ENGINE, medium="GPU", group="0") > 0
 
 
 # --- the numbers, both transports, both temporalities -------------------------------------------

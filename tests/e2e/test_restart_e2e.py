@@ -98,7 +98,7 @@ def test_killed_mid_stream_and_restarted_every_counter_equals_the_whole_stream(
     assert value(samples, "kvcache_exporter_batches_replayed_total", engine="vllm") > 0
     assert total == len(sink.batches)
     for medium in ("GPU", "CPU"):
-        labels = {"engine": "vllm", "medium": medium}
+        labels = {"engine": "vllm", "medium": medium, "group": "0"}
         assert value(samples, "kvcache_blocks_stored_total", **labels) == ref.stored[medium]
         assert value(samples, "kvcache_blocks_accessed_total", **labels) == ref.accessed[medium]
         assert value(samples, "kvcache_block_restores_total", **labels) == ref.restores[medium]

@@ -174,7 +174,9 @@ def test_curve_publishers_without_the_right_key_are_not_heard(
         samples = exporter.wait_ingested({e: int(n) for e, n in counts.items()})
         for engine in ("real", "agent"):
             # One fresh block per message: nothing but the heard publisher's batches.
-            stored = value(samples, "kvcache_blocks_stored_total", engine=engine, medium="GPU")
+            stored = value(
+                samples, "kvcache_blocks_stored_total", engine=engine, medium="GPU", group="0"
+            )
             assert stored == counts[engine] >= 10
             assert failures(samples, engine, "protocol") == 0
         assert failures(samples, "real", "closed") == 0

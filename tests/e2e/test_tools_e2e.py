@@ -81,7 +81,7 @@ def test_demo_shows_live_metrics_and_exits_0_on_sigint(
 
     def figures() -> dict[str, float]:
         got = values(wait_for(url))
-        key = (("engine", "demo"), ("medium", "GPU"))
+        key = (("engine", "demo"), ("group", "0"), ("medium", "GPU"))
         return {
             name: got.get((name, key), 0.0)
             for name in (

@@ -58,6 +58,7 @@ DEFAULT_FACTORS: Final = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 4.0, 8.0)
 DEFAULT_DISTANCE_BUCKETS: Final = (0.0625, 0.125, 0.25, 0.5, 1.0, 2.0, 3.0, 7.0, 15.0, 31.0)
 DEFAULT_SAMPLE_RATIO: Final = 0.01
 DEFAULT_MAX_GHOSTS: Final = 100_000
+_GROUP_MIX: Final = np.uint64(0xD6E8FEB86659FD93)
 ALL_MEDIA: Final = ""  # the capacity key that applies to every medium
 
 _FMIX1: Final = np.uint64(0xFF51AFD7ED558CCD)
@@ -407,8 +408,9 @@ class WhatIfModel:
 
     # --- applying --------------------------------------------------------------------------
     def apply(self, batch: EventBatch, resident: npt.NDArray[np.int64]) -> None:
-        """Apply a batch the collector has applied; ``resident`` is its resident count per
-        medium id after it (the observed capacity is the largest seen around evictions)."""
+        """Apply a batch the collector has applied, less the rows that only changed a key's
+        copy count; ``resident`` is its count of resident keys per medium id after it (the
+        observed capacity is the largest seen around evictions)."""
         if not len(batch):
             return
         with self.lock:
@@ -447,11 +449,15 @@ class WhatIfModel:
     def _apply_segment(self, seg: EventBatch) -> None:
         if not len(seg):
             return
+        # An engine's KV-cache groups on one medium share its pool: one cache of (group, hash).
+        keys = seg.block_hash
+        if seg.group.any():
+            keys = keys ^ (seg.group.astype(np.uint64) * _GROUP_MIX)
         media = np.flatnonzero(np.bincount(seg.medium))
         for medium_id in media.tolist():
             rows = slice(None) if media.size == 1 else np.flatnonzero(seg.medium == medium_id)
             self._apply_medium(
-                medium_id, seg.op[rows], seg.block_hash[rows], seg.ts[rows], self._tier(medium_id)
+                medium_id, seg.op[rows], keys[rows], seg.ts[rows], self._tier(medium_id)
             )
 
     def _apply_medium(

@@ -5,6 +5,13 @@ before evict, reuse gap, restore gap, accesses before evict) come from the spati
 hashes: a hash is tracked iff a hash of it falls under the sample ratio, so a tracked block is
 followed through its whole life. Durations are differences of engine timestamps.
 
+A block is a hash in a place, a (medium, KV-cache group) pair (see :mod:`.places`); every
+counter is kept per place. Engines count physical blocks: vLLM can hold two copies of one hash
+and removes each, so a store of a resident key is one more copy (unless the source says its
+stores of resident keys are hit reports, ``hit_reports``), a key stays resident, its lifecycle
+going on, until its last copy is removed, and a removal's ``copies_left``, when the engine
+sends it, is authoritative. Resident blocks are physical; resident hashes are distinct keys.
+
 Operations on different keys commute, so a batch is applied in rounds: round *r* holds the
 *r*-th occurrence of every key, in stream order, and each round is one vectorized pass.
 ``AllBlocksCleared`` rows split the batch, since they touch every key.
@@ -15,13 +22,27 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
 
-from ..protocol.batch import OP_ACCESS, OP_CLEAR, OP_REMOVE, OP_STORE, EventBatch, LabelTable
+from ..protocol.batch import (
+    NO_COPY_COUNT,
+    OP_ACCESS,
+    OP_CLEAR,
+    OP_REMOVE,
+    OP_STORE,
+    EventBatch,
+    LabelTable,
+)
+from ..protocol.decode import (
+    DEFAULT_MAX_ADAPTERS,
+    MAX_ADAPTERS,
+    new_adapter_table,
+    new_group_table,
+)
 from .eviction_log import EvictionLog, EvictionRecords
 from .histogram import (
     ACCESS_COUNT_BUCKETS,
@@ -31,6 +52,7 @@ from .histogram import (
     HistogramSnapshot,
     validate_buckets,
 )
+from .places import PlaceTable
 from .prefix import resolve_depths
 from .table import GHOST, RESIDENT, BlockTable
 
@@ -39,10 +61,31 @@ _SAMPLE_MUL2: Final = np.uint64(0x94D049BB133111EB)
 _U64 = npt.NDArray[np.uint64]
 _F64 = npt.NDArray[np.float64]
 _BOOL = npt.NDArray[np.bool_]
+_I64 = npt.NDArray[np.int64]
 
 REASON_CLEARED: Final = "cleared"
 REASON_RESTART: Final = "engine_restart"
 DEFAULT_REASONS: Final = ("evicted", REASON_CLEARED, REASON_RESTART)
+
+
+def _block_order(seg: EventBatch) -> tuple[npt.NDArray[np.int64], _BOOL]:
+    """Rows sorted by block (hash, place), stream order within a block, and for each pair of
+    neighbours in that order whether the second is another block.
+
+    One sort of the hash with the place mixed into its top byte; hashes that differ only in
+    their top byte can share such a key across places, and then both columns are sorted.
+    """
+    key = seg.block_hash ^ (seg.medium.astype(np.uint64) << np.uint64(56))
+    order: npt.NDArray[np.int64] = np.argsort(key, kind="stable")
+    sorted_key = key[order]
+    new_block: _BOOL = sorted_key[1:] != sorted_key[:-1]
+    same = np.flatnonzero(~new_block)  # one mixed key: the same block unless the hashes differ
+    if same.size and (seg.block_hash[order[same + 1]] != seg.block_hash[order[same]]).any():
+        order = np.lexsort((seg.medium, seg.block_hash))  # stable: stream order kept
+        new_block = (seg.block_hash[order[1:]] != seg.block_hash[order[:-1]]) | (
+            seg.medium[order[1:]] != seg.medium[order[:-1]]
+        )
+    return order, new_block
 
 
 def sample_hash(keys: _U64) -> _U64:
@@ -66,6 +109,8 @@ class CollectorConfig:
     access_buckets: tuple[float, ...] = ACCESS_COUNT_BUCKETS
     depth_buckets: tuple[float, ...] = PREFIX_DEPTH_BUCKETS
     eviction_log_size: int = 10_000
+    hit_reports: bool = False  # stores of resident keys are hits (vLLM's report mode "full")
+    max_adapters: int = DEFAULT_MAX_ADAPTERS  # LoRA adapters labelled by name; the rest "other"
 
     def __post_init__(self) -> None:
         if not 0.0 < self.sample_ratio <= 1.0:
@@ -76,6 +121,8 @@ class CollectorConfig:
             raise ValueError("removed-block memory cannot be negative")
         if self.eviction_log_size < 0:
             raise ValueError("eviction log size cannot be negative")
+        if not 1 <= self.max_adapters <= MAX_ADAPTERS:
+            raise ValueError(f"max adapters must be in 1..{MAX_ADAPTERS}")
         validate_buckets(self.duration_buckets, "duration buckets")
         validate_buckets(self.access_buckets, "access-count buckets")
         validate_buckets(self.depth_buckets, "prefix-depth buckets")
@@ -87,11 +134,20 @@ class CollectorSnapshot:
 
     media: tuple[str, ...]
     reasons: tuple[str, ...]
-    stored: npt.NDArray[np.uint64]  # [media]
+    groups: tuple[str, ...]
+    adapters: tuple[str, ...]
+    places: tuple[tuple[int, int], ...]  # per place id: (medium id, group id)
+    stored: npt.NDArray[np.uint64]  # [places]
     accessed: npt.NDArray[np.uint64]
     restores: npt.NDArray[np.uint64]
-    resident: npt.NDArray[np.int64]
-    removed: npt.NDArray[np.uint64]  # [media, reasons]
+    resident: npt.NDArray[np.int64]  # physical blocks
+    resident_hashes: npt.NDArray[np.int64]  # distinct keys
+    resident_tokens: npt.NDArray[np.int64]
+    tracked_per_place: npt.NDArray[np.int64]
+    removed: npt.NDArray[np.uint64]  # [places, reasons]
+    adapter_stored: npt.NDArray[np.uint64]  # [media, adapters]
+    adapter_restores: npt.NDArray[np.uint64]
+    adapter_resident: npt.NDArray[np.int64]
     unknown_removals: int
     unknown_accesses: int
     untracked_stores: int
@@ -99,6 +155,25 @@ class CollectorSnapshot:
     tracked: int
     table_bytes: int
     histograms: dict[str, HistogramSnapshot] = field(default_factory=dict)
+
+    def place(self, medium: str, group: str = "0") -> int | None:
+        """The place id of a (medium, group) pair, or None when the stream never had it."""
+        if medium not in self.media or group not in self.groups:
+            return None
+        pair = (self.media.index(medium), self.groups.index(group))
+        return self.places.index(pair) if pair in self.places else None
+
+    def place_labels(self, place_id: int) -> tuple[str, str]:
+        """(medium, group) label values of a place."""
+        medium_id, group_id = self.places[place_id]
+        return self.media[medium_id], self.groups[group_id]
+
+    def per_medium(self, values: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        """A per-place array summed over groups into rows per medium id."""
+        medium = np.array([m for m, _ in self.places], np.int64)
+        out = np.zeros((len(self.media), *values.shape[1:]), values.dtype)
+        np.add.at(out, medium, values[: len(self.places)])
+        return out
 
 
 class _Outcome:
@@ -164,12 +239,15 @@ class _Outcome:
 @dataclass(slots=True)
 class Runs:
     """Per row of a segment: hits collapsed into it (``extra``), the time of the last one,
-    the row heading each row's run, and whether a head left its block resident."""
+    the row heading each row's run, whether a head left its block resident, and the block's
+    last access once the row is applied (``access_ts``: the row's time, but a copy's store is
+    no access, so a head that only added a copy leaves the block's earlier last access)."""
 
     extra: npt.NDArray[np.int64]
     last_ts: _F64
     head: npt.NDArray[np.int64]
     resident_after: _BOOL
+    access_ts: _F64
 
     @staticmethod
     def none(n: int) -> Runs:
@@ -178,6 +256,7 @@ class Runs:
             last_ts=np.zeros(n),
             head=np.arange(n),
             resident_after=np.zeros(n, bool),
+            access_ts=np.zeros(n),
         )
 
 
@@ -200,7 +279,7 @@ class ResidentProfile:
 
     accesses: npt.NDArray[np.uint32]
     depth: npt.NDArray[np.uint16]
-    medium: npt.NDArray[np.uint8]
+    medium: npt.NDArray[np.uint8]  # the place id (see CollectorSnapshot.places)
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,10 +303,15 @@ class BlockLifecycleCollector:
         config: CollectorConfig | None = None,
         media: LabelTable | None = None,
         reasons: LabelTable | None = None,
+        groups: LabelTable | None = None,
+        adapters: LabelTable | None = None,
     ) -> None:
         self.config = config or CollectorConfig()
         self.media = media or LabelTable("unknown")
         self.reasons = reasons or LabelTable("evicted", seed=DEFAULT_REASONS)
+        self.groups = groups or new_group_table()
+        self.adapters = adapters or new_adapter_table(self.config.max_adapters)
+        self.places = PlaceTable(self.media, self.groups)
         self.lock = threading.Lock()
         self._threshold = (
             None
@@ -237,18 +321,24 @@ class BlockLifecycleCollector:
         self._reset_state()
 
     def _reset_state(self) -> None:
-        m, r = self.media.capacity, self.reasons.capacity
+        m, r = self.places.capacity, self.reasons.capacity
+        am = (self.media.capacity, self.adapters.capacity)
         self.table = BlockTable()
         self.stored = np.zeros(m, np.uint64)
         self.accessed = np.zeros(m, np.uint64)
         self.restores = np.zeros(m, np.uint64)
         self.resident = np.zeros(m, np.int64)
+        self.resident_hashes = np.zeros(m, np.int64)
+        self.resident_tokens = np.zeros(m, np.int64)
+        self.tracked_per_place = np.zeros(m, np.int64)
         self.removed = np.zeros((m, r), np.uint64)
+        self.adapter_stored = np.zeros(am, np.uint64)
+        self.adapter_restores = np.zeros(am, np.uint64)
+        self.adapter_resident = np.zeros(am, np.int64)
         self.unknown_removals = 0
         self.unknown_accesses = 0
         self.untracked_stores = 0
         self.clears = 0
-        self.tracked = 0
         self.hist = {name: HistogramSet(self.config.duration_buckets, m) for name in HISTOGRAMS}
         self.accesses_before_evict = HistogramSet(self.config.access_buckets, m)
         self.prefix_depth = HistogramSet(self.config.depth_buckets, m)
@@ -261,6 +351,29 @@ class BlockLifecycleCollector:
         self._pending_evictions: list[tuple[npt.NDArray[np.int64], dict[str, npt.NDArray[Any]]]]
         self._pending_evictions = []
         self._outcome: _Outcome | None = None
+        # Rows of the last batch that only changed a key's copy count (see copy_rows).
+        self._copy_positions: list[npt.NDArray[np.int64]] = []
+        self.copy_rows = np.zeros(0, bool)
+
+    def place_labels(self) -> tuple[tuple[str, str], ...]:
+        """(medium, group) label values of every place, by place id."""
+        with self.lock:
+            return tuple(
+                (self.media.names[m], self.groups.names[g]) for m, g in self.places.pairs()
+            )
+
+    def resident_keys_by_medium(self) -> npt.NDArray[np.int64]:
+        """Resident keys (distinct hashes, all groups) per medium id: what a cache of keys
+        per medium, as the what-if model sees it, holds now."""
+        n = len(self.places)
+        return np.bincount(
+            self.places.medium[:n], weights=self.resident_hashes[:n], minlength=self.media.capacity
+        ).astype(np.int64)
+
+    @property
+    def tracked(self) -> int:
+        """Resident keys whose lifecycle is tracked (sampled), all places together."""
+        return int(self.tracked_per_place.sum())
 
     # --- applying batches ------------------------------------------------------------------
     def apply(self, batch: EventBatch, cuts: Sequence[int] = ()) -> list[CollectorTotals]:
@@ -271,8 +384,11 @@ class BlockLifecycleCollector:
         the cost of a cumulative sum instead of an apply per piece.
         """
         if not len(batch):
+            self.copy_rows = np.zeros(0, bool)
             return [self._totals() for _ in cuts]
         with self.lock:
+            # From here on a row's ``medium`` column holds its place id (medium and group).
+            batch = replace(batch, medium=self.places.ids(batch.medium, batch.group))
             self._outcome = _Outcome(len(batch), self._totals()) if cuts else None
             depth = resolve_depths(batch, self._known_depth)
             position = np.arange(len(batch))
@@ -287,6 +403,10 @@ class BlockLifecycleCollector:
             rows = slice(start, len(batch))
             self._apply_segment(batch.take(rows), depth[rows], position[rows])
             self._settle_removals()
+            self.copy_rows = np.zeros(len(batch), bool)
+            for rows_done in self._copy_positions:
+                self.copy_rows[rows_done] = True
+            self._copy_positions = []
             outcome, self._outcome = self._outcome, None
             if outcome is None:
                 return []
@@ -311,10 +431,10 @@ class BlockLifecycleCollector:
         return sample_hash(keys) < self._threshold
 
     def _known_depth(self, hashes: _U64) -> npt.NDArray[np.int64]:
-        """The prefix depth the table holds for each hash, on whatever medium (0: none)."""
+        """The prefix depth the table holds for each hash, in whatever place (0: none)."""
         best = np.zeros(hashes.shape[0], np.int64)
-        for medium_id in range(len(self.media.names)):
-            slots = self.table.find(hashes, np.full(hashes.shape[0], medium_id, np.uint8))
+        for place_id in range(len(self.places)):
+            slots = self.table.find(hashes, np.full(hashes.shape[0], place_id, np.uint8))
             found = slots >= 0
             best[found] = np.maximum(best[found], self.table.depth[slots[found]])
         return best
@@ -332,12 +452,10 @@ class BlockLifecycleCollector:
         n = len(seg)
         if not n:
             return
-        key = seg.block_hash ^ (seg.medium.astype(np.uint64) << np.uint64(56))
-        order = np.argsort(key, kind="stable")
-        sorted_key = key[order]
+        order, new_block = _block_order(seg)
         starts = np.empty(n, bool)
         starts[0] = True
-        np.not_equal(sorted_key[1:], sorted_key[:-1], out=starts[1:])
+        starts[1:] = new_block
         if starts.all():
             self._apply_round(seg, depth, position, Runs.none(n), slice(None))
             return
@@ -348,7 +466,9 @@ class BlockLifecycleCollector:
         prev_op = np.where(previous >= 0, op[np.maximum(previous, 0)], 255)
         follower = (previous >= 0) & (
             ((op == OP_ACCESS) & ((prev_op == OP_ACCESS) | (prev_op == OP_STORE)))
-            | ((op == OP_STORE) & (prev_op == OP_STORE))
+            # A store after a store is a hit only where stores of resident keys report hits;
+            # else it is one more physical copy, applied in its own round.
+            | ((op == OP_STORE) & (prev_op == OP_STORE) & self.config.hit_reports)
         )
         runs = Runs.none(n)
         if follower.any():
@@ -357,7 +477,9 @@ class BlockLifecycleCollector:
         kept_sorted = order[~follower[order]]
         kept_starts = np.empty(kept_sorted.size, bool)
         kept_starts[0] = True
-        np.not_equal(key[kept_sorted[1:]], key[kept_sorted[:-1]], out=kept_starts[1:])
+        block = np.empty(n, np.int64)  # per row: its block's rank in sorted order
+        block[order] = np.cumsum(starts)
+        np.not_equal(block[kept_sorted[1:]], block[kept_sorted[:-1]], out=kept_starts[1:])
         index = np.arange(kept_sorted.size)
         group_start = np.maximum.accumulate(np.where(kept_starts, index, 0))
         rank = np.empty(n, np.int64)
@@ -385,7 +507,13 @@ class BlockLifecycleCollector:
         extra = np.bincount(head[followers], minlength=n)
         last_ts = seg.ts.copy()
         np.maximum.at(last_ts, head[followers], seg.ts[followers])
-        return Runs(extra=extra, last_ts=last_ts, head=head, resident_after=np.zeros(n, bool))
+        return Runs(
+            extra=extra,
+            last_ts=last_ts,
+            head=head,
+            resident_after=np.zeros(n, bool),
+            access_ts=seg.ts.copy(),
+        )
 
     def _apply_followers(
         self,
@@ -399,12 +527,12 @@ class BlockLifecycleCollector:
         rows = np.flatnonzero(follower)
         if not rows.size:
             return
-        m = self.media.capacity
+        m = self.places.capacity
         med = seg.medium[rows]
         hit = runs.resident_after[runs.head[rows]]
         if hit.any():
             self.accessed += np.bincount(med[hit], minlength=m).astype(np.uint64)
-            gaps = seg.ts[rows[hit]] - seg.ts[previous[rows[hit]]]
+            gaps = seg.ts[rows[hit]] - runs.access_ts[previous[rows[hit]]]
             sampled = self._sampled(seg.block_hash[rows[hit]])
             self.hist["reuse_gap"].observe(med[hit][sampled], gaps[sampled])
         missed = ~hit
@@ -430,7 +558,7 @@ class BlockLifecycleCollector:
         segment's; ``rows_in_segment`` says which of its rows these are."""
         op, keys, ts, med = rnd.op, rnd.block_hash, rnd.ts, rnd.medium
         table = self.table
-        m = self.media.capacity
+        m = self.places.capacity
         is_store = op == OP_STORE
         table.reserve(int(np.count_nonzero(is_store)))
         slot = table.find(keys, med)
@@ -440,9 +568,9 @@ class BlockLifecycleCollector:
         sampled = self._sampled(keys)
         resident_after = resident & (op != OP_REMOVE)
 
-        # Accesses: reported hits, and re-announcements of resident blocks (SPEC §2.1.1).
+        # Accesses: reported hits, and stores of resident keys where those report hits.
         is_access = op == OP_ACCESS
-        hit = resident & (is_access | is_store)
+        hit = resident & (is_access | (is_store & self.config.hit_reports))
         if hit.any():
             s, t = slot[hit], ts[hit]
             previous = table.t_access[s]
@@ -453,9 +581,30 @@ class BlockLifecycleCollector:
             self.accessed += np.bincount(med[hit], minlength=m).astype(np.uint64)
         self.unknown_accesses += int(np.count_nonzero(is_access & ~resident))
 
+        copy = resident & is_store & (not self.config.hit_reports)
+        if copy.any():
+            # A copy is no access: hits collapsed after it measure from the block's last one.
+            runs.access_ts[np.arange(runs.extra.size)[rows_in_segment][copy]] = table.t_access[
+                slot[copy]
+            ]
+            self._add_copies(slot[copy], med[copy], position[copy])
+
         is_remove = op == OP_REMOVE
         if is_remove.any():
-            self._remove(slot, resident & is_remove, rnd, sampled, position)
+            removing = resident & is_remove
+            copies = table.copies[np.where(removing, slot, 0)].astype(np.int64)
+            told = rnd.copies_left != NO_COPY_COUNT
+            # At most what the u16 copies column holds, so the counters move as it does.
+            left = np.where(told, np.minimum(rnd.copies_left, 65535), copies - 1)
+            last = removing & (left <= 0)
+            kept = removing & ~last
+            if kept.any():  # one copy of several goes: the key stays, its lifecycle goes on
+                self._drop_copies(slot[kept], med[kept], copies[kept] - left[kept])
+                table.copies[slot[kept]] = left[kept]
+                self._copy_positions.append(position[kept])
+                resident_after[kept] = True
+            if last.any():
+                self._remove(slot, last, rnd, sampled, position, copies[last])
             self.unknown_removals += int(np.count_nonzero(is_remove & ~resident))
             self.removed += (
                 np.bincount(
@@ -472,9 +621,10 @@ class BlockLifecycleCollector:
             obs = sampled[restore]
             self.hist["restore_gap"].observe(med[restore][obs], (t - table.t_store[s])[obs])
             table.state[s] = RESIDENT
-            self._start_life(s, t)
+            self._start_life(s, t, rnd, restore)
             self.restores += np.bincount(med[restore], minlength=m).astype(np.uint64)
-            self._count_stored(med[restore], obs)
+            self._count_adapters(self.adapter_restores, med[restore], rnd.adapter[restore])
+            self._count_stored(s, med[restore], obs)
             resident_after[restore] = True
             if self._outcome is not None:
                 self._outcome.stored[position[restore]] += 1
@@ -485,18 +635,22 @@ class BlockLifecycleCollector:
         new = is_store & (slot < 0)
         if new.any():
             rows = np.flatnonzero(new)
-            room = self.config.max_tracked_blocks - int(self.resident.sum())
+            room = self.config.max_tracked_blocks - int(self.resident_hashes.sum())
             if self._outcome is not None:
                 self._outcome.stored[position[rows]] += 1
                 self._outcome.resident[position[rows[: max(room, 0)]]] += 1
             if rows.size > room:
                 # Full: keep what fits, count the rest (stored_total stays exact).
-                self.untracked_stores += int(rows.size - max(room, 0))
-                self.stored += np.bincount(med[rows[max(room, 0) :]], minlength=m).astype(np.uint64)
+                untracked = rows[max(room, 0) :]
+                self.untracked_stores += int(untracked.size)
+                self.stored += np.bincount(med[untracked], minlength=m).astype(np.uint64)
+                self._count_adapters(self.adapter_stored, med[untracked], rnd.adapter[untracked])
                 rows = rows[: max(room, 0)]
             s = table.insert(keys[rows], med[rows], RESIDENT)
-            self._start_life(s, ts[rows])
-            self._count_stored(med[rows], sampled[rows])
+            mask = np.zeros(len(rnd), bool)
+            mask[rows] = True
+            self._start_life(s, ts[rows], rnd, mask)
+            self._count_stored(s, med[rows], sampled[rows])
             started_rows.append(rows)
             resident_after[rows] = True
         if rnd.chain is not None:
@@ -516,17 +670,80 @@ class BlockLifecycleCollector:
             table.accesses[s] += extra[extended].astype(np.uint32)
             table.t_access[s] = runs.last_ts[rows_in_segment][extended]
 
-    def _start_life(self, slots: npt.NDArray[np.int64], ts: _F64) -> None:
-        self.table.t_store[slots] = ts
-        self.table.t_access[slots] = ts
-        self.table.accesses[slots] = 0
-        self.table.depth[slots] = 0
+    def _start_life(
+        self, slots: npt.NDArray[np.int64], ts: _F64, rnd: EventBatch, rows: _BOOL
+    ) -> None:
+        """A key becomes resident with one copy, stored by the rows ``rows`` of ``rnd``."""
+        table = self.table
+        table.t_store[slots] = ts
+        table.t_access[slots] = ts
+        table.accesses[slots] = 0
+        table.depth[slots] = 0
+        table.copies[slots] = 1
+        table.tokens[slots] = np.minimum(rnd.tokens[rows], 65535)
+        table.adapter[slots] = rnd.adapter[rows]
 
-    def _count_stored(self, med: npt.NDArray[np.uint8], sampled: _BOOL) -> None:
-        counts = np.bincount(med, minlength=self.media.capacity)
+    def _count_stored(
+        self, slots: npt.NDArray[np.int64], med: npt.NDArray[np.uint8], sampled: _BOOL
+    ) -> None:
+        """Keys at ``slots`` (in places ``med``) just became resident with one copy each."""
+        m = self.places.capacity
+        counts = np.bincount(med, minlength=m)
         self.stored += counts.astype(np.uint64)
         self.resident += counts
-        self.tracked += int(np.count_nonzero(sampled))
+        self.resident_hashes += counts
+        self.resident_tokens += np.bincount(
+            med, weights=self.table.tokens[slots], minlength=m
+        ).astype(np.int64)
+        self.tracked_per_place += np.bincount(med[sampled], minlength=m)
+        adapters = self.table.adapter[slots]
+        self._count_adapters(self.adapter_stored, med, adapters)
+        self._count_adapters(self.adapter_resident, med, adapters)
+
+    def _add_copies(
+        self, slots: npt.NDArray[np.int64], med: npt.NDArray[np.uint8], position: _I64
+    ) -> None:
+        """Stores of resident keys: one more physical copy each; the key's life goes on."""
+        table = self.table
+        m = self.places.capacity
+        table.copies[slots] = np.minimum(table.copies[slots].astype(np.int64) + 1, 65535)
+        counts = np.bincount(med, minlength=m)
+        self.stored += counts.astype(np.uint64)
+        self.resident += counts
+        self.resident_tokens += np.bincount(med, weights=table.tokens[slots], minlength=m).astype(
+            np.int64
+        )
+        self._count_adapters(self.adapter_stored, med, table.adapter[slots])
+        self._count_adapters(self.adapter_resident, med, table.adapter[slots])
+        self._copy_positions.append(position)
+        if self._outcome is not None:
+            self._outcome.stored[position] += 1
+
+    def _drop_copies(
+        self, slots: npt.NDArray[np.int64], med: npt.NDArray[np.uint8], count: _I64
+    ) -> None:
+        """``count`` physical copies of each resident key at ``slots`` are gone (fewer than
+        all: the engine says, or we count, that some remain)."""
+        m = self.places.capacity
+        tokens = self.table.tokens[slots].astype(np.int64) * count
+        self.resident -= np.bincount(med, weights=count, minlength=m).astype(np.int64)
+        self.resident_tokens -= np.bincount(med, weights=tokens, minlength=m).astype(np.int64)
+        self._count_adapters(self.adapter_resident, med, self.table.adapter[slots], -count)
+
+    def _count_adapters(
+        self,
+        target: npt.NDArray[Any],
+        med: npt.NDArray[np.uint8],
+        adapters: npt.NDArray[np.uint8],
+        weights: _I64 | None = None,
+    ) -> None:
+        """Add per (medium, adapter): one per row, or ``weights``; ``med`` holds place ids."""
+        a = self.adapters.capacity
+        medium = self.places.medium[med].astype(np.int64)
+        counts = np.bincount(medium * a + adapters, weights=weights, minlength=target.size).reshape(
+            target.shape
+        )
+        target += counts.astype(target.dtype)
 
     def _remove(
         self,
@@ -535,12 +752,16 @@ class BlockLifecycleCollector:
         rnd: EventBatch,
         sampled: _BOOL,
         position: npt.NDArray[np.int64],
+        copies: _I64,
     ) -> None:
-        """Resident blocks at ``slot[mask]`` are removed: observe, then ghost them."""
+        """Resident keys at ``slot[mask]`` lose their last copies (``copies`` each):
+        observe, then ghost them."""
         s, t, md, obs = slot[mask], rnd.ts[mask], rnd.medium[mask], sampled[mask]
         self._observe_removal(s, t, md, obs, rnd.reason[mask], position[mask])
-        self.resident -= np.bincount(md, minlength=self.media.capacity)
-        self.tracked -= int(np.count_nonzero(obs))
+        self._drop_copies(s, md, copies)
+        m = self.places.capacity
+        self.resident_hashes -= np.bincount(md, minlength=m)
+        self.tracked_per_place -= np.bincount(md[obs], minlength=m)
         self._ghost(s, t, position[mask])
         if self._outcome is not None:
             self._outcome.resident[position[mask]] -= 1
@@ -645,16 +866,48 @@ class BlockLifecycleCollector:
         reasons = np.full(slots.shape[0], reason_id, np.uint8)
         position = np.full(slots.shape[0], row, np.int64)
         self._observe_removal(slots, t, md, self._sampled(table.key[slots]), reasons, position)
-        self.removed[:, reason_id] += np.bincount(md, minlength=self.media.capacity).astype(
-            np.uint64
-        )
+        # Every physical copy goes, so that stored - removed = resident stays true per place.
+        physical = np.bincount(md, weights=table.copies[slots], minlength=self.places.capacity)
+        self.removed[:, reason_id] += physical.astype(np.uint64)
         if self._outcome is not None:
-            self._outcome.resident[row] -= int(self.resident.sum())
-        self.resident[:] = 0
-        self.tracked = 0
+            self._outcome.resident[row] -= int(self.resident_hashes.sum())
+        for counter in (
+            self.resident,
+            self.resident_hashes,
+            self.resident_tokens,
+            self.tracked_per_place,
+            self.adapter_resident,
+        ):
+            counter[:] = 0
         self._ghost(slots, t, position)
 
     # --- checkpoints -----------------------------------------------------------------------
+    _COUNTERS: Final = (
+        "stored",
+        "accessed",
+        "restores",
+        "resident",
+        "resident_hashes",
+        "resident_tokens",
+        "tracked_per_place",
+        "removed",
+        "adapter_stored",
+        "adapter_restores",
+        "adapter_resident",
+    )
+    _TABLE_COLUMNS: Final = (
+        "key",
+        "medium",
+        "state",
+        "t_store",
+        "t_access",
+        "accesses",
+        "depth",
+        "copies",
+        "tokens",
+        "adapter",
+    )
+
     def state(self) -> dict[str, npt.NDArray[Any]]:
         """Everything needed to continue after a restart, as plain arrays (copies)."""
         with self.lock:
@@ -663,32 +916,22 @@ class BlockLifecycleCollector:
             ghosts = list(self._ghosts)
             records = self.evictions.records()
             arrays: dict[str, npt.NDArray[Any]] = {
-                "table.key": table.key[live],
-                "table.medium": table.medium[live],
-                "table.state": table.state[live],
-                "table.t_store": table.t_store[live],
-                "table.t_access": table.t_access[live],
-                "table.accesses": table.accesses[live],
-                "table.depth": table.depth[live],
-                "stored": self.stored.copy(),
-                "accessed": self.accessed.copy(),
-                "restores": self.restores.copy(),
-                "resident": self.resident.copy(),
-                "removed": self.removed.copy(),
-                "scalars": np.array(
-                    [
-                        self.unknown_removals,
-                        self.unknown_accesses,
-                        self.untracked_stores,
-                        self.clears,
-                        self.tracked,
-                    ],
-                    np.int64,
-                ),
-                "ghosts.key": np.concatenate([g[0] for g in ghosts] or [np.zeros(0, np.uint64)]),
-                "ghosts.medium": np.concatenate([g[1] for g in ghosts] or [np.zeros(0, np.uint8)]),
-                "ghosts.ts": np.concatenate([g[2] for g in ghosts] or [np.zeros(0)]),
+                f"table.{name}": column[live]
+                for name, column in zip(self._TABLE_COLUMNS, table.columns(), strict=True)
             }
+            arrays.update({name: getattr(self, name).copy() for name in self._COUNTERS})
+            arrays["places"] = np.array(self.places.pairs(), np.uint8).reshape(-1, 2)
+            arrays["scalars"] = np.array(
+                [self.unknown_removals, self.unknown_accesses, self.untracked_stores, self.clears],
+                np.int64,
+            )
+            arrays["ghosts.key"] = np.concatenate(
+                [g[0] for g in ghosts] or [np.zeros(0, np.uint64)]
+            )
+            arrays["ghosts.medium"] = np.concatenate(
+                [g[1] for g in ghosts] or [np.zeros(0, np.uint8)]
+            )
+            arrays["ghosts.ts"] = np.concatenate([g[2] for g in ghosts] or [np.zeros(0)])
             for name, hist in self._all_histograms().items():
                 arrays[f"hist.{name}.counts"] = hist.counts.copy()
                 arrays[f"hist.{name}.sums"] = hist.sums.copy()
@@ -700,13 +943,14 @@ class BlockLifecycleCollector:
         """Continue from :meth:`state` (raises ValueError when the shapes do not fit)."""
         with self.lock:
             self._reset_state()
+            self.places.restore([(int(m), int(g)) for m, g in arrays["places"].tolist()])
             for name, hist in self._all_histograms().items():
                 counts, sums = arrays[f"hist.{name}.counts"], arrays[f"hist.{name}.sums"]
                 if counts.shape != hist.counts.shape or sums.shape != hist.sums.shape:
                     raise ValueError(f"histogram {name}: buckets changed since the checkpoint")
                 hist.counts[:] = counts
                 hist.sums[:] = sums
-            for name in ("stored", "accessed", "restores", "resident", "removed"):
+            for name in self._COUNTERS:
                 target = getattr(self, name)
                 if arrays[name].shape != target.shape:
                     raise ValueError(f"{name}: shape changed since the checkpoint")
@@ -716,18 +960,16 @@ class BlockLifecycleCollector:
                 self.unknown_accesses,
                 self.untracked_stores,
                 self.clears,
-                self.tracked,
             ) = (int(v) for v in arrays["scalars"])
-            keys, media, states = arrays["table.key"], arrays["table.medium"], arrays["table.state"]
+            keys, places = arrays["table.key"], arrays["table.medium"]
+            states = arrays["table.state"]
             table = self.table
             table.reserve(int(keys.shape[0]))
             for state in (RESIDENT, GHOST):
                 rows = np.flatnonzero(states == state)
-                slots = table.insert(keys[rows], media[rows], state)
-                table.t_store[slots] = arrays["table.t_store"][rows]
-                table.t_access[slots] = arrays["table.t_access"][rows]
-                table.accesses[slots] = arrays["table.accesses"][rows]
-                table.depth[slots] = arrays["table.depth"][rows]
+                slots = table.insert(keys[rows], places[rows], state)
+                for name, column in zip(self._TABLE_COLUMNS[3:], table.columns()[3:], strict=True):
+                    column[slots] = arrays[f"table.{name}"][rows]
             ghost_keys = arrays["ghosts.key"]
             if ghost_keys.size:
                 self._ghosts.append((ghost_keys, arrays["ghosts.medium"], arrays["ghosts.ts"]))
@@ -777,7 +1019,7 @@ class BlockLifecycleCollector:
             stored=int(self.stored.sum()),
             evicted=int(removed[self._evicting_reasons()].sum()),
             restores=int(self.restores.sum()),
-            resident=int(self.resident.sum()),
+            resident=int(self.resident_hashes.sum()),
             clears=self.clears,
             lifetime_bounds=lifetime.bounds,
             lifetime_counts=lifetime.counts.sum(axis=0),
@@ -788,11 +1030,12 @@ class BlockLifecycleCollector:
         with self.lock:
             return self.evictions.records()
 
-    def block(self, key: int, medium_id: int) -> BlockRecord | None:
-        """One resident block's state, or None when it is not resident."""
+    def block(self, key: int, place_id: int) -> BlockRecord | None:
+        """One resident block's state, or None when it is not resident (``place_id``: see
+        :meth:`CollectorSnapshot.place`)."""
         with self.lock:
             slot = int(
-                self.table.find(np.array([key], np.uint64), np.array([medium_id], np.uint8))[0]
+                self.table.find(np.array([key], np.uint64), np.array([place_id], np.uint8))[0]
             )
             if slot < 0 or self.table.state[slot] != RESIDENT:
                 return None
@@ -812,11 +1055,20 @@ class BlockLifecycleCollector:
             return CollectorSnapshot(
                 media=tuple(self.media.names),
                 reasons=tuple(self.reasons.names),
+                groups=tuple(self.groups.names),
+                adapters=tuple(self.adapters.names),
+                places=tuple(self.places.pairs()),
                 stored=self.stored.copy(),
                 accessed=self.accessed.copy(),
                 restores=self.restores.copy(),
                 resident=self.resident.copy(),
+                resident_hashes=self.resident_hashes.copy(),
+                resident_tokens=self.resident_tokens.copy(),
+                tracked_per_place=self.tracked_per_place.copy(),
                 removed=self.removed.copy(),
+                adapter_stored=self.adapter_stored.copy(),
+                adapter_restores=self.adapter_restores.copy(),
+                adapter_resident=self.adapter_resident.copy(),
                 unknown_removals=self.unknown_removals,
                 unknown_accesses=self.unknown_accesses,
                 untracked_stores=self.untracked_stores,

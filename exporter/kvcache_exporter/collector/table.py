@@ -8,7 +8,7 @@ them by slot index. Deleted slots become tombstones, cleared out by the next reb
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -30,11 +30,13 @@ I64Array = npt.NDArray[np.int64]
 class BlockTable:
     """Slots hold a key (hash, medium), a state and the lifecycle columns of one block.
 
-    Columns per slot: ``key`` u64, ``medium`` u8, ``state`` u8, ``t_store`` f64 (store time,
-    or removal time for a ghost), ``t_access`` f64 (last access; float64 like ``t_store`` so
+    Columns per slot: ``key`` u64, ``medium`` u8 (the key's place: medium and group, or just
+    the medium for callers with one group), ``state`` u8, ``t_store`` f64 (store time, or
+    removal time for a ghost), ``t_access`` f64 (last access; float64 like ``t_store`` so
     that a duration landing exactly on a bucket bound is counted in that bucket),
-    ``accesses`` u32 and ``depth`` u16 (position in its prefix chain, 0 when unknown) — 32
-    bytes.
+    ``accesses`` u32, ``depth`` u16 (position in its prefix chain, 0 when unknown),
+    ``copies`` u16 (physical blocks the engine holds under the key), ``tokens`` u16 (tokens
+    one copy holds) and ``adapter`` u8 (its LoRA adapter's label id) — 37 bytes.
     """
 
     def __init__(self, initial_capacity: int = 1 << _MIN_BITS) -> None:
@@ -52,6 +54,9 @@ class BlockTable:
         self.t_access = np.zeros(capacity, np.float64)
         self.accesses = np.zeros(capacity, np.uint32)
         self.depth = np.zeros(capacity, np.uint16)
+        self.copies = np.zeros(capacity, np.uint16)
+        self.tokens = np.zeros(capacity, np.uint16)
+        self.adapter = np.zeros(capacity, np.uint8)
         self.live = 0  # RESIDENT + GHOST
         self.tombstones = 0
 
@@ -59,20 +64,24 @@ class BlockTable:
     def capacity(self) -> int:
         return self.mask + 1
 
+    def columns(self) -> tuple[npt.NDArray[Any], ...]:
+        """Every column, the key first: what a rebuild or a checkpoint carries per slot."""
+        return (
+            self.key,
+            self.medium,
+            self.state,
+            self.t_store,
+            self.t_access,
+            self.accesses,
+            self.depth,
+            self.copies,
+            self.tokens,
+            self.adapter,
+        )
+
     @property
     def nbytes(self) -> int:
-        return sum(
-            column.nbytes
-            for column in (
-                self.key,
-                self.medium,
-                self.state,
-                self.t_store,
-                self.t_access,
-                self.accesses,
-                self.depth,
-            )
-        )
+        return sum(column.nbytes for column in self.columns())
 
     def _home(self, keys: npt.NDArray[np.uint64], media: npt.NDArray[np.uint8]) -> I64Array:
         mixed = (keys ^ (media.astype(np.uint64) * _MEDIUM_MIX)) * _SLOT_MUL
@@ -143,15 +152,7 @@ class BlockTable:
 
     def _rebuild(self, needed: int) -> None:
         """Rehash live slots into a table sized for ``needed`` keys at the target load."""
-        old = (
-            self.key,
-            self.medium,
-            self.state,
-            self.t_store,
-            self.t_access,
-            self.accesses,
-            self.depth,
-        )
+        old = self.columns()
         live = np.flatnonzero((old[2] == RESIDENT) | (old[2] == GHOST))
         bits = max(_MIN_BITS, int(np.ceil(np.log2(max(needed, 1) / _TARGET_LOAD))))
         self._allocate(bits)
@@ -160,10 +161,8 @@ class BlockTable:
             if not rows.size:
                 continue
             slots = self.insert(old[0][rows], old[1][rows], state)
-            self.t_store[slots] = old[3][rows]
-            self.t_access[slots] = old[4][rows]
-            self.accesses[slots] = old[5][rows]
-            self.depth[slots] = old[6][rows]
+            for column, values in zip(self.columns()[3:], old[3:], strict=True):
+                column[slots] = values[rows]
 
     def clear(self) -> None:
         self._allocate(_MIN_BITS)

@@ -26,6 +26,7 @@ from ..offline import (
     plot_whatif,
 )
 from ..sources.recording import MAGIC, RecordingError
+from ..sources.spec import REPORT_MODES
 from .common import (
     OneLineParser,
     UsageError,
@@ -45,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", choices=FORMATS, default="text")
     parser.add_argument(
         "--sample-ratio", type=float, default=1.0, help="as --collector.sample-ratio"
+    )
+    parser.add_argument(
+        "--report-mode",
+        choices=REPORT_MODES,
+        default="default",
+        help="as a source's report-mode=: full when the engine's stores of resident blocks "
+        "are hit reports (vLLM's kv_cache_report_mode: full)",
     )
     whatif = parser.add_argument_group("cache-size what-if (docs/whatif.md)")
     whatif.add_argument(
@@ -86,7 +94,9 @@ def run(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(list(argv))
     logs.setup("error")  # alerts go into the summary, not onto stderr
     try:
-        config = CollectorConfig(sample_ratio=args.sample_ratio)
+        config = CollectorConfig(
+            sample_ratio=args.sample_ratio, hit_reports=args.report_mode == "full"
+        )
     except ValueError as exc:
         raise UsageError(f"--sample-ratio: {exc}") from None
     whatif = _whatif_config(args)

@@ -355,11 +355,13 @@ def _prefix_chain(events: list[Any], counts: npt.NDArray[np.int64]) -> PrefixCha
 DEFAULT_GROUP: Final = "0"
 BASE_ADAPTER: Final = "base"  # the adapter label of blocks stored without a LoRA adapter
 DEFAULT_MAX_ADAPTERS: Final = 32
-MAX_GROUPS: Final = 16
+MAX_ADAPTERS: Final = 250  # adapter ids are one byte, with room for base and other
+MAX_GROUPS: Final = 8
 
 
 def new_group_table() -> LabelTable:
-    """KV-cache group labels: ``"0"`` for events that name none, at most 16 groups."""
+    """KV-cache group labels: ``"0"`` for events that name none; at most 8 (hybrid models
+    have two or three), the rest in ``other``."""
     return LabelTable(DEFAULT_GROUP, capacity=MAX_GROUPS)
 
 

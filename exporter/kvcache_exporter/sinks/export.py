@@ -16,6 +16,7 @@ COLUMNS: Final = (
     "engine",
     "block_hash",
     "medium",
+    "group",
     "reason",
     "stored_at",
     "last_access_at",
@@ -33,8 +34,11 @@ class ExportRequestError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class EngineRecords:
+    """An engine's recent removals; ``places`` names each record's place id as (medium,
+    group), ``reasons`` each reason id."""
+
     engine: str
-    media: tuple[str, ...]
+    places: tuple[tuple[str, str], ...]
     reasons: tuple[str, ...]
     records: EvictionRecords
 
@@ -78,10 +82,12 @@ def rows(engines: Iterable[EngineRecords], limit: int | None) -> Iterable[dict[s
                 float(rec.last_access_at[i]),
                 float(rec.removed_at[i]),
             )
+            medium, group = entry.places[int(rec.medium[i])]
             yield {
                 "engine": entry.engine,
                 "block_hash": f"{int(rec.block_hash[i]):016x}",
-                "medium": entry.media[int(rec.medium[i])],
+                "medium": medium,
+                "group": group,
                 "reason": entry.reasons[int(rec.reason[i])],
                 "stored_at": stored,
                 "last_access_at": last,

@@ -60,8 +60,11 @@ from .prometheus import (
     WHATIF_CAPACITY_HELP,
     WHATIF_HITS_HELP,
     EngineView,
-    _active_media,
+    active_media,
+    active_places,
     collector_bytes,
+    group_specs,
+    place_labels,
     whatif_media,
 )
 
@@ -109,6 +112,8 @@ class Instrument:
 # family, so it is spelled out there).
 _ENGINE: Final = ("engine", "kvcache.engine")
 _MEDIUM: Final = ("medium", "kvcache.medium")
+_GROUP: Final = ("group", "kvcache.group")
+_ADAPTER: Final = ("adapter", "kvcache.adapter")
 _ALERT: Final = (("alert", "kvcache.alert.name"), ("severity", "kvcache.alert.severity"))
 _TREND: Final = ("series", "kvcache.trend.series")
 _FACTOR: Final = ("capacity_factor", "kvcache.whatif.capacity_factor")
@@ -136,35 +141,56 @@ CATALOG: Final[tuple[Instrument, ...]] = (
     _i("kvcache_events_total", "kvcache.events", _C, "{event}",
        "Events decoded, by event type.", ("type", "kvcache.event.type")),
     _i("kvcache_blocks_stored_total", "kvcache.blocks.stored", _C, "{block}",
-       "Blocks newly stored (a re-announcement of a resident block is an access).", _MEDIUM),
+       "Blocks stored (physical: a second copy of a resident hash counts; with "
+       "report-mode=full a store of a resident block is an access).", _MEDIUM, _GROUP),
     _i("kvcache_blocks_removed_total", "kvcache.blocks.removed", _C, "{block}",
        "Block hashes removed, by reason (cleared for AllBlocksCleared).",
-       _MEDIUM, ("reason", "kvcache.removal.reason")),
+       _MEDIUM, _GROUP, ("reason", "kvcache.removal.reason")),
     _i("kvcache_blocks_accessed_total", "kvcache.blocks.accessed", _C, "{access}",
-       "Hits on resident blocks, where the engine reports them.", _MEDIUM),
+       "Hits on resident blocks, where the engine reports them.", _MEDIUM, _GROUP),
     _i("kvcache_block_restores_total", "kvcache.block.restores", _C, "{block}",
-       "Blocks stored again after they had been removed (recomputation).", _MEDIUM),
+       "Blocks stored again after they had been removed (recomputation).", _MEDIUM, _GROUP),
     _i("kvcache_cache_clears_total", "kvcache.cache.clears", _C, "{clear}",
        "AllBlocksCleared events."),
     _i("kvcache_resident_blocks", "kvcache.resident_blocks", _U, "{block}",
-       "Blocks resident now.", _MEDIUM),
+       "Blocks resident now (physical: two copies of one hash are two blocks).", _MEDIUM,
+       _GROUP),
+    _i("kvcache_resident_hashes", "kvcache.resident_hashes", _U, "{hash}",
+       "Distinct block hashes resident now (a hash with two physical copies counts once).",
+       _MEDIUM, _GROUP),
+    _i("kvcache_resident_tokens", "kvcache.resident_tokens", _U, "{token}",
+       "Tokens held by resident blocks (a partial block holds fewer than block_size).",
+       _MEDIUM, _GROUP),
     _i("kvcache_tracked_blocks", "kvcache.tracked_blocks", _U, "{block}",
-       "Resident blocks whose lifecycle is tracked (sampled)."),
+       "Resident hashes whose lifecycle is tracked (sampled).", _MEDIUM, _GROUP),
+    _i("kvcache_group_info", "kvcache.group.info", _G, "",
+       "1 per KV-cache group seen; kind and sliding window as the engine's stores say "
+       "(unknown until one does).", _GROUP, ("kind", "kvcache.group.kind"),
+       ("sliding_window", "kvcache.group.sliding_window")),
     _i("kvcache_stored_tokens_total", "kvcache.stored_tokens", _C, "{token}",
-       "Tokens in stored blocks, as the engine reported them."),
+       "Tokens held by stored blocks: block_size per block, fewer for a partial last block."),
+    _i("kvcache_adapter_resident_blocks", "kvcache.adapter.resident_blocks", _U, "{block}",
+       "Resident blocks by LoRA adapter (base: none; other: beyond --collector.max-adapters).",
+       _MEDIUM, _ADAPTER),
+    _i("kvcache_adapter_blocks_stored_total", "kvcache.adapter.blocks.stored", _C, "{block}",
+       "Blocks stored by LoRA adapter (base: none; other: beyond --collector.max-adapters).",
+       _MEDIUM, _ADAPTER),
+    _i("kvcache_adapter_block_restores_total", "kvcache.adapter.block.restores", _C, "{block}",
+       "Restores by LoRA adapter (base: none; other: beyond --collector.max-adapters).",
+       _MEDIUM, _ADAPTER),
     _i("kvcache_block_lifetime_seconds", "kvcache.block.lifetime", _H, "s",
-       "Block lifetime, stored to removed.", _MEDIUM),
+       "Block lifetime, stored to removed.", _MEDIUM, _GROUP),
     _i("kvcache_block_idle_before_evict_seconds", "kvcache.block.idle_before_evict", _H, "s",
-       "Time from a block's last access (or store) to its removal.", _MEDIUM),
+       "Time from a block's last access (or store) to its removal.", _MEDIUM, _GROUP),
     _i("kvcache_block_reuse_gap_seconds", "kvcache.block.reuse_gap", _H, "s",
-       "Time between consecutive accesses of a resident block.", _MEDIUM),
+       "Time between consecutive accesses of a resident block.", _MEDIUM, _GROUP),
     _i("kvcache_block_restore_gap_seconds", "kvcache.block.restore_gap", _H, "s",
-       "Time from a block's removal to its being stored again.", _MEDIUM),
+       "Time from a block's removal to its being stored again.", _MEDIUM, _GROUP),
     _i("kvcache_block_accesses_before_evict", "kvcache.block.accesses_before_evict", _H,
-       "{access}", "Accesses a block got after its store and before its removal.", _MEDIUM),
+       "{access}", "Accesses a block got after its store and before its removal.", _MEDIUM, _GROUP),
     _i("kvcache_block_prefix_depth", "kvcache.block.prefix_depth", _H, "{block}",
        "Position of a stored block in its prefix chain (1 = first block of a prompt).",
-       _MEDIUM),
+       _MEDIUM, _GROUP),
     _i("kvcache_block_reuse_distance_blocks", "kvcache.block.reuse_distance_blocks", _H,
        "{block}", REUSE_DISTANCE_HELP, _MEDIUM),
     _i("kvcache_whatif_capacity_blocks", "kvcache.whatif.capacity_blocks", _G, "{block}",
@@ -265,7 +291,8 @@ def series(views: Sequence[EngineView], otlp_exports: Mapping[str, int] | None =
     def put(family: str, labels: Labels, value: Value) -> None:
         out[family][labels] = value
 
-    media = {v.name: _active_media(v.collector) for v in views}
+    places = {v.name: active_places(v.collector) for v in views}
+    media = {v.name: active_media(v.collector, places[v.name]) for v in views}
     for hits_reported, whatif, medium_labels, medium in whatif_media(views, media):
         w: Labels = tuple(medium_labels)
         if medium.distance is not None:
@@ -284,20 +311,34 @@ def series(views: Sequence[EngineView], otlp_exports: Mapping[str, int] | None =
         e: Labels = (("engine", v.name),)
         for kind, count in v.events.items():
             put("kvcache_events_total", (*e, ("type", kind)), int(count))
-        for i in media[v.name]:
-            m: Labels = (*e, ("medium", snap.media[i]))
-            put("kvcache_blocks_stored_total", m, int(snap.stored[i]))
+        for p in places[v.name]:
+            m: Labels = tuple(place_labels(v.name, snap, p))
+            put("kvcache_blocks_stored_total", m, int(snap.stored[p]))
             for r, reason in enumerate(snap.reasons):
-                if snap.removed[i, r] or r == 0:
+                if snap.removed[p, r] or r == 0:
                     put("kvcache_blocks_removed_total", (*m, ("reason", reason)),
-                        int(snap.removed[i, r]))  # fmt: skip
-            put("kvcache_blocks_accessed_total", m, int(snap.accessed[i]))
-            put("kvcache_block_restores_total", m, int(snap.restores[i]))
-            put("kvcache_resident_blocks", m, int(snap.resident[i]))
+                        int(snap.removed[p, r]))  # fmt: skip
+            put("kvcache_blocks_accessed_total", m, int(snap.accessed[p]))
+            put("kvcache_block_restores_total", m, int(snap.restores[p]))
+            put("kvcache_resident_blocks", m, int(snap.resident[p]))
+            put("kvcache_resident_hashes", m, int(snap.resident_hashes[p]))
+            put("kvcache_resident_tokens", m, int(snap.resident_tokens[p]))
+            put("kvcache_tracked_blocks", m, int(snap.tracked_per_place[p]))
             for key, family, _ in HISTOGRAM_FAMILIES:
-                put(family, m, _histogram(snap.histograms[key], i))
+                put(family, m, _histogram(snap.histograms[key], p))
+        for group, spec in group_specs(v, places[v.name]):
+            labels = (*e, ("group", group), ("kind", spec.kind))
+            put("kvcache_group_info", (*labels, ("sliding_window", spec.sliding_window)), 1)
+        for i in media[v.name]:
+            for a, adapter in enumerate(snap.adapters):
+                if snap.adapter_stored[i, a] or snap.adapter_resident[i, a]:
+                    labels = (*e, ("medium", snap.media[i]), ("adapter", adapter))
+                    put("kvcache_adapter_resident_blocks", labels, int(snap.adapter_resident[i, a]))
+                    put("kvcache_adapter_blocks_stored_total", labels,
+                        int(snap.adapter_stored[i, a]))  # fmt: skip
+                    put("kvcache_adapter_block_restores_total", labels,
+                        int(snap.adapter_restores[i, a]))  # fmt: skip
         put("kvcache_cache_clears_total", e, int(snap.clears))
-        put("kvcache_tracked_blocks", e, int(snap.tracked))
         put("kvcache_stored_tokens_total", e, int(v.tokens_stored))
         for (alert, level), count in v.alerts_raised.items():
             put("kvcache_alerts_total", (*e, ("alert", alert), ("severity", level.value)),

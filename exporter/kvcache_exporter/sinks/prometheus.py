@@ -20,6 +20,7 @@ from ..analysis.trends import Trend
 from ..analysis.whatif import MediumWhatIf, WhatIfSnapshot, factor_label
 from ..collector import CollectorSnapshot
 from ..collector.histogram import HistogramSnapshot
+from ..protocol.batch import GroupSpec
 from ..sources.stream import SourceStats
 
 HISTOGRAM_FAMILIES: Final = (
@@ -81,6 +82,7 @@ class EngineView:
     unknown_fields: int
     tokens_stored: int
     sample_ratio: float
+    groups: dict[str, GroupSpec] = field(default_factory=dict)  # by group label
     alerts_active: list[CacheAlert] = field(default_factory=list)
     alerts_raised: dict[tuple[str, AlertLevel], int] = field(default_factory=dict)
     trends: dict[str, Trend] = field(default_factory=dict)
@@ -134,14 +136,32 @@ class Exposition:
         return "\n".join(self.lines) + "\n"
 
 
-def _active_media(snap: CollectorSnapshot) -> list[int]:
-    """Media to label: every medium seen on the wire, ``unknown`` only once it has data."""
+def active_places(snap: CollectorSnapshot) -> list[int]:
+    """Places to label: every (medium, group) seen on the wire, the ``unknown`` medium only
+    once it has data (a clear row alone names no medium)."""
     active = []
-    for i, _ in enumerate(snap.media):
-        used = bool(snap.stored[i] or snap.removed[i].any() or snap.accessed[i] or snap.resident[i])
-        if i > 0 or used:
-            active.append(i)
+    for p, (medium_id, _) in enumerate(snap.places):
+        used = bool(snap.stored[p] or snap.removed[p].any() or snap.accessed[p] or snap.resident[p])
+        if medium_id > 0 or used:
+            active.append(p)
     return active
+
+
+def place_labels(engine: str, snap: CollectorSnapshot, place_id: int) -> list[tuple[str, str]]:
+    medium, group = snap.place_labels(place_id)
+    return [("engine", engine), ("medium", medium), ("group", group)]
+
+
+def group_specs(view: EngineView, places: list[int]) -> list[tuple[str, GroupSpec]]:
+    """Each KV-cache group of the labelled places (and any a store described), with what
+    the stores say it is, by group label."""
+    seen = {view.collector.place_labels(p)[1] for p in places} | set(view.groups)
+    return [(group, view.groups.get(group, GroupSpec())) for group in sorted(seen)]
+
+
+def active_media(snap: CollectorSnapshot, places: list[int]) -> list[int]:
+    """Medium ids of the labelled places, in order."""
+    return sorted({snap.places[p][0] for p in places})
 
 
 def collector_bytes(view: EngineView) -> int:
@@ -186,27 +206,42 @@ def whatif_media(
     for v in views:
         if v.whatif is None:
             continue
+        accessed = v.collector.per_medium(v.collector.accessed)
         for i in media[v.name]:
             medium = v.whatif.media.get(i)
             if medium is not None:
                 labels = [("engine", v.name), ("medium", v.collector.media[i])]
-                yield bool(v.collector.accessed[i]), v.whatif, labels, medium
+                yield bool(accessed[i]), v.whatif, labels, medium
 
 
 def render(views: Sequence[EngineView], otlp_exports: Mapping[str, int] | None = None) -> str:
     """The whole ``/metrics`` page for these engines; ``otlp_exports`` (exports by result)
     only while OTLP export is on."""
     out = Exposition()
-    media = {v.name: _active_media(v.collector) for v in views}
+    places = {v.name: active_places(v.collector) for v in views}
+    media = {v.name: active_media(v.collector, places[v.name]) for v in views}
 
-    def per_medium(name: str, kind: str, help_text: str, attr: str) -> None:
+    def per_place(name: str, kind: str, help_text: str, attr: str) -> None:
         out.family(name, kind, help_text)
         for v in views:
             values = getattr(v.collector, attr)
+            for p in places[v.name]:
+                out.sample(name, place_labels(v.name, v.collector, p), int(values[p]))
+
+    def per_adapter(name: str, kind: str, help_text: str, attr: str) -> None:
+        out.family(name, kind, help_text)
+        for v in views:
+            snap = v.collector
+            values = getattr(snap, attr)
             for i in media[v.name]:
-                out.sample(
-                    name, [("engine", v.name), ("medium", v.collector.media[i])], int(values[i])
-                )
+                for a, adapter in enumerate(snap.adapters):
+                    if snap.adapter_stored[i, a] or snap.adapter_resident[i, a]:
+                        labels = [
+                            ("engine", v.name),
+                            ("medium", snap.media[i]),
+                            ("adapter", adapter),
+                        ]
+                        out.sample(name, labels, int(values[i, a]))
 
     def per_engine(name: str, kind: str, help_text: str, values: dict[str, float | None]) -> None:
         out.family(name, kind, help_text)
@@ -231,10 +266,11 @@ def render(views: Sequence[EngineView], otlp_exports: Mapping[str, int] | None =
         {v.name: v.events for v in views},
     )
 
-    per_medium(
+    per_place(
         "kvcache_blocks_stored_total",
         "counter",
-        "Blocks newly stored (a re-announcement of a resident block is an access).",
+        "Blocks stored (physical: a second copy of a resident hash counts; with "
+        "report-mode=full a store of a resident block is an access).",
         "stored",
     )
     out.family(
@@ -244,21 +280,21 @@ def render(views: Sequence[EngineView], otlp_exports: Mapping[str, int] | None =
     )
     for v in views:
         snap = v.collector
-        for i in media[v.name]:
+        for p in places[v.name]:
             for r, reason in enumerate(snap.reasons):
-                if snap.removed[i, r] or r == 0:
+                if snap.removed[p, r] or r == 0:
                     out.sample(
                         "kvcache_blocks_removed_total",
-                        [("engine", v.name), ("medium", snap.media[i]), ("reason", reason)],
-                        int(snap.removed[i, r]),
+                        [*place_labels(v.name, snap, p), ("reason", reason)],
+                        int(snap.removed[p, r]),
                     )
-    per_medium(
+    per_place(
         "kvcache_blocks_accessed_total",
         "counter",
         "Hits on resident blocks, where the engine reports them.",
         "accessed",
     )
-    per_medium(
+    per_place(
         "kvcache_block_restores_total",
         "counter",
         "Blocks stored again after they had been removed (recomputation).",
@@ -270,26 +306,71 @@ def render(views: Sequence[EngineView], otlp_exports: Mapping[str, int] | None =
         "AllBlocksCleared events.",
         {v.name: v.collector.clears for v in views},
     )
-    per_medium("kvcache_resident_blocks", "gauge", "Blocks resident now.", "resident")
-    per_engine(
+    per_place(
+        "kvcache_resident_blocks",
+        "gauge",
+        "Blocks resident now (physical: two copies of one hash are two blocks).",
+        "resident",
+    )
+    per_place(
+        "kvcache_resident_hashes",
+        "gauge",
+        "Distinct block hashes resident now (a hash with two physical copies counts once).",
+        "resident_hashes",
+    )
+    per_place(
+        "kvcache_resident_tokens",
+        "gauge",
+        "Tokens held by resident blocks (a partial block holds fewer than block_size).",
+        "resident_tokens",
+    )
+    per_place(
         "kvcache_tracked_blocks",
         "gauge",
-        "Resident blocks whose lifecycle is tracked (sampled).",
-        {v.name: v.collector.tracked for v in views},
+        "Resident hashes whose lifecycle is tracked (sampled).",
+        "tracked_per_place",
     )
+    out.family(
+        "kvcache_group_info",
+        "gauge",
+        "1 per KV-cache group seen; kind and sliding window as the engine's stores say "
+        "(unknown until one does).",
+    )
+    for v in views:
+        for group, spec in group_specs(v, places[v.name]):
+            labels = [("engine", v.name), ("group", group), ("kind", spec.kind)]
+            out.sample("kvcache_group_info", [*labels, ("sliding_window", spec.sliding_window)], 1)
     per_engine(
         "kvcache_stored_tokens_total",
         "counter",
-        "Tokens in stored blocks, as the engine reported them.",
+        "Tokens held by stored blocks: block_size per block, fewer for a partial last block.",
         {v.name: v.tokens_stored for v in views},
+    )
+    per_adapter(
+        "kvcache_adapter_resident_blocks",
+        "gauge",
+        "Resident blocks by LoRA adapter (base: none; other: beyond --collector.max-adapters).",
+        "adapter_resident",
+    )
+    per_adapter(
+        "kvcache_adapter_blocks_stored_total",
+        "counter",
+        "Blocks stored by LoRA adapter (base: none; other: beyond --collector.max-adapters).",
+        "adapter_stored",
+    )
+    per_adapter(
+        "kvcache_adapter_block_restores_total",
+        "counter",
+        "Restores by LoRA adapter (base: none; other: beyond --collector.max-adapters).",
+        "adapter_restores",
     )
 
     for key, name, help_text in HISTOGRAM_FAMILIES:
         out.family(name, "histogram", help_text)
         for v in views:
             hist = v.collector.histograms[key]
-            for i in media[v.name]:
-                out.histogram(name, [("engine", v.name), ("medium", v.collector.media[i])], hist, i)
+            for p in places[v.name]:
+                out.histogram(name, place_labels(v.name, v.collector, p), hist, p)
 
     _render_whatif(out, views, media)
 

@@ -29,15 +29,15 @@ def quantile(hist: HistogramSnapshot, row: int, q: float) -> float | None:
     return float(lower + (hist.bounds[bucket] - lower) * fraction)
 
 
-def whatif_summary(view: EngineView, medium_id: int) -> dict[str, Any] | None:
+def whatif_summary(
+    view: EngineView, medium_id: int, stored: int, accessed: int
+) -> dict[str, Any] | None:
     """A medium's capacity what-if (docs/whatif.md): per capacity factor, the recomputation a
-    cache that many times as large would have avoided (as a share of the stores) and, where
-    hits are reported, the hit ratio it would have had."""
+    cache that many times as large would have avoided (as a share of the ``stored`` blocks)
+    and, where hits are reported (``accessed``), the hit ratio it would have had."""
     if view.whatif is None or medium_id not in view.whatif.media:
         return None
     w = view.whatif.media[medium_id]
-    stored = int(view.collector.stored[medium_id])
-    accessed = int(view.collector.accessed[medium_id])
     references = stored + accessed
     avoided = dict(zip(view.whatif.avoided_factors, w.avoided, strict=True))
     factors: dict[str, Any] = {}
@@ -78,31 +78,69 @@ def whatif_summary(view: EngineView, medium_id: int) -> dict[str, Any] | None:
 
 def summarize(view: EngineView) -> dict[str, Any]:
     snap = view.collector
+    stored_m = snap.per_medium(snap.stored)
+    resident_m = snap.per_medium(snap.resident)
+    removed_m = snap.per_medium(snap.removed)
+    accessed_m = snap.per_medium(snap.accessed)
+    restores_m = snap.per_medium(snap.restores)
+    hists = {
+        key: HistogramSnapshot(
+            snap.histograms[key].bounds,
+            snap.per_medium(snap.histograms[key].counts),
+            snap.per_medium(snap.histograms[key].sums),
+        )
+        for key, _, _ in HISTOGRAM_FAMILIES
+    }
     media: dict[str, Any] = {}
     for i, name in enumerate(snap.media):
-        stored = int(snap.stored[i])
+        stored = int(stored_m[i])
         entry: dict[str, Any] = {
-            "resident_blocks": int(snap.resident[i]),
+            "resident_blocks": int(resident_m[i]),
             "stored_total": stored,
             "removed_total": {
-                r: int(snap.removed[i, j]) for j, r in enumerate(snap.reasons) if snap.removed[i, j]
+                r: int(removed_m[i, j]) for j, r in enumerate(snap.reasons) if removed_m[i, j]
             },
-            "accessed_total": int(snap.accessed[i]),
-            "restores_total": int(snap.restores[i]),
-            "restore_ratio": int(snap.restores[i]) / stored if stored else None,
+            "accessed_total": int(accessed_m[i]),
+            "restores_total": int(restores_m[i]),
+            "restore_ratio": int(restores_m[i]) / stored if stored else None,
         }
-        for key, _, _ in HISTOGRAM_FAMILIES:
-            hist = snap.histograms[key]
+        for key, hist in hists.items():
             entry[key] = {
                 "count": int(hist.counts[i].sum()),
                 "sum": float(hist.sums[i]),
                 **{f"p{int(q * 100)}": quantile(hist, i, q) for q in (0.5, 0.9, 0.99)},
             }
-        whatif = whatif_summary(view, i)
+        whatif = whatif_summary(view, i, stored, int(accessed_m[i]))
         if whatif is not None:
             entry["whatif"] = whatif
-        if stored or snap.resident[i] or snap.removed[i].any():
+        adapters = {
+            adapter: {
+                "resident_blocks": int(snap.adapter_resident[i, a]),
+                "stored_total": int(snap.adapter_stored[i, a]),
+                "restores_total": int(snap.adapter_restores[i, a]),
+            }
+            for a, adapter in enumerate(snap.adapters)
+            if snap.adapter_stored[i, a]
+        }
+        if adapters:
+            entry["adapters"] = adapters
+        if stored or resident_m[i] or removed_m[i].any():
             media[name] = entry
+    places = [
+        {
+            "medium": medium,
+            "group": group,
+            "stored": int(snap.stored[p]),
+            "removed": int(snap.removed[p].sum()),
+            "resident": int(snap.resident[p]),
+            "resident_hashes": int(snap.resident_hashes[p]),
+            "resident_tokens": int(snap.resident_tokens[p]),
+            "restores": int(snap.restores[p]),
+            "accessed": int(snap.accessed[p]),
+        }
+        for p in range(len(snap.places))
+        for medium, group in [snap.place_labels(p)]
+    ]
     return {
         "engine": view.name,
         "source": {
@@ -119,6 +157,11 @@ def summarize(view: EngineView) -> dict[str, Any]:
         "cache_clears_total": snap.clears,
         "unknown_removals_total": snap.unknown_removals,
         "media": media,
+        "places": places,
+        "groups": {
+            group: {"kind": spec.kind, "sliding_window": spec.sliding_window or None}
+            for group, spec in sorted(view.groups.items())
+        },
         "alerts": {
             "active": [alert.to_dict() for alert in view.alerts_active],
             "raised_total": [

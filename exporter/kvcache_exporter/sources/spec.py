@@ -12,6 +12,7 @@ from ..analysis.whatif import parse_capacity
 _NAME: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,62}$")
 _BIND_HOSTS: Final = frozenset({"*", "0.0.0.0", "::", "[::]"})
 _TRANSPORTS: Final = ("tcp://", "ipc://", "inproc://")
+REPORT_MODES: Final = ("default", "full")
 
 
 class SourceSpecError(ValueError):
@@ -42,7 +43,7 @@ def _check_endpoint(endpoint: str, what: str) -> None:
 class SourceSpec:
     """One engine event stream:
     ``NAME=ENDPOINT[,replay=ENDPOINT][,topic=PREFIX][,bind][,capacity=N][,capacity.MEDIUM=N]``
-    ``[,curve.engine-key=FILE | ,curve.allow=DIR]``.
+    ``[,curve.engine-key=FILE | ,curve.allow=DIR][,report-mode=full]``.
 
     ``capacity`` is the engine's cache size in blocks for the what-if model, as (medium, N)
     pairs (medium ``""``: every medium); without it the model uses the capacity it observes.
@@ -50,6 +51,10 @@ class SourceSpec:
     ``curve.engine-key`` (the engine's public key certificate: the exporter is the CURVE
     client) or ``curve.allow`` (a directory of the publishers' public keys: the exporter is
     the CURVE server and hears no one else) switch the source's sockets to CURVE.
+
+    ``report-mode=full`` says the engine re-sends ``BlockStored`` for prefix-cache hits (vLLM's
+    per-request ``kv_cache_report_mode: full``): its stores of resident blocks are accesses.
+    By default (``report-mode=default``) they are physical copies, as vLLM sends them.
     """
 
     name: str
@@ -60,6 +65,7 @@ class SourceSpec:
     capacity: tuple[tuple[str, int], ...] = ()
     curve_engine_key: str | None = None
     curve_allow: str | None = None
+    hit_reports: bool = False
 
     @property
     def uses_curve(self) -> bool:
@@ -99,6 +105,7 @@ class SourceSpec:
         bind = False
         capacity: dict[str, int] = {}
         curve: dict[str, str] = {}
+        hit_reports = False
         for option in options:
             key, has_value, value = option.partition("=")
             if key == "bind" and not has_value:
@@ -121,11 +128,13 @@ class SourceSpec:
                 capacity[medium] = blocks
             elif key in ("curve.engine-key", "curve.allow") and value:
                 curve[key] = value
+            elif key == "report-mode" and value in REPORT_MODES:
+                hit_reports = value == "full"
             else:
                 raise SourceSpecError(
                     f"source {name}: unknown option {option!r} "
                     "(replay=, topic=, bind, capacity=, capacity.MEDIUM=, "
-                    "curve.engine-key=, curve.allow=)"
+                    "curve.engine-key=, curve.allow=, report-mode=default|full)"
                 )
         if len(curve) > 1:
             raise SourceSpecError(
@@ -143,4 +152,5 @@ class SourceSpec:
             capacity=tuple(capacity.items()),
             curve_engine_key=curve.get("curve.engine-key"),
             curve_allow=curve.get("curve.allow"),
+            hit_reports=hit_reports,
         )

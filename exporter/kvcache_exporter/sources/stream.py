@@ -79,10 +79,12 @@ class EventStream:
         media: LabelTable,
         reasons: LabelTable,
         limits: DecodeLimits | None = None,
+        groups: LabelTable | None = None,
+        adapters: LabelTable | None = None,
     ) -> None:
         self.name = name
         self.stats = SourceStats()
-        self.decoder = PayloadDecoder(media, reasons, limits)
+        self.decoder = PayloadDecoder(media, reasons, limits, groups, adapters)
         self.sequence = SequenceTracker()
         self._on_batch = on_batch
         self._on_restart = on_restart
