@@ -313,11 +313,18 @@ def health() -> model.Dashboard:
         .with_panel(
             timeseries_panel(
                 "Tracked blocks",
-                "Resident blocks whose lifecycle is tracked (sampled). At sample ratio 1 it "
-                "equals the resident blocks; stuck at --collector.max-tracked-blocks means new "
-                "stores go untracked (see Other stream anomalies).",
+                "Resident block hashes whose lifecycle is tracked (sampled), per engine: every "
+                "medium and KV-cache group together, as --collector.max-tracked-blocks counts "
+                "them. At sample ratio 1 it equals the resident hashes "
+                "(kvcache_resident_hashes, summed); stuck at --collector.max-tracked-blocks "
+                "means new stores go untracked (see Other stream anomalies).",
                 BLOCKS,
-                [Query(f"kvcache_tracked_blocks{{{ENGINE}}}", PER_ENGINE)],
+                [
+                    Query(
+                        f"sum by (job, instance, engine) (kvcache_tracked_blocks{{{ENGINE}}})",
+                        PER_ENGINE,
+                    )
+                ],
             )
         )
     )

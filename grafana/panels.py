@@ -10,7 +10,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from grafana_foundation_sdk.builders import bargauge, heatmap, stat, statetimeline, timeseries
+from grafana_foundation_sdk.builders import (
+    bargauge,
+    heatmap,
+    stat,
+    statetimeline,
+    table,
+    timeseries,
+)
 from grafana_foundation_sdk.builders import common as common_builders
 from grafana_foundation_sdk.builders import dashboard as dash
 from grafana_foundation_sdk.builders.prometheus import Dataquery
@@ -29,7 +36,14 @@ TARGET = 'job=~"$job", instance=~"$instance"'
 ENGINE = f'{TARGET}, engine=~"$engine"'
 """Matchers for per-engine series."""
 MEDIUM = f'{ENGINE}, medium=~"$medium"'
-"""Matchers for per-engine, per-medium series."""
+"""Matchers for per-engine, per-medium series: a medium's pool, all its KV-cache groups. The
+``engine_medium:`` recording rules, the what-if and the adapter families have no ``group``
+label, so they take these (a ``group`` matcher would select nothing of them)."""
+PLACE = f'{MEDIUM}, group=~"$group"'
+"""Matchers for raw block-level series, which carry the KV-cache ``group`` as well (and for
+the ``engine_medium_group:`` recording rules)."""
+GROUP = f'{ENGINE}, group=~"$group"'
+"""Matchers for ``kvcache_group_info`` (per engine and group, no medium)."""
 
 TAGS = ["kvcache-exporter", "kv-cache", "llm"]
 
@@ -51,6 +65,7 @@ class Query:
     legend: str = ""
     instant: bool = False
     heatmap: bool = False
+    table: bool = False
 
 
 def _target(query: Query, ref_id: str) -> Dataquery:
@@ -60,6 +75,8 @@ def _target(query: Query, ref_id: str) -> Dataquery:
     target = target.instant() if query.instant else target.range()
     if query.heatmap:
         target = target.format(PromQueryFormat.HEATMAP)
+    if query.table:
+        target = target.format(PromQueryFormat.TABLE)
     return target
 
 
@@ -108,7 +125,13 @@ def row(title: str) -> dash.Row:
 
 
 _Panel = TypeVar(
-    "_Panel", timeseries.Panel, stat.Panel, heatmap.Panel, statetimeline.Panel, bargauge.Panel
+    "_Panel",
+    timeseries.Panel,
+    stat.Panel,
+    heatmap.Panel,
+    statetimeline.Panel,
+    bargauge.Panel,
+    table.Panel,
 )
 
 
@@ -286,6 +309,42 @@ def bargauge_panel(
     return panel
 
 
+def table_panel(
+    title: str,
+    description: str,
+    query: Query,
+    columns: Sequence[tuple[str, str]],
+    *,
+    width: int = 12,
+    height: int = 8,
+    no_value: str | None = None,
+) -> table.Panel:
+    """One row per series of an instant, table-format query: ``columns`` are its labels, in
+    order, with their headers (aggregate the query ``by`` exactly them); the time and the
+    value are hidden."""
+    if not (query.instant and query.table):
+        raise ValueError(f"{title}: a table query needs instant and table format")
+    shown = [label for label, _ in columns]
+    panel = (
+        _common(table.Panel(), title, description, NONE, [query], width, height)
+        .with_transformation(
+            model.DataTransformerConfig(
+                id_val="organize",
+                options={
+                    "excludeByName": {"Time": True, "Value": True},
+                    "indexByName": {label: i for i, label in enumerate(shown)},
+                    "renameByName": dict(columns),
+                },
+            )
+        )
+        .show_header(True)
+        .cell_height(common.TableCellHeight.SM)
+    )
+    if no_value is not None:
+        panel = panel.no_value(no_value)
+    return panel
+
+
 # --- variables ---------------------------------------------------------------------------------
 ALL = model.VariableOption(selected=True, text=["All"], value=["$__all"])
 
@@ -352,6 +411,18 @@ def medium_variable() -> dash.QueryVariable:
         "Medium",
         f"label_values(kvcache_resident_blocks{{{ENGINE}}}, medium)",
         "Cache tiers (GPU, CPU, ...) as the engine names them; 'unknown' when it sends none.",
+    )
+
+
+def group_variable() -> dash.QueryVariable:
+    return query_variable(
+        "group",
+        "KV-cache group",
+        f"label_values(kvcache_group_info{{{ENGINE}}}, group)",
+        "KV-cache groups (kvcache_group_info): '0' for a model with one; hybrid-attention "
+        "models (gpt-oss, Gemma 3) have a sliding-window and a full-attention group sharing "
+        "one pool. Narrows the raw block-level panels and the per-group panels; the recorded "
+        "pool-level ratios and quantiles always cover every group of a medium.",
     )
 
 

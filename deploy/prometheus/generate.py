@@ -16,8 +16,20 @@ regenerate into your own folder with ``--out``. Every threshold, window and ``fo
 a field of :class:`Config`; ``docs/runbooks.md`` says why each default is what it is.
 
 Every recording rule keeps all labels of its input but the ones it aggregates away (``le``,
-``reason``), so the target labels a Prometheus adds (``job``, ``instance``; ``namespace``,
-``pod`` … under the Operator) stay on the result, and alerts say which pod to look at.
+``reason``, ``group``), so the target labels a Prometheus adds (``job``, ``instance``;
+``namespace``, ``pod`` … under the Operator) stay on the result, and alerts say which pod to
+look at.
+
+The name's level says what a series is per. ``engine_medium:…`` is one medium of one engine:
+its *pool*. The exporter counts block-level families per KV-cache ``group`` as well
+(hybrid-attention models run a sliding-window and a full-attention group in one pool), and
+these rules sum the groups away, since the groups of a medium share its memory: rates, ratios
+and quantiles of the pool, compared with each other and with the pool-level what-if families.
+``engine_medium_group:…`` keeps the group, for the lifecycle quantiles only: a pooled quantile
+is a mixture weighted by how many blocks each group stores (in vLLM 0.33's hybrid stream,
+``tests/fixtures/streams``, the full-attention group stores about six times as many as the
+sliding-window group), so it follows the biggest group and can hide a change of another; and
+the groups' distributions may differ by design.
 """
 
 from __future__ import annotations
@@ -48,7 +60,7 @@ HISTOGRAMS: tuple[str, ...] = (
     "kvcache_block_restore_gap_seconds",
     "kvcache_block_accesses_before_evict",
 )
-"""Lifecycle histograms whose quantiles are recorded."""
+"""Lifecycle histograms whose quantiles are recorded, per pool and per group."""
 
 Rule = dict[str, Any]
 
@@ -101,57 +113,79 @@ class Config:
 
 
 # --- recording rules -----------------------------------------------------------------------------
+POOL = "engine_medium"
+"""Level of the pool-level series: per engine and medium, KV-cache groups summed."""
+PER_GROUP = "engine_medium_group"
+"""Level of the per-group series: per engine, medium and KV-cache group."""
+
+
 def rate_name(metric: str) -> str:
     """The recorded 5-minute rate of a counter family (``_total`` dropped, by convention)."""
-    return f"engine_medium:{metric.removesuffix('_total')}:rate5m"
+    return f"{POOL}:{metric.removesuffix('_total')}:rate5m"
+
+
+def pool_rate(metric: str, matchers: str = "", without: Sequence[str] = ()) -> str:
+    """The 5-minute rate of a block-level counter, summed over the groups of each pool (and
+    over the labels in ``without``)."""
+    labels = ", ".join(("group", *without))
+    return f"sum without ({labels}) (rate({metric}{matchers}[5m]))"
 
 
 STORED = rate_name("kvcache_blocks_stored_total")
 RESTORES = rate_name("kvcache_block_restores_total")
 ACCESSED = rate_name("kvcache_blocks_accessed_total")
-EVICTED = "engine_medium:kvcache_blocks_evicted:rate5m"
-RESTORE_RATIO = "engine_medium:kvcache_block_restore_ratio:ratio_rate5m"
-HIT_RATIO = "engine_medium:kvcache_block_hit_ratio:ratio_rate5m"
+EVICTED = f"{POOL}:kvcache_blocks_evicted:rate5m"
+RESTORE_RATIO = f"{POOL}:kvcache_block_restore_ratio:ratio_rate5m"
+HIT_RATIO = f"{POOL}:kvcache_block_hit_ratio:ratio_rate5m"
 
 
-def quantile_name(histogram: str) -> str:
-    """The recorded quantiles of a histogram (one series per ``quantile`` label value)."""
-    return f"engine_medium:{histogram}:histogram_quantile5m"
+def quantile_name(histogram: str, level: str = POOL) -> str:
+    """The recorded quantiles of a histogram (one series per ``quantile`` label value), per
+    pool or (``level=PER_GROUP``) per KV-cache group."""
+    return f"{level}:{histogram}:histogram_quantile5m"
 
 
 def recording_rules() -> list[Rule]:
     """Rates, ratios and quantiles, in dependency order (a group evaluates top to bottom)."""
     rules: list[Rule] = [
-        {"record": STORED, "expr": "rate(kvcache_blocks_stored_total[5m])"},
-        {"record": RESTORES, "expr": "rate(kvcache_block_restores_total[5m])"},
-        {"record": ACCESSED, "expr": "rate(kvcache_blocks_accessed_total[5m])"},
+        {"record": STORED, "expr": pool_rate("kvcache_blocks_stored_total")},
+        {"record": RESTORES, "expr": pool_rate("kvcache_block_restores_total")},
+        {"record": ACCESSED, "expr": pool_rate("kvcache_blocks_accessed_total")},
         {
             "record": EVICTED,
-            "expr": "sum without (reason) "
-            '(rate(kvcache_blocks_removed_total{reason="evicted"}[5m]))',
+            "expr": pool_rate(
+                "kvcache_blocks_removed_total", '{reason="evicted"}', without=("reason",)
+            ),
         },
         # Restores / stores: the share of stores that recomputed something the cache once held.
         # No stores, no ratio (rather than NaN).
         {"record": RESTORE_RATIO, "expr": f"{RESTORES} / ({STORED} > 0)"},
-        # Hits / (hits + stores), only for series that have reported at least one access:
-        # an engine that does not report hits (vLLM by default) has no hit rate, not 0%.
+        # Hits / (hits + stores), only for pools that have reported at least one access:
+        # an engine that does not report hits (vLLM by default) has no hit rate, not 0%. The
+        # counter is summed over the groups too, so both sides of `and` are per pool.
         {
             "record": HIT_RATIO,
             "expr": (
-                f"{ACCESSED} / ({ACCESSED} + {STORED} > 0)\nand\nkvcache_blocks_accessed_total > 0"
+                f"{ACCESSED} / ({ACCESSED} + {STORED} > 0)\nand\n"
+                "sum without (group) (kvcache_blocks_accessed_total) > 0"
             ),
         },
     ]
-    for histogram in HISTOGRAMS:
-        for q in QUANTILES:
-            rules.append(
-                {
-                    "record": quantile_name(histogram),
-                    # ">= 0" drops the NaN of a window without observations.
-                    "expr": f"histogram_quantile({q}, rate({histogram}_bucket[5m])) >= 0",
-                    "labels": {"quantile": q},
-                }
-            )
+    for level, buckets in (
+        (POOL, "sum without (group) (rate({histogram}_bucket[5m]))"),
+        (PER_GROUP, "rate({histogram}_bucket[5m])"),
+    ):
+        for histogram in HISTOGRAMS:
+            for q in QUANTILES:
+                rules.append(
+                    {
+                        "record": quantile_name(histogram, level),
+                        # ">= 0" drops the NaN of a window without observations.
+                        "expr": f"histogram_quantile({q}, "
+                        f"{buckets.format(histogram=histogram)}) >= 0",
+                        "labels": {"quantile": q},
+                    }
+                )
     return rules
 
 
@@ -184,11 +218,21 @@ def _alert(
 
 HANDSHAKE_FAILURES = "kvcache_exporter_handshake_failures_total"
 WHERE = "{{ $labels.engine }} ({{ $labels.medium }}) on {{ $labels.instance }}"
+WHERE_GROUP = (
+    "{{ $labels.engine }} ({{ $labels.medium }}, group {{ $labels.group }}) "
+    "on {{ $labels.instance }}"
+)
 ENGINE_AT = "{{ $labels.engine }} on {{ $labels.instance }}"
 
 
 def cache_alerts(config: Config) -> list[Rule]:
-    """Alerts on what the KV cache does: thrashing, eviction storms, collapsing residency."""
+    """Alerts on what the KV cache does: thrashing, eviction storms, collapsing residency.
+
+    Thrashing and storms are judged per pool (engine and medium): the groups of a medium share
+    its memory, and their stores and evictions add up. Residency is judged per KV-cache group:
+    the pool's median follows the group that stores the most blocks, so it would move little
+    when a smaller group's lifetimes collapse, and each group is compared with its own past.
+    """
     reset = (
         "unless on (job, instance, engine)\n"
         f"(\n  increase(kvcache_cache_clears_total[{config.reset_quiet}]) > 0\n"
@@ -215,7 +259,7 @@ def cache_alerts(config: Config) -> list[Rule]:
     # own baseline, and it must have evictions throughout: a cache that has just filled up
     # and starts evicting is not a storm.
     storm_window = f"{EVICTED}[{config.storm_baseline}] offset 5m"
-    collapse_q = f'{quantile_name("kvcache_block_lifetime_seconds")}{{quantile="0.5"}}'
+    collapse_q = f'{quantile_name("kvcache_block_lifetime_seconds", PER_GROUP)}{{quantile="0.5"}}'
     return [
         thrashing(config.thrash_ratio, "warning"),
         thrashing(config.thrash_critical_ratio, "critical"),
@@ -241,11 +285,11 @@ def cache_alerts(config: Config) -> list[Rule]:
             config.collapse_for,
             "warning",
             "KV cache residency collapsed: median block lifetime "
-            f"{{{{ $value | humanizeDuration }}}} ({WHERE})",
-            f"The median lifetime of evicted blocks on {WHERE} fell to {{{{ $value | "
-            f"humanizeDuration }}}}, at most {_fmt(config.collapse_factor * 100)}% of its "
-            f"average over the {config.collapse_baseline} before: blocks are evicted long "
-            "before a follow-up request can reuse them.",
+            f"{{{{ $value | humanizeDuration }}}} ({WHERE_GROUP})",
+            f"The median lifetime of evicted blocks on {WHERE_GROUP} fell to {{{{ $value | "
+            f"humanizeDuration }}}}, at most {_fmt(config.collapse_factor * 100)}% of that "
+            f"group's average over the {config.collapse_baseline} before: blocks are evicted "
+            "long before a follow-up request can reuse them.",
         ),
     ]
 
