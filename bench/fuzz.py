@@ -34,6 +34,7 @@ from pathlib import Path
 
 import msgspec
 import zmq
+from prometheus_client.parser import text_string_to_metric_families
 
 from kvcache_exporter.collector import CollectorConfig
 from kvcache_exporter.pipeline import new_pipeline
@@ -74,13 +75,14 @@ def mutate(payload: bytes, rng: random.Random) -> bytes:
 
 
 def metrics(port: int) -> dict[str, float]:
+    """Every sample, keyed ``name{label="value",...}`` with the labels sorted by name."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         text = response.read().decode()
     values: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            values[name] = float(value)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
     return values
 
 
@@ -156,7 +158,7 @@ def run(frames: int, seed: int, invalid_share: float) -> dict[str, float]:
             "invalid": invalid,
             "send_seconds": sent_seconds,
             "valid_applied": values.get(
-                'kvcache_blocks_stored_total{engine="fuzz",medium="FUZZ",group="0"}', 0
+                'kvcache_blocks_stored_total{engine="fuzz",group="0",medium="FUZZ"}', 0
             ),
             "messages": values.get('kvcache_exporter_messages_total{engine="fuzz"}', 0),
             "messages_expected": view.source.messages,

@@ -54,9 +54,8 @@ import msgspec
 import numpy as np
 import zmq
 
-from kvcache_exporter.collector import BlockLifecycleCollector, CollectorConfig
+from kvcache_exporter.collector import DEFAULT_REASONS, BlockLifecycleCollector, CollectorConfig
 from kvcache_exporter.collector.histogram import ACCESS_COUNT_BUCKETS, RESIDENCY_BUCKETS
-from kvcache_exporter.collector.lifecycle import DEFAULT_REASONS
 from kvcache_exporter.engine import (
     PrefixCacheSimulator,
     Request,
@@ -66,7 +65,7 @@ from kvcache_exporter.engine import (
     repeat_requests,
 )
 from kvcache_exporter.protocol.batch import OP_STORE, EventBatch, LabelTable
-from kvcache_exporter.protocol.publisher import (
+from kvcache_exporter.protocol.encode import (
     Accessed,
     Event,
     Removed,

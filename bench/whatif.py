@@ -45,7 +45,7 @@ from kvcache_exporter.engine import (
 )
 from kvcache_exporter.offline import OfflinePipeline
 from kvcache_exporter.protocol.batch import EventBatch
-from kvcache_exporter.protocol.publisher import (
+from kvcache_exporter.protocol.encode import (
     Accessed,
     Event,
     Removed,

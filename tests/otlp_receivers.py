@@ -27,7 +27,8 @@ from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2 as serv
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2_grpc as service_grpc
 from opentelemetry.proto.metrics.v1 import metrics_pb2
 
-from kvcache_exporter.sinks.otlp import BY_PROMETHEUS, CATALOG
+from kvcache_exporter.catalog import BY_NAME
+from kvcache_exporter.sinks.otlp import OTLP_FAMILIES
 
 Request = service_pb2.ExportMetricsServiceRequest
 Attrs = frozenset[tuple[str, Any]]
@@ -274,7 +275,7 @@ def _fmt(value: float) -> str:
 def as_samples(flat: Flat) -> Samples:
     """What ``/metrics`` would show for these OTLP metrics (cumulative ones), through the
     exporter's name and attribute mapping: histograms become ``_bucket``/``_sum``/``_count``."""
-    by_name = {inst.name: inst for inst in CATALOG}
+    by_name = {inst.otel_name: inst for inst in OTLP_FAMILIES}
     samples: Samples = {}
     for name, metric in flat.metrics.items():
         inst = by_name[name]
@@ -286,20 +287,20 @@ def as_samples(flat: Flat) -> Samples:
                 for bound, count in zip([*point.bounds, math.inf], point.counts, strict=True):
                     cumulative += count
                     le = labels | {("le", _fmt(bound))}
-                    samples[(inst.prometheus + "_bucket", le)] = float(cumulative)
-                samples[(inst.prometheus + "_sum", labels)] = float(point.sum)
-                samples[(inst.prometheus + "_count", labels)] = float(point.count)
+                    samples[(inst.name + "_bucket", le)] = float(cumulative)
+                samples[(inst.name + "_sum", labels)] = float(point.sum)
+                samples[(inst.name + "_count", labels)] = float(point.count)
             else:
-                samples[(inst.prometheus, labels)] = float(point)
+                samples[(inst.name, labels)] = float(point)
     return samples
 
 
 def prometheus_name(otlp_name: str) -> str:
-    return next(inst.prometheus for inst in CATALOG if inst.name == otlp_name)
+    return next(inst.name for inst in OTLP_FAMILIES if inst.otel_name == otlp_name)
 
 
 def otlp_name(prometheus: str) -> str:
-    return BY_PROMETHEUS[prometheus].name
+    return BY_NAME[prometheus].otel_name
 
 
 # The protobuf enum values, for assertions that read well.

@@ -22,9 +22,9 @@ from kvcache_exporter.analysis.anomaly import (
     THRASHING,
     AnomalyConfig,
     AnomalyDetector,
-    histogram_quantile,
 )
 from kvcache_exporter.analysis.series import AlertLevel, CacheAlert, EnginePoint
+from kvcache_exporter.collector.histogram import histogram_quantile
 
 BOUNDS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 WARNING, CRITICAL, INFO = AlertLevel.WARNING, AlertLevel.CRITICAL, AlertLevel.INFO

@@ -25,20 +25,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvcache_exporter.analysis.whatif import (
-    WhatIfConfig,
-    WhatIfModel,
-    earlier_greater,
-    whatif_hash,
-)
-from kvcache_exporter.collector import BlockLifecycleCollector, CollectorConfig
-from kvcache_exporter.collector.lifecycle import sample_hash
+from kvcache_exporter.analysis.whatif import WhatIfConfig, WhatIfModel, whatif_hash
+from kvcache_exporter.analysis.whatif.orders import earlier_greater
+from kvcache_exporter.collector import BlockLifecycleCollector, CollectorConfig, sample_hash
 from kvcache_exporter.commands import analyze
 from kvcache_exporter.commands.common import UsageError
 from kvcache_exporter.config import ConfigError, load
 from kvcache_exporter.engine import PrefixCacheSimulator, Request, bundled_trace_path, read_mooncake
 from kvcache_exporter.offline import OfflinePipeline, PlotError, format_views, plot_whatif
-from kvcache_exporter.pipeline import new_pipeline
+from kvcache_exporter.pipeline import EngineView, new_pipeline
 from kvcache_exporter.protocol.batch import (
     OP_ACCESS,
     OP_CLEAR,
@@ -47,7 +42,7 @@ from kvcache_exporter.protocol.batch import (
     EventBatch,
     LabelTable,
 )
-from kvcache_exporter.protocol.publisher import (
+from kvcache_exporter.protocol.encode import (
     Accessed,
     Event,
     Removed,
@@ -56,7 +51,7 @@ from kvcache_exporter.protocol.publisher import (
     encode_batch,
     frames,
 )
-from kvcache_exporter.sinks.prometheus import EngineView, render
+from kvcache_exporter.sinks.prometheus import render
 from kvcache_exporter.sinks.summary import summarize
 from kvcache_exporter.sources.spec import SourceSpec, SourceSpecError
 

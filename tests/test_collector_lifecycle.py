@@ -11,8 +11,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvcache_exporter.collector import BlockLifecycleCollector, CollectorConfig, CollectorSnapshot
-from kvcache_exporter.collector.lifecycle import sample_hash
+from kvcache_exporter.collector import (
+    BlockLifecycleCollector,
+    CollectorConfig,
+    CollectorSnapshot,
+    sample_hash,
+)
 from kvcache_exporter.engine import PrefixCacheSimulator, bundled_trace_path, read_mooncake
 from kvcache_exporter.offline import simulate_frames
 from kvcache_exporter.pipeline import new_pipeline

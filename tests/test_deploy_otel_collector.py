@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from kvcache_exporter.sinks.otlp import CATALOG
+from kvcache_exporter.sinks.otlp import OTLP_FAMILIES
 
 CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "otel-collector" / "config.yaml"
 
@@ -57,14 +57,16 @@ def test_prometheus_pipeline_renames_every_attribute_back_to_its_label() -> None
     (block,) = config["processors"]["transform/prometheus-labels"]["metric_statements"]
     assert block["context"] == "datapoint"
     statements: list[str] = block["statements"]
-    pairs = {(label, attr) for inst in CATALOG for label, attr in inst.attributes}
+    pairs = {(label, attr) for inst in OTLP_FAMILIES for label, attr in inst.attributes}
     for label, attr in pairs:
         setter = f'set(attributes["{label}"], attributes["{attr}"])'
         deleter = f'delete_key(attributes, "{attr}")'
         assert any(s.startswith(setter) for s in statements), setter
         assert any(s.startswith(deleter) for s in statements), deleter
     scoped = [s for s in statements if "error.type" in s]
-    decode_errors = next(i.name for i in CATALOG if any(a == "error.type" for _, a in i.attributes))
+    decode_errors = next(
+        i.otel_name for i in OTLP_FAMILIES if any(a == "error.type" for _, a in i.attributes)
+    )
     assert scoped and all(s.endswith(f'where metric.name == "{decode_errors}"') for s in scoped)
     for statement in statements:  # the two OTTL shapes used, nothing mistyped
         assert re.fullmatch(

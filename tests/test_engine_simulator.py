@@ -25,7 +25,7 @@ from kvcache_exporter.engine import (
     synthetic_workload,
     unspread_hash,
 )
-from kvcache_exporter.protocol.publisher import (
+from kvcache_exporter.publisher import (
     END_SEQ,
     Accessed,
     Cleared,

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kvcache_exporter.collector import CollectorConfig
 from kvcache_exporter.pipeline import Pipeline, new_pipeline
-from kvcache_exporter.protocol.publisher import frames
+from kvcache_exporter.protocol.encode import frames
 from kvcache_exporter.sinks.prometheus import render
 from kvcache_exporter.sinks.summary import summarize
 

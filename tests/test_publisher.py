@@ -14,7 +14,7 @@ import zmq
 
 from kvcache_exporter.protocol.batch import OP_ACCESS, OP_CLEAR, OP_REMOVE, OP_STORE, LabelTable
 from kvcache_exporter.protocol.decode import PayloadDecoder
-from kvcache_exporter.protocol.publisher import (
+from kvcache_exporter.publisher import (
     END_SEQ,
     Accessed,
     Cleared,

@@ -43,7 +43,10 @@ def server() -> Iterator[MetricsHTTPServer]:
     ready = {"value": False}
     routes = Routes(
         telemetry_path="/metrics",
-        metrics=lambda: "# HELP x y\n# TYPE x gauge\nx 1\n" + "#" * 2000 + "\n",
+        metrics=lambda _: (
+            ("# HELP x y\n# TYPE x gauge\nx 1\n" + "#" * 2000 + "\n").encode(),
+            "text/plain; version=0.0.4; charset=utf-8",
+        ),
         ready=lambda: (ready["value"], "waiting for sources: vllm"),
         summary=lambda: {"engines": [{"engine": "vllm"}]},
         export=export,

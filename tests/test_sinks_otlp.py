@@ -24,27 +24,27 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kvcache_exporter import __version__
 from kvcache_exporter.analysis.whatif import DEFAULT_DISTANCE_BUCKETS
+from kvcache_exporter.catalog import BY_NAME, Instrument
 from kvcache_exporter.collector import CollectorConfig
-from kvcache_exporter.config import ConfigError, OTLPConfig, load
+from kvcache_exporter.config import ConfigError, load
 from kvcache_exporter.engine import (
     PrefixCacheSimulator,
     SimulatedEngine,
     bundled_trace_path,
     read_mooncake,
 )
-from kvcache_exporter.pipeline import Pipeline, new_pipeline
-from kvcache_exporter.protocol.publisher import Event, WireForm, encode_batch, frames
+from kvcache_exporter.pipeline import EngineView, Pipeline, new_pipeline
+from kvcache_exporter.protocol.encode import Event, WireForm, encode_batch, frames
 from kvcache_exporter.sinks.otlp import (
-    BY_PROMETHEUS,
-    CATALOG,
-    Kind,
+    OTLP_FAMILIES,
     OTLPSink,
     build_resource,
     http_metrics_url,
     kubernetes_attributes,
-    series,
 )
-from kvcache_exporter.sinks.prometheus import HISTOGRAM_FAMILIES, EngineView, render
+from kvcache_exporter.sinks.otlp_config import OTLPConfig
+from kvcache_exporter.sinks.prometheus import render
+from kvcache_exporter.sinks.series import LIFECYCLE_FAMILIES, series
 
 from .conftest import free_port
 from .e2e.conftest import Samples, parse_samples
@@ -185,23 +185,23 @@ def test_every_metrics_family_has_an_otlp_mapping(fed: Fed) -> None:
     text = render([*fed.views(), view_of_vector("vllm-0.33.0.jsonl")], {"success": 0})
     families = {f.name for f in text_string_to_metric_families(text)}
     mapped = {  # the parser names a counter family without its _total
-        inst.prometheus.removesuffix("_total") if inst.kind is Kind.COUNTER else inst.prometheus
-        for inst in CATALOG
+        inst.name.removesuffix("_total") if inst.instrument is Instrument.COUNTER else inst.name
+        for inst in OTLP_FAMILIES
     }
     assert families == mapped | {BUILD_INFO}
-    assert len({inst.name for inst in CATALOG}) == len(CATALOG)
+    assert len({inst.otel_name for inst in OTLP_FAMILIES}) == len(OTLP_FAMILIES)
 
 
-def collector_prometheus_name(name: str, unit: str, kind: Kind) -> str:
+def collector_prometheus_name(name: str, unit: str, kind: Instrument) -> str:
     """The OpenTelemetry Collector's Prometheus name for an OTLP metric (its default
     translation: dots to underscores, unit suffix unless present, ``_total`` on monotonic
     sums), enough of it for the units used here."""
-    units = {"s": "seconds", "By": "bytes", "1": "ratio" if kind is Kind.GAUGE else ""}
+    units = {"s": "seconds", "By": "bytes", "1": "ratio" if kind is Instrument.GAUGE else ""}
     out = name.replace(".", "_")
     suffix = "" if unit.startswith("{") else units.get(unit, unit)
     if suffix and not out.endswith("_" + suffix):
         out += "_" + suffix
-    if kind is Kind.COUNTER:
+    if kind is Instrument.COUNTER:
         out += "_total"
     return out
 
@@ -210,20 +210,20 @@ def test_names_follow_opentelemetry_conventions() -> None:
     """Dotted lower-case names in the ``kvcache.`` namespace, no ``_total``, UCUM units (or
     ``{annotations}``), namespaced attributes; and through the Collector's Prometheus
     translation each name comes back as its /metrics name (one documented exception)."""
-    for inst in CATALOG:
-        assert re.fullmatch(r"kvcache(\.[a-z][a-z0-9_]*)+", inst.name), inst.name
-        assert not inst.name.endswith("_total") and not inst.name.endswith("seconds")
+    for inst in OTLP_FAMILIES:
+        assert re.fullmatch(r"kvcache(\.[a-z][a-z0-9_]*)+", inst.otel_name), inst.otel_name
+        assert not inst.otel_name.endswith("_total") and not inst.otel_name.endswith("seconds")
         assert inst.unit in ("s", "By", "1", "") or re.fullmatch(r"\{[a-z]+\}", inst.unit)
         for _, attr in inst.attributes:
             assert attr.startswith("kvcache.") or attr == "error.type", attr
-        assert (inst.kind is Kind.COUNTER) == inst.prometheus.endswith("_total")
-        translated = collector_prometheus_name(inst.name, inst.unit, inst.kind)
-        if inst.prometheus != "kvcache_exporter_collector_bytes":
-            assert translated == inst.prometheus, inst.name
-    assert BY_PROMETHEUS["kvcache_blocks_stored_total"].name == "kvcache.blocks.stored"
-    assert BY_PROMETHEUS["kvcache_blocks_stored_total"].unit == "{block}"
-    assert BY_PROMETHEUS["kvcache_block_lifetime_seconds"].name == "kvcache.block.lifetime"
-    assert BY_PROMETHEUS["kvcache_block_lifetime_seconds"].unit == "s"
+        assert (inst.instrument is Instrument.COUNTER) == inst.name.endswith("_total")
+        translated = collector_prometheus_name(inst.otel_name, inst.unit, inst.instrument)
+        if inst.name != "kvcache_exporter_collector_bytes":
+            assert translated == inst.name, inst.otel_name
+    assert BY_NAME["kvcache_blocks_stored_total"].otel_name == "kvcache.blocks.stored"
+    assert BY_NAME["kvcache_blocks_stored_total"].unit == "{block}"
+    assert BY_NAME["kvcache_block_lifetime_seconds"].otel_name == "kvcache.block.lifetime"
+    assert BY_NAME["kvcache_block_lifetime_seconds"].unit == "s"
 
 
 def test_kinds_units_temporality_and_resource_when_cumulative(fed: Fed) -> None:
@@ -239,23 +239,23 @@ def test_kinds_units_temporality_and_resource_when_cumulative(fed: Fed) -> None:
     assert uuid.UUID(flat.resource["service.instance.id"])
     view = fed.views()[0]
     present = series(fed.views(), sink.exports())
-    for inst in CATALOG:
-        if not present[inst.prometheus]:  # no series now (no alert active, say): no metric
-            assert inst.name not in flat.metrics
+    for inst in OTLP_FAMILIES:
+        if not present[inst.name]:  # no series now (no alert active, say): no metric
+            assert inst.otel_name not in flat.metrics
             continue
-        metric = flat.metrics[inst.name]
-        assert (metric.unit, metric.description) == (inst.unit, inst.description)
-        if inst.kind is Kind.GAUGE:
+        metric = flat.metrics[inst.otel_name]
+        assert (metric.unit, metric.description) == (inst.unit, inst.help)
+        if inst.instrument is Instrument.GAUGE:
             assert metric.kind == "gauge"
             continue
         assert metric.temporality == CUMULATIVE
         assert set(metric.starts.values()) == {sink._start_ns}
-        if inst.kind is Kind.HISTOGRAM:
+        if inst.instrument is Instrument.HISTOGRAM:
             assert metric.kind == "histogram"
             for point in metric.points.values():
                 assert isinstance(point, HistPoint) and not point.has_min_max
                 assert point.count == sum(point.counts)
-                key = next((k for k, fam, _ in HISTOGRAM_FAMILIES if fam == inst.prometheus), None)
+                key = next((k for k, fam in LIFECYCLE_FAMILIES if fam == inst.name), None)
                 if key is not None:
                     assert point.bounds == view.collector.histograms[key].bounds
                 else:  # reuse distances: bounds are multiples of the medium's capacity
@@ -267,7 +267,7 @@ def test_kinds_units_temporality_and_resource_when_cumulative(fed: Fed) -> None:
                     )
         else:
             assert metric.kind == "sum"
-            assert metric.monotonic is (inst.kind is Kind.COUNTER)
+            assert metric.monotonic is (inst.instrument is Instrument.COUNTER)
     place = frozenset(
         {("kvcache.engine", "sim"), ("kvcache.medium", "GPU"), ("kvcache.group", "0")}
     )
@@ -305,14 +305,14 @@ def test_delta_exports_add_up_to_the_cumulative_numbers() -> None:
     totals: dict[tuple[str, frozenset[tuple[str, Any]]], Any] = {}
     for flat in successful:
         for metric in flat.metrics.values():
-            inst = next(i for i in CATALOG if i.name == metric.name)
-            if inst.kind in (Kind.COUNTER, Kind.HISTOGRAM):
+            inst = next(i for i in OTLP_FAMILIES if i.otel_name == metric.name)
+            if inst.instrument in (Instrument.COUNTER, Instrument.HISTOGRAM):
                 assert metric.temporality == DELTA
-            elif inst.kind is Kind.UPDOWN:
+            elif inst.instrument is Instrument.UPDOWN:
                 assert metric.temporality == CUMULATIVE and metric.monotonic is False
             for attrs, point in metric.points.items():
                 key = (metric.name, attrs)
-                if inst.kind not in (Kind.COUNTER, Kind.HISTOGRAM):
+                if inst.instrument not in (Instrument.COUNTER, Instrument.HISTOGRAM):
                     totals[key] = point  # the latest value
                 elif isinstance(point, HistPoint):
                     before = totals.get(key)
@@ -656,9 +656,9 @@ def test_docs_map_every_prometheus_name_to_its_otlp_name() -> None:
     """docs/metrics.md has a row per family: Prometheus name, OTLP name, instrument, unit and
     attributes exactly as the sink sends them."""
     docs = (ROOT / "docs" / "metrics.md").read_text()
-    for inst in CATALOG:
+    for inst in OTLP_FAMILIES:
         attrs = ", ".join(f"`{attr}`" for _, attr in inst.attributes)
         unit = f"`{inst.unit}`" if inst.unit else "—"
-        row = f"| `{inst.prometheus}` | `{inst.name}` | {inst.kind.value} | {unit} | {attrs} |"
+        row = f"| `{inst.name}` | `{inst.otel_name}` | {inst.instrument.value} | {unit} | {attrs} |"
         assert row in docs, row
     assert "`kvcache_exporter_build_info`" in docs and "`service.version`" in docs

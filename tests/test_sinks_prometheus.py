@@ -9,8 +9,9 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvcache_exporter.collector import BlockLifecycleCollector
+from kvcache_exporter.pipeline import EngineView
 from kvcache_exporter.protocol.decode import PayloadDecoder
-from kvcache_exporter.sinks.prometheus import EngineView, escape, render
+from kvcache_exporter.sinks.prometheus import render
 from kvcache_exporter.sources.stream import SourceStats
 
 VECTORS = Path(__file__).parent / "fixtures" / "vectors"
@@ -96,4 +97,7 @@ def test_every_catalog_name_this_core_feeds_is_present() -> None:
 
 
 def test_label_values_are_escaped() -> None:
-    assert escape('a"b\\c\nd') == 'a\\"b\\\\c\\nd'
+    """A label value with a quote, a backslash and a newline reads back as it was."""
+    name = 'a"b\\c\nd'
+    got = samples(render([view_of_vector("vllm-0.33.0.jsonl", engine=name)]))
+    assert got[("kvcache_exporter_source_up", (("engine", name),))] == 1

@@ -59,7 +59,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
 def serve(web: WebConfig) -> MetricsHTTPServer:
     routes = Routes(
         telemetry_path="/metrics",
-        metrics=lambda: "up 1\n",
+        metrics=lambda _: (b"up 1\n", "text/plain; version=0.0.4; charset=utf-8"),
         ready=lambda: (True, "ready"),
         summary=dict,
         export=lambda _query: (b"{}", "application/json"),

@@ -28,7 +28,7 @@ from kvcache_exporter.protocol.batch import (
     LabelTable,
 )
 from kvcache_exporter.protocol.framing import Message
-from kvcache_exporter.protocol.publisher import KVEventPublisher, Removed, Stored
+from kvcache_exporter.publisher import KVEventPublisher, Removed, Stored
 from kvcache_exporter.sources.replay import ReplayRecovery
 from kvcache_exporter.sources.spec import SourceSpec
 from kvcache_exporter.sources.stream import EventStream

@@ -17,9 +17,9 @@ import pytest
 import zmq
 
 from kvcache_exporter.collector import CollectorConfig
+from kvcache_exporter.curve import CurveRole, client_role, server_role
 from kvcache_exporter.pipeline import Pipeline, new_pipeline
-from kvcache_exporter.protocol.curve import CurveRole, client_role, server_role
-from kvcache_exporter.protocol.publisher import KVEventPublisher, Stored, encode_batch, frames
+from kvcache_exporter.publisher import KVEventPublisher, Stored, encode_batch, frames
 from kvcache_exporter.sources import subscriber
 from kvcache_exporter.sources.authenticator import PublisherAuthenticator
 from kvcache_exporter.sources.spec import SourceSpec

@@ -14,10 +14,10 @@ from . import __version__
 from .checkpoint import Checkpoint, CheckpointStore, CheckpointWriter, capture, restore
 from .collector import BlockLifecycleCollector
 from .config import ExporterConfig
-from .pipeline import Pipeline, new_pipeline
+from .pipeline import EngineView, Pipeline, new_pipeline
 from .sinks.export import ExportRequest, render_export
 from .sinks.http import MetricsHTTPServer, Routes, parse_listen_address
-from .sinks.prometheus import EngineView, render
+from .sinks.prometheus import exposition, new_registry
 from .sinks.summary import summarize
 from .sources.authenticator import PublisherAuthenticator
 from .sources.subscriber import IngestLoop, SubscriberSource
@@ -70,15 +70,21 @@ class Exporter:
         self.otlp: OTLPSink | None = None
         self._checkpoints: CheckpointWriter | None = None
         self._next_checkpoint = 0.0
+        self.registry = new_registry(self.views, self.otlp_exports)
 
     # --- what the sinks read ---------------------------------------------------------------
     def views(self) -> list[EngineView]:
         """One snapshot per engine: what ``/metrics`` and OTLP both export."""
         return [engine.pipeline.view() for engine in self.engines]
 
-    def metrics_text(self) -> str:
+    def otlp_exports(self) -> dict[str, int] | None:
+        """OTLP exports by result while OTLP export is on."""
         otlp = self.otlp
-        return render(self.views(), otlp.exports() if otlp is not None else None)
+        return otlp.exports() if otlp is not None else None
+
+    def metrics(self, accept: str | None) -> tuple[bytes, str]:
+        """A ``/metrics`` body in the format ``accept`` asks for, and its content type."""
+        return exposition(self.registry, accept)
 
     def readiness(self) -> tuple[bool, str]:
         down = [e.name for e in self.engines if not e.source.stats.up]
@@ -139,7 +145,7 @@ class Exporter:
             engine.source.open()
         routes = Routes(
             telemetry_path=self.config.telemetry_path,
-            metrics=self.metrics_text,
+            metrics=self.metrics,
             ready=self.readiness,
             summary=self.summary,
             export=self.export,

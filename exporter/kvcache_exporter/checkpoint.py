@@ -105,12 +105,6 @@ class CheckpointStore:
         self.directory = Path(directory)
         self.path = self.directory / FILE_NAME
 
-    def check_writable(self) -> None:
-        """Create the folder if needed and prove a file can be written there (OSError if not)."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=self.directory, prefix=".probe-"):
-            pass
-
     def save(self, checkpoint: Checkpoint) -> None:
         """Write atomically: temporary file, fsync, rename."""
         fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".checkpoint-", suffix=".npz")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import tempfile
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,10 +29,9 @@ from .analysis.whatif import (
     WhatIfConfig,
     validate_factors,
 )
-from .checkpoint import CheckpointStore
 from .collector import CollectorConfig
 from .collector.histogram import ACCESS_COUNT_BUCKETS, RESIDENCY_BUCKETS, validate_buckets
-from .protocol.curve import (
+from .curve import (
     CurveKeyError,
     CurveRole,
     client_role,
@@ -43,6 +43,14 @@ from .protocol.curve import (
 )
 from .protocol.decode import DEFAULT_MAX_ADAPTERS, MAX_ADAPTERS
 from .sinks.http import parse_listen_address
+from .sinks.otlp_config import (
+    OTLP_COMPRESSIONS,
+    OTLP_DEFAULT_INTERVAL,
+    OTLP_HISTOGRAM_AGGREGATIONS,
+    OTLP_PROTOCOLS,
+    OTLP_TEMPORALITIES,
+    OTLPConfig,
+)
 from .sinks.webconfig import WebConfig, WebConfigError, load_web_config
 from .sources.spec import SourceSpec, SourceSpecError
 
@@ -50,30 +58,10 @@ ENV_PREFIX: Final = "KVCACHE_EXPORTER_"
 DEFAULT_SOURCE: Final = "engine=tcp://127.0.0.1:5557"
 LOG_LEVELS: Final = ("debug", "info", "warn", "error")
 LOG_FORMATS: Final = ("logfmt", "json")
-OTLP_PROTOCOLS: Final = ("grpc", "http/protobuf")
-OTLP_COMPRESSIONS: Final = ("none", "gzip", "deflate")
-OTLP_TEMPORALITIES: Final = ("cumulative", "delta")
-OTLP_HISTOGRAM_AGGREGATIONS: Final = ("explicit", "exponential")
-OTLP_DEFAULT_INTERVAL: Final = 15.0
 
 
 class ConfigError(ValueError):
     """A configuration problem, already phrased as the one line the user sees."""
-
-
-@dataclass(frozen=True, slots=True)
-class OTLPConfig:
-    """OTLP export settings (SPEC §4). ``None`` fields are left to the OpenTelemetry SDK's
-    exporter, which reads the standard ``OTEL_EXPORTER_OTLP_[METRICS_]*`` variables itself."""
-
-    endpoint: str | None = None  # None: OTEL_EXPORTER_OTLP_[METRICS_]ENDPOINT
-    protocol: str = "grpc"
-    interval: float = OTLP_DEFAULT_INTERVAL
-    headers: tuple[tuple[str, str], ...] | None = None
-    compression: str | None = None
-    timeout: float | None = None  # seconds
-    temporality: str = "cumulative"
-    histogram_aggregation: str = "explicit"
 
 
 @dataclass(frozen=True, slots=True)
@@ -428,7 +416,7 @@ def load(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Expor
     storage_path = values["storage.path"]
     if storage_path is not None:
         try:
-            CheckpointStore(storage_path).check_writable()
+            _check_writable(Path(storage_path))
         except OSError as exc:
             raise ConfigError(f"--storage.path {storage_path}: {exc.strerror or exc}") from None
     web_config = None
@@ -465,6 +453,14 @@ def load(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Expor
         log_level=values["log.level"],
         log_format=values["log.format"],
     )
+
+
+def _check_writable(directory: Path) -> None:
+    """Create ``--storage.path`` if needed and prove a file can be written there (OSError if
+    not). Here, not in checkpoint.py, so that reading flags does not load the pipeline."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=directory, prefix=".probe-"):
+        pass
 
 
 def _curve_roles(sources: Sequence[SourceSpec], key_file: str | None) -> dict[str, CurveRole]:

@@ -30,15 +30,13 @@ from .analysis.monitor import MonitorConfig
 from .analysis.patterns import access_patterns
 from .analysis.series import AlertLevel, CacheAlert
 from .analysis.trends import TrendConfig
-from .collector import CollectorConfig
+from .collector import CollectorConfig, sample_hash
 from .collector.histogram import (
     ACCESS_COUNT_BUCKETS,
     PREFIX_DEPTH_BUCKETS,
     RESIDENCY_BUCKETS,
     validate_buckets,
 )
-from .collector.lifecycle import sample_hash
-from .offline import format_views
 from .pipeline import Pipeline, new_pipeline
 from .protocol.batch import OP_ACCESS, OP_CLEAR, OP_REMOVE, OP_STORE, EventBatch
 from .sinks.export import ExportRequest, render_export
@@ -508,6 +506,10 @@ class BatchMetricsCollector:
         ``prometheus`` (the exposition text)."""
         if format not in EXPORT_FORMATS:
             raise ValueError(f"format must be one of {', '.join(EXPORT_FORMATS)}, not {format!r}")
+        # Imported here: the exposition needs prometheus_client, which recording blocks does
+        # not, so `import kvcache_exporter.library` stays small.
+        from .offline import format_views
+
         with self._lock:
             self.flush_all()
             view = self._pipeline.view(

@@ -11,16 +11,18 @@ import io
 import json
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .analysis.whatif import WhatIfConfig
 from .collector import CollectorConfig
-from .engine import PrefixCacheSimulator, Request
-from .pipeline import Pipeline, new_pipeline
-from .protocol.publisher import Event, WireForm, encode_batch, frames
-from .sinks.prometheus import EngineView, render
+from .pipeline import EngineView, Pipeline, new_pipeline
+from .protocol.encode import Event, WireForm, encode_batch, frames
+from .sinks.prometheus import render
 from .sinks.summary import summarize
 from .sources.recording import RecordingReader
+
+if TYPE_CHECKING:  # only named in signatures: the simulator stays unloaded until one is made
+    from .engine import PrefixCacheSimulator, Request
 
 FORMATS = ("text", "json", "csv", "prometheus")
 

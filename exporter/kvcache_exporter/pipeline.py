@@ -8,20 +8,58 @@ same frames give the same numbers whichever way they arrive.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from .analysis.monitor import EngineMonitor, MonitorConfig
 from .analysis.patterns import access_patterns
-from .analysis.whatif import WhatIfConfig, WhatIfModel
-from .collector import BlockLifecycleCollector, CollectorConfig
-from .collector.lifecycle import DEFAULT_REASONS, REASON_RESTART
-from .protocol.batch import EventBatch, LabelTable
+from .analysis.series import AlertLevel, CacheAlert
+from .analysis.trends import Trend
+from .analysis.whatif import WhatIfConfig, WhatIfModel, WhatIfSnapshot
+from .collector import (
+    DEFAULT_REASONS,
+    REASON_RESTART,
+    BlockLifecycleCollector,
+    CollectorConfig,
+    CollectorSnapshot,
+)
+from .collector.eviction_log import EvictionRecords
+from .protocol.batch import EventBatch, GroupSpec, LabelTable
 from .protocol.decode import new_adapter_table, new_group_table
-from .sinks.export import EngineRecords
-from .sinks.prometheus import EngineView
-from .sources.stream import EventStream
+from .sources.stream import EventStream, SourceStats
+
+
+@dataclass(frozen=True, slots=True)
+class EngineView:
+    """Everything the sinks need about one engine, copied at scrape (or export) time."""
+
+    name: str
+    collector: CollectorSnapshot
+    source: SourceStats
+    events: dict[str, int]
+    decode_errors: dict[str, int]
+    unknown_fields: int
+    tokens_stored: int
+    sample_ratio: float
+    groups: dict[str, GroupSpec] = field(default_factory=dict)  # by group label
+    alerts_active: list[CacheAlert] = field(default_factory=list)
+    alerts_raised: dict[tuple[str, AlertLevel], int] = field(default_factory=dict)
+    trends: dict[str, Trend] = field(default_factory=dict)
+    access_patterns: dict[str, Any] | None = None  # only when asked for (not per scrape)
+    whatif: WhatIfSnapshot | None = None  # None: the what-if model is off
+
+
+@dataclass(frozen=True, slots=True)
+class EngineRecords:
+    """An engine's recent removals; ``places`` names each record's place id as (medium,
+    group), ``reasons`` each reason id."""
+
+    engine: str
+    places: tuple[tuple[str, str], ...]
+    reasons: tuple[str, ...]
+    records: EvictionRecords
 
 
 @dataclass(slots=True)

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvcache_exporter.protocol.publisher import Accessed, Cleared, Event, Removed, Stored
+from kvcache_exporter.protocol.encode import Accessed, Cleared, Event, Removed, Stored
 
 from ..conftest import free_port
 

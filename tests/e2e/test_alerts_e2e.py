@@ -14,7 +14,7 @@ from kvcache_exporter.engine import (
     bundled_trace_path,
     read_mooncake,
 )
-from kvcache_exporter.protocol.publisher import Event, KVEventPublisher
+from kvcache_exporter.publisher import Event, KVEventPublisher
 
 from ..conftest import free_port
 from .conftest import ExporterProcess, select

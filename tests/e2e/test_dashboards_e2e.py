@@ -51,7 +51,7 @@ from kvcache_exporter.engine import (
     WorkloadConfig,
     synthetic_workload,
 )
-from kvcache_exporter.protocol.publisher import Event, KVEventPublisher
+from kvcache_exporter.publisher import Event, KVEventPublisher
 
 from ..conftest import free_port, require_binary
 from ..streams import load_truth, read_stream

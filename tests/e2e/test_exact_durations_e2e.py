@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import pytest
 
-from kvcache_exporter.protocol.publisher import Accessed, Event, KVEventPublisher, Removed, Stored
+from kvcache_exporter.publisher import Accessed, Event, KVEventPublisher, Removed, Stored
 
 from ..conftest import free_port
 from ..reference import Hist, ReferenceCollector

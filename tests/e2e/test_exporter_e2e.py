@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from kvcache_exporter.catalog import DECODE_ERROR_REASONS
 from kvcache_exporter.engine import (
     PrefixCacheSimulator,
     SimulatedEngine,
@@ -26,7 +27,7 @@ from kvcache_exporter.engine import (
     read_mooncake,
 )
 from kvcache_exporter.engine.simulator import EventSink
-from kvcache_exporter.protocol.publisher import (
+from kvcache_exporter.publisher import (
     Event,
     KVEventPublisher,
     Stored,
@@ -211,7 +212,10 @@ def test_stream_received_whole(run: Run, engine: str) -> None:
     assert value(s, "kvcache_exporter_duplicate_batches_total", engine=engine) == 0
     assert value(s, "kvcache_exporter_engine_restarts_total", engine=engine) == 0
     assert value(s, "kvcache_exporter_unknown_fields_total", engine=engine) == 0
-    assert select(s, "kvcache_exporter_decode_errors_total", engine=engine) == {}
+    errors = select(s, "kvcache_exporter_decode_errors_total", engine=engine)
+    # Every reason is served from the start, at 0 here.
+    assert {dict(labels)["reason"] for labels in errors} == set(DECODE_ERROR_REASONS)
+    assert set(errors.values()) == {0}
     assert value(s, "kvcache_exporter_source_up", engine=engine) == 1
     assert value(s, "kvcache_exporter_sample_ratio", engine=engine) == 1
     last_ts = sink.batches[-1][0]

@@ -18,14 +18,15 @@ from typing import Any
 
 import pytest
 
+from kvcache_exporter.catalog import Instrument
 from kvcache_exporter.engine import (
     PrefixCacheSimulator,
     SimulatedEngine,
     bundled_trace_path,
     read_mooncake,
 )
-from kvcache_exporter.protocol.publisher import KVEventPublisher
-from kvcache_exporter.sinks.otlp import CATALOG, Kind
+from kvcache_exporter.publisher import KVEventPublisher
+from kvcache_exporter.sinks.otlp import OTLP_FAMILIES
 
 from ..conftest import free_port
 from ..otlp_receivers import (
@@ -48,7 +49,7 @@ REQUESTS = 1200  # enough for CPU offloads, hits, restores and evictions on both
 ENGINE = "vllm"
 EXPORTS = "kvcache_exporter_otlp_exports_total"
 BUILD_INFO = "kvcache_exporter_build_info"
-BY_NAME = {inst.name: inst for inst in CATALOG}
+BY_NAME = {inst.otel_name: inst for inst in OTLP_FAMILIES}
 
 
 @pytest.fixture(autouse=True)
@@ -115,11 +116,11 @@ def accumulate(flats: list[Flat]) -> Flat:
     total: dict[str, dict[Any, Any]] = {}
     for flat in flats:
         for name, metric in flat.metrics.items():
-            kind = BY_NAME[name].kind
+            kind = BY_NAME[name].instrument
             points = total.setdefault(name, {})
             for attrs, point in metric.points.items():
                 before = points.get(attrs)
-                if kind not in (Kind.COUNTER, Kind.HISTOGRAM) or before is None:
+                if kind not in (Instrument.COUNTER, Instrument.HISTOGRAM) or before is None:
                     points[attrs] = point
                 elif isinstance(point, HistPoint):
                     counts = tuple(a + b for a, b in zip(before.counts, point.counts, strict=True))
@@ -143,19 +144,26 @@ def assert_matches_scrape(flat: Flat, scraped: Samples, temporality: int) -> Non
     for name, metric in flat.metrics.items():
         inst = BY_NAME[name]
         assert metric.unit == inst.unit, name
-        if inst.kind is Kind.GAUGE:
+        if inst.instrument is Instrument.GAUGE:
             assert metric.kind == "gauge", name
             continue
-        assert metric.kind == ("histogram" if inst.kind is Kind.HISTOGRAM else "sum"), name
-        want = CUMULATIVE if inst.kind is Kind.UPDOWN else temporality
+        assert metric.kind == ("histogram" if inst.instrument is Instrument.HISTOGRAM else "sum"), (
+            name
+        )
+        want = CUMULATIVE if inst.instrument is Instrument.UPDOWN else temporality
         assert metric.temporality == want, name
         if metric.kind == "sum":
-            assert metric.monotonic is (inst.kind is Kind.COUNTER), name
+            assert metric.monotonic is (inst.instrument is Instrument.COUNTER), name
     assert flat.metrics["kvcache.blocks.stored"].unit == "{block}"
     assert flat.metrics["kvcache.block.lifetime"].unit == "s"
 
     got = as_samples(flat)
-    want = {k: v for k, v in scraped.items() if k[0] not in (BUILD_INFO, EXPORTS)}
+    # OTLP carries the catalog's families; the process's own series are /metrics' alone.
+    want = {
+        k: v
+        for k, v in scraped.items()
+        if k[0] not in (BUILD_INFO, EXPORTS) and k[0].startswith("kvcache_")
+    }
     sent_exports = {k: v for k, v in got.items() if k[0] == EXPORTS}
     got = {k: v for k, v in got.items() if k[0] != EXPORTS}
     assert got.keys() == want.keys()

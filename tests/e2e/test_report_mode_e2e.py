@@ -15,7 +15,7 @@ import msgspec
 import pytest
 import zmq
 
-from kvcache_exporter.protocol.publisher import frames
+from kvcache_exporter.protocol.encode import frames
 
 from ..conftest import free_port
 from .conftest import ExporterProcess, select, value

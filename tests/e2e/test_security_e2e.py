@@ -16,8 +16,8 @@ import bcrypt
 import pytest
 import zmq
 
-from kvcache_exporter.protocol.curve import load_key_pair, load_public_key
-from kvcache_exporter.protocol.publisher import KVEventPublisher, Stored
+from kvcache_exporter.curve import load_key_pair, load_public_key
+from kvcache_exporter.publisher import KVEventPublisher, Stored
 
 from ..conftest import free_port
 from .conftest import EXPORTER, ExporterProcess, clean_env, select, value, wait_for

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import zmq
 
-from kvcache_exporter.sinks.otlp import BY_PROMETHEUS
+from kvcache_exporter.catalog import BY_NAME
 from kvcache_exporter.sources.recording import RecordingWriter
 
 from ..conftest import free_port
@@ -201,7 +201,7 @@ def test_stream_arrived_whole(run: Run) -> None:
     summary = engine_summary(run.summary)
     assert summary["source"]["messages_total"] == run.messages
     assert summary["source"]["sequence_gaps_total"] == 0
-    assert BY_PROMETHEUS[STORED].name in run.otlp.metrics
+    assert BY_NAME[STORED].otel_name in run.otlp.metrics
 
 
 def test_ingested_quickly(run: Run) -> None:
@@ -302,10 +302,10 @@ def test_summary_per_group_equals_the_engine(run: Run) -> None:
 def test_otlp_stored_per_group_equals_the_engine(run: Run) -> None:
     """The OTLP stored counter has a point per group and medium equal to the hashes stored
     (attribute keys through the exporter's own catalog)."""
-    inst = BY_PROMETHEUS[STORED]
+    inst = BY_NAME[STORED]
     keys = dict(inst.attributes)
-    assert "group" in keys, f"{inst.name}: no OTLP attribute for the group label: {keys}"
-    metric = run.otlp.metrics[inst.name]
+    assert "group" in keys, f"{inst.otel_name}: no OTLP attribute for the group label: {keys}"
+    metric = run.otlp.metrics[inst.otel_name]
     points = {
         frozenset((k, str(v)) for k, v in attrs): point for attrs, point in metric.points.items()
     }
@@ -313,7 +313,7 @@ def test_otlp_stored_per_group_equals_the_engine(run: Run) -> None:
         attrs = frozenset(
             {(keys["engine"], ENGINE), (keys["medium"], place.medium), (keys["group"], place.group)}
         )
-        assert attrs in points, f"{inst.name}: no point {set(attrs)}; has {list(points)}"
+        assert attrs in points, f"{inst.otel_name}: no point {set(attrs)}; has {list(points)}"
         assert points[attrs] == place.stored, f"{run.name} group {place.group} {place.medium}"
 
 

@@ -20,7 +20,7 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from ..collector.lifecycle import CollectorTotals
+from ..collector import CollectorTotals
 from .anomaly import AnomalyConfig, AnomalyDetector
 from .series import AlertLevel, CacheAlert, EnginePoint
 from .trends import Trend, TrendConfig, TrendDetector

@@ -10,9 +10,8 @@ from typing import Any, Final
 
 import numpy as np
 
-from ..collector import CollectorSnapshot
+from ..collector import CollectorSnapshot, ResidentProfile
 from ..collector.histogram import HistogramSnapshot
-from ..collector.lifecycle import ResidentProfile
 
 # Upper bounds of the access-frequency classes of resident blocks (accesses since store).
 FREQUENCY_CLASSES: Final = ((0, "0"), (1, "1"), (2, "2"), (4, "3-4"), (9, "5-9"), (19, "10-19"))

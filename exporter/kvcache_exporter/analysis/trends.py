@@ -34,7 +34,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from .anomaly import histogram_quantile
+from ..collector.histogram import histogram_quantile
 from .series import EnginePoint, went_backwards
 
 STORE_RATE: Final = "store_rate"

@@ -1,5 +1,18 @@
 """Vectorized block-lifecycle state: hash table, histograms, sampling."""
 
-from .lifecycle import BlockLifecycleCollector, CollectorConfig, CollectorSnapshot
+from .config import DEFAULT_REASONS, REASON_CLEARED, REASON_RESTART, CollectorConfig, sample_hash
+from .lifecycle import BlockLifecycleCollector
+from .snapshot import BlockRecord, CollectorSnapshot, CollectorTotals, ResidentProfile
 
-__all__ = ["BlockLifecycleCollector", "CollectorConfig", "CollectorSnapshot"]
+__all__ = [
+    "DEFAULT_REASONS",
+    "REASON_CLEARED",
+    "REASON_RESTART",
+    "BlockLifecycleCollector",
+    "BlockRecord",
+    "CollectorConfig",
+    "CollectorSnapshot",
+    "CollectorTotals",
+    "ResidentProfile",
+    "sample_hash",
+]

@@ -1,4 +1,5 @@
-"""Cumulative-ready histograms per label id, observed a whole array at a time."""
+"""Cumulative-ready histograms per label id, observed a whole array at a time, and the
+bucket-interpolated quantile of their counts."""
 
 from __future__ import annotations
 
@@ -68,3 +69,29 @@ class HistogramSet:
     def reset(self) -> None:
         self.counts[:] = 0
         self.sums[:] = 0.0
+
+
+def histogram_quantile(bounds: Sequence[float], counts: npt.ArrayLike, q: float) -> float | None:
+    """The ``q`` quantile of per-bucket ``counts`` (``len(bounds) + 1``, last is +Inf).
+
+    Interpolates linearly inside the bucket, as PromQL's ``histogram_quantile`` does: the first
+    bucket starts at 0 (or is its upper bound if that is <= 0), and a rank in the +Inf bucket
+    answers the highest finite bound. None when the histogram is empty.
+    """
+    c = np.asarray(counts, dtype=np.float64)
+    total = float(c.sum())
+    if total <= 0.0 or not bounds:
+        return None
+    cumulative = np.cumsum(c)
+    rank = q * total
+    bucket = int(np.searchsorted(cumulative, rank, side="left"))
+    if bucket >= len(bounds):
+        return float(bounds[-1])
+    upper = float(bounds[bucket])
+    if bucket == 0 and upper <= 0.0:
+        return upper
+    lower = 0.0 if bucket == 0 else float(bounds[bucket - 1])
+    below = 0.0 if bucket == 0 else float(cumulative[bucket - 1])
+    in_bucket = float(c[bucket])
+    fraction = (rank - below) / in_bucket if in_bucket > 0.0 else 0.0
+    return lower + (upper - lower) * fraction

@@ -13,7 +13,6 @@ from ..analysis.whatif import (
     DEFAULT_FACTORS,
     DEFAULT_SAMPLE_RATIO,
     WhatIfConfig,
-    parse_capacity,
     validate_factors,
 )
 from ..collector import CollectorConfig
@@ -26,7 +25,7 @@ from ..offline import (
     plot_whatif,
 )
 from ..sources.recording import MAGIC, RecordingError
-from ..sources.spec import REPORT_MODES
+from ..sources.spec import REPORT_MODES, parse_capacity
 from .common import (
     OneLineParser,
     UsageError,

@@ -21,7 +21,7 @@ from ..engine import (
     repeat_requests,
     synthetic_workload,
 )
-from ..protocol.publisher import WireForm
+from ..protocol.encode import WireForm
 
 PROG = "kvcache-exporter"
 

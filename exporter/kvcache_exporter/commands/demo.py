@@ -12,7 +12,7 @@ from ..app import Exporter
 from ..collector import CollectorSnapshot
 from ..config import ExporterConfig
 from ..engine import SimulatedEngine
-from ..protocol.publisher import KVEventPublisher
+from ..publisher import KVEventPublisher
 from ..sinks.http import parse_listen_address
 from ..sources.spec import SourceSpec
 from .common import (

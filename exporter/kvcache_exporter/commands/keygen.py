@@ -11,7 +11,7 @@ from pathlib import Path
 
 import zmq.auth
 
-from ..protocol.curve import curve_available
+from ..curve import curve_available
 from .common import OneLineParser, UsageError
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")

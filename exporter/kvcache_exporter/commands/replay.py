@@ -11,7 +11,7 @@ from typing import Any
 import zmq
 
 from ..engine import SimulatedEngine
-from ..protocol.publisher import KVEventPublisher, endpoint_binds
+from ..publisher import KVEventPublisher, endpoint_binds
 from ..sources.recording import MAGIC, RecordingError, RecordingReader
 from .common import (
     OneLineParser,

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import Protocol
 
-from ..protocol.publisher import Accessed, Cleared, Event, Removed, Stored
+from ..protocol.encode import Accessed, Cleared, Event, Removed, Stored
 from .trace import Request
 
 __all__ = [

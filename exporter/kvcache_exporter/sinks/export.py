@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from ..collector.eviction_log import EvictionRecords
+from ..pipeline import EngineRecords
 
 FORMATS: Final = ("json", "csv")
 COLUMNS: Final = (
@@ -30,17 +30,6 @@ COLUMNS: Final = (
 
 class ExportRequestError(ValueError):
     """A bad query parameter; the message is the 400 body."""
-
-
-@dataclass(frozen=True, slots=True)
-class EngineRecords:
-    """An engine's recent removals; ``places`` names each record's place id as (medium,
-    group), ``reasons`` each reason id."""
-
-    engine: str
-    places: tuple[tuple[str, str], ...]
-    reasons: tuple[str, ...]
-    records: EvictionRecords
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,7 +29,7 @@ class Routes:
     """What the server answers with; each callable runs on the request's thread."""
 
     telemetry_path: str
-    metrics: Callable[[], str]
+    metrics: Callable[[str | None], tuple[bytes, str]]  # Accept header → body, content type
     ready: Callable[[], tuple[bool, str]]
     summary: Callable[[], dict[str, Any]]
     export: Callable[[dict[str, list[str]]], tuple[bytes, str]]
@@ -105,9 +105,8 @@ class _Handler(BaseHTTPRequestHandler):
         path, _, query = self.path.partition("?")
         try:
             if path == routes.telemetry_path:
-                self._send(
-                    200, routes.metrics().encode(), "text/plain; version=0.0.4; charset=utf-8"
-                )
+                body, content_type = routes.metrics(self.headers.get("Accept"))
+                self._send(200, body, content_type)
             elif path == "/":
                 self._send(200, _landing(routes.telemetry_path), "text/html; charset=utf-8")
             elif path == "/healthz":

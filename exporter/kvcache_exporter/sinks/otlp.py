@@ -19,7 +19,6 @@ nothing: its increments go out with the next one that succeeds.
 from __future__ import annotations
 
 import contextlib
-import enum
 import logging
 import os
 import threading
@@ -27,7 +26,6 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Final, cast
 
@@ -50,25 +48,22 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.sdk.version import __version__ as sdk_version
 
 from .. import __version__
-from ..analysis.whatif import factor_label
-from ..collector.histogram import HistogramSnapshot
-from ..config import OTLPConfig
-from .prometheus import (
-    HISTOGRAM_FAMILIES,
-    REUSE_DISTANCE_HELP,
-    WHATIF_AVOIDED_HELP,
-    WHATIF_CAPACITY_HELP,
-    WHATIF_HITS_HELP,
-    EngineView,
-    active_media,
-    active_places,
-    collector_bytes,
-    group_specs,
-    place_labels,
-    whatif_media,
-)
+from ..catalog import FAMILIES, OTLP_EXPORT_RESULTS, Family, Instrument
+from ..pipeline import EngineView
+from .otlp_config import OTLPConfig
+from .series import HistogramValue, Labels, Series, Value, series
 
 log = logging.getLogger("kvcache_exporter.otlp")
+
+# Every family but build info, whose version is the resource's service.version instead.
+OTLP_FAMILIES: Final = tuple(f for f in FAMILIES if f.otel_name is not None)
+
+
+def otel_name(family: Family) -> str:
+    """The OTLP metric name of a family of :data:`OTLP_FAMILIES`."""
+    assert family.otel_name is not None
+    return family.otel_name
+
 
 SCOPE: Final = InstrumentationScope("kvcache_exporter", __version__)
 DEFAULT_TIMEOUT: Final = 10.0  # the SDK exporters' default, seconds
@@ -78,305 +73,11 @@ FAILURE_LOG_INTERVAL: Final = 60.0  # seconds between two "export failed" log li
 # were failing anyway one quick attempt is all that is worth waiting for.
 FINAL_EXPORT_WAIT: Final = 5.0
 FINAL_EXPORT_WAIT_FAILING: Final = 1.0
-EXPORTS_FAMILY: Final = "kvcache_exporter_otlp_exports_total"
-RESULTS: Final = ("success", "failure")
 # OpenTelemetry's namespace for name-based service.instance.id values (semantic conventions).
 _INSTANCE_NAMESPACE: Final = uuid.UUID("4d63009a-8d0f-11ee-aad7-4c796ed8e320")
 # Prometheus histograms have no min/max; None leaves the optional OTLP fields unset (the SDK's
 # dataclass types them as float, its encoder accepts None).
 _UNSET: Final = cast(float, None)
-
-
-class Kind(enum.Enum):
-    """The OpenTelemetry instrument an exported family behaves like."""
-
-    COUNTER = "Counter"  # monotonic Sum; delta on request
-    UPDOWN = "UpDownCounter"  # non-monotonic Sum; always cumulative (as the SDK does)
-    GAUGE = "Gauge"
-    HISTOGRAM = "Histogram"  # explicit buckets = the Prometheus buckets
-
-
-@dataclass(frozen=True, slots=True)
-class Instrument:
-    """One ``/metrics`` family and its OTLP metric: name, kind, unit and attribute names."""
-
-    prometheus: str
-    name: str
-    kind: Kind
-    unit: str
-    description: str
-    attributes: tuple[tuple[str, str], ...]  # (Prometheus label, OTLP attribute key)
-
-
-# Label → attribute, the same for every family that has the label (``reason`` differs by
-# family, so it is spelled out there).
-_ENGINE: Final = ("engine", "kvcache.engine")
-_MEDIUM: Final = ("medium", "kvcache.medium")
-_GROUP: Final = ("group", "kvcache.group")
-_ADAPTER: Final = ("adapter", "kvcache.adapter")
-_ALERT: Final = (("alert", "kvcache.alert.name"), ("severity", "kvcache.alert.severity"))
-_TREND: Final = ("series", "kvcache.trend.series")
-_FACTOR: Final = ("capacity_factor", "kvcache.whatif.capacity_factor")
-
-
-def _i(
-    prometheus: str,
-    name: str,
-    kind: Kind,
-    unit: str,
-    description: str,
-    *attributes: tuple[str, str],
-) -> Instrument:
-    return Instrument(prometheus, name, kind, unit, description, (_ENGINE, *attributes))
-
-
-_C, _U, _G, _H = Kind.COUNTER, Kind.UPDOWN, Kind.GAUGE, Kind.HISTOGRAM
-
-# The whole catalog of /metrics, in its order. Names follow OpenTelemetry conventions (dotted
-# namespaces, units in `unit`, no `_total`) and are chosen so that the Collector's standard
-# Prometheus translation (dots → underscores, unit suffix, `_total` on monotonic sums) gives
-# back the /metrics name wherever that is idiomatic. `kvcache_exporter_build_info` is not a
-# metric here: its version is the resource's `service.version`.
-CATALOG: Final[tuple[Instrument, ...]] = (
-    _i("kvcache_events_total", "kvcache.events", _C, "{event}",
-       "Events decoded, by event type.", ("type", "kvcache.event.type")),
-    _i("kvcache_blocks_stored_total", "kvcache.blocks.stored", _C, "{block}",
-       "Blocks stored (physical: a second copy of a resident hash counts; with "
-       "report-mode=full a store of a resident block is an access).", _MEDIUM, _GROUP),
-    _i("kvcache_blocks_removed_total", "kvcache.blocks.removed", _C, "{block}",
-       "Block hashes removed, by reason (cleared for AllBlocksCleared).",
-       _MEDIUM, _GROUP, ("reason", "kvcache.removal.reason")),
-    _i("kvcache_blocks_accessed_total", "kvcache.blocks.accessed", _C, "{access}",
-       "Hits on resident blocks, where the engine reports them.", _MEDIUM, _GROUP),
-    _i("kvcache_block_restores_total", "kvcache.block.restores", _C, "{block}",
-       "Blocks stored again after they had been removed (recomputation).", _MEDIUM, _GROUP),
-    _i("kvcache_cache_clears_total", "kvcache.cache.clears", _C, "{clear}",
-       "AllBlocksCleared events."),
-    _i("kvcache_resident_blocks", "kvcache.resident_blocks", _U, "{block}",
-       "Blocks resident now (physical: two copies of one hash are two blocks).", _MEDIUM,
-       _GROUP),
-    _i("kvcache_resident_hashes", "kvcache.resident_hashes", _U, "{hash}",
-       "Distinct block hashes resident now (a hash with two physical copies counts once).",
-       _MEDIUM, _GROUP),
-    _i("kvcache_resident_tokens", "kvcache.resident_tokens", _U, "{token}",
-       "Tokens held by resident blocks (a partial block holds fewer than block_size).",
-       _MEDIUM, _GROUP),
-    _i("kvcache_tracked_blocks", "kvcache.tracked_blocks", _U, "{block}",
-       "Resident hashes whose lifecycle is tracked (sampled).", _MEDIUM, _GROUP),
-    _i("kvcache_group_info", "kvcache.group.info", _G, "",
-       "1 per KV-cache group seen; kind and sliding window as the engine's stores say "
-       "(unknown until one does).", _GROUP, ("kind", "kvcache.group.kind"),
-       ("sliding_window", "kvcache.group.sliding_window")),
-    _i("kvcache_stored_tokens_total", "kvcache.stored_tokens", _C, "{token}",
-       "Tokens held by stored blocks: block_size per block, fewer for a partial last block."),
-    _i("kvcache_adapter_resident_blocks", "kvcache.adapter.resident_blocks", _U, "{block}",
-       "Resident blocks by LoRA adapter (base: none; other: beyond --collector.max-adapters).",
-       _MEDIUM, _ADAPTER),
-    _i("kvcache_adapter_blocks_stored_total", "kvcache.adapter.blocks.stored", _C, "{block}",
-       "Blocks stored by LoRA adapter (base: none; other: beyond --collector.max-adapters).",
-       _MEDIUM, _ADAPTER),
-    _i("kvcache_adapter_block_restores_total", "kvcache.adapter.block.restores", _C, "{block}",
-       "Restores by LoRA adapter (base: none; other: beyond --collector.max-adapters).",
-       _MEDIUM, _ADAPTER),
-    _i("kvcache_block_lifetime_seconds", "kvcache.block.lifetime", _H, "s",
-       "Block lifetime, stored to removed.", _MEDIUM, _GROUP),
-    _i("kvcache_block_idle_before_evict_seconds", "kvcache.block.idle_before_evict", _H, "s",
-       "Time from a block's last access (or store) to its removal.", _MEDIUM, _GROUP),
-    _i("kvcache_block_reuse_gap_seconds", "kvcache.block.reuse_gap", _H, "s",
-       "Time between consecutive accesses of a resident block.", _MEDIUM, _GROUP),
-    _i("kvcache_block_restore_gap_seconds", "kvcache.block.restore_gap", _H, "s",
-       "Time from a block's removal to its being stored again.", _MEDIUM, _GROUP),
-    _i("kvcache_block_accesses_before_evict", "kvcache.block.accesses_before_evict", _H,
-       "{access}", "Accesses a block got after its store and before its removal.", _MEDIUM, _GROUP),
-    _i("kvcache_block_prefix_depth", "kvcache.block.prefix_depth", _H, "{block}",
-       "Position of a stored block in its prefix chain (1 = first block of a prompt).",
-       _MEDIUM, _GROUP),
-    _i("kvcache_block_reuse_distance_blocks", "kvcache.block.reuse_distance_blocks", _H,
-       "{block}", REUSE_DISTANCE_HELP, _MEDIUM),
-    _i("kvcache_whatif_capacity_blocks", "kvcache.whatif.capacity_blocks", _G, "{block}",
-       WHATIF_CAPACITY_HELP, _MEDIUM),
-    _i("kvcache_whatif_recomputes_avoided_total", "kvcache.whatif.recomputes_avoided", _C,
-       "{block}", WHATIF_AVOIDED_HELP, _MEDIUM, _FACTOR),
-    _i("kvcache_whatif_hits_total", "kvcache.whatif.hits", _C, "{block}", WHATIF_HITS_HELP,
-       _MEDIUM, _FACTOR),
-    _i("kvcache_alerts_total", "kvcache.alerts", _C, "{alert}",
-       "Anomaly alerts raised, by alert and severity.", *_ALERT),
-    _i("kvcache_alert_active", "kvcache.alert.active", _G, "{alert}",
-       "1 while an alert holds (only active alerts).", *_ALERT),
-    _i("kvcache_trend_slope", "kvcache.trend.slope", _G, "",
-       "Least-squares slope of a series over the trend window, in its units per second.",
-       _TREND),
-    _i("kvcache_trend_direction", "kvcache.trend.direction", _G, "",
-       "Trend of a series: -1 down, 0 flat, 1 up.", _TREND),
-    _i("kvcache_exporter_messages_total", "kvcache.exporter.messages", _C, "{message}",
-       "ZeroMQ messages received."),
-    _i("kvcache_exporter_decode_errors_total", "kvcache.exporter.decode_errors", _C, "{error}",
-       "Messages or events that could not be read, by reason.", ("reason", "error.type")),
-    _i("kvcache_exporter_handshake_failures_total", "kvcache.exporter.handshake_failures", _C,
-       "{handshake}", "ZeroMQ handshakes with a publisher that failed, by reason; such a "
-       "publisher is not heard.", ("reason", "error.type")),
-    _i("kvcache_exporter_unknown_fields_total", "kvcache.exporter.unknown_fields", _C,
-       "{field}", "Event fields this exporter does not know, skipped."),
-    _i("kvcache_exporter_sequence_gaps_total", "kvcache.exporter.sequence_gaps", _C, "{gap}",
-       "Gaps seen in the sequence numbers."),
-    _i("kvcache_exporter_batches_lost_total", "kvcache.exporter.batches_lost", _C, "{batch}",
-       "Batches missing after replay was tried (or with no replay configured)."),
-    _i("kvcache_exporter_batches_replayed_total", "kvcache.exporter.batches_replayed", _C,
-       "{batch}", "Batches recovered by replay."),
-    _i("kvcache_exporter_duplicate_batches_total", "kvcache.exporter.duplicate_batches", _C,
-       "{batch}", "Batches whose sequence number was already seen, ignored."),
-    _i("kvcache_exporter_engine_restarts_total", "kvcache.exporter.engine_restarts", _C,
-       "{restart}", "Publisher restarts (sequence back to 0); the engine's residency is reset."),
-    _i("kvcache_exporter_last_event_timestamp_seconds", "kvcache.exporter.last_event_timestamp",
-       _G, "s", "Engine timestamp of the newest batch."),
-    _i("kvcache_exporter_event_lag_seconds", "kvcache.exporter.event_lag", _G, "s",
-       "Arrival time minus engine timestamp of the newest batch."),
-    _i("kvcache_exporter_source_up", "kvcache.exporter.source_up", _G, "{source}",
-       "1 while the source's socket has a live connection to an engine."),
-    _i("kvcache_exporter_sample_ratio", "kvcache.exporter.sample_ratio", _G, "1",
-       "Fraction of block hashes tracked."),
-    _i("kvcache_exporter_unknown_removals_total", "kvcache.exporter.unknown_removals", _C,
-       "{block}", "Removals of hashes not known to be resident."),
-    _i("kvcache_exporter_unknown_accesses_total", "kvcache.exporter.unknown_accesses", _C,
-       "{access}", "Accesses reported for hashes not known to be resident."),
-    _i("kvcache_exporter_untracked_stores_total", "kvcache.exporter.untracked_stores", _C,
-       "{block}", "Stores not tracked because the block table was full."),
-    _i("kvcache_exporter_collector_bytes", "kvcache.exporter.collector.memory", _U, "By",
-       "Memory held by the engine's block state."),
-    Instrument(EXPORTS_FAMILY, "kvcache.exporter.otlp.exports", _C, "{export}",
-               "OTLP exports, by result.", (("result", "kvcache.export.result"),)),
-)  # fmt: skip
-BY_PROMETHEUS: Final = {inst.prometheus: inst for inst in CATALOG}
-
-
-@dataclass(frozen=True, slots=True)
-class HistogramValue:
-    """One histogram series: counts per bucket (not cumulative; the last is +Inf) and sum."""
-
-    bounds: tuple[float, ...]
-    counts: tuple[int, ...]
-    sum: float
-
-    @property
-    def count(self) -> int:
-        return sum(self.counts)
-
-    def minus(self, earlier: HistogramValue) -> HistogramValue:
-        return HistogramValue(
-            self.bounds,
-            tuple(a - b for a, b in zip(self.counts, earlier.counts, strict=True)),
-            self.sum - earlier.sum,
-        )
-
-
-Labels = tuple[tuple[str, str], ...]
-Value = int | float | HistogramValue
-Series = dict[str, dict[Labels, Value]]  # Prometheus family → labels → value
-
-
-def _histogram(hist: HistogramSnapshot, row: int) -> HistogramValue:
-    return HistogramValue(
-        hist.bounds, tuple(int(c) for c in hist.counts[row]), float(hist.sums[row])
-    )
-
-
-def series(views: Sequence[EngineView], otlp_exports: Mapping[str, int] | None = None) -> Series:
-    """Every series ``render(views)`` writes, by family, with the same labels and values.
-
-    This mirrors :func:`..prometheus.render` family by family (the same media, the same
-    reasons, the same skipped ``None`` values); a unit test holds the two to each other.
-    """
-    out: Series = {inst.prometheus: {} for inst in CATALOG}
-
-    def put(family: str, labels: Labels, value: Value) -> None:
-        out[family][labels] = value
-
-    places = {v.name: active_places(v.collector) for v in views}
-    media = {v.name: active_media(v.collector, places[v.name]) for v in views}
-    for hits_reported, whatif, medium_labels, medium in whatif_media(views, media):
-        w: Labels = tuple(medium_labels)
-        if medium.distance is not None:
-            put("kvcache_block_reuse_distance_blocks", w, _histogram(medium.distance, 0))
-        if medium.capacity:
-            put("kvcache_whatif_capacity_blocks", w, int(medium.capacity))
-        for factor, count in zip(whatif.avoided_factors, medium.avoided, strict=True):
-            put("kvcache_whatif_recomputes_avoided_total",
-                (*w, ("capacity_factor", factor_label(factor))), int(count))  # fmt: skip
-        if hits_reported:
-            for factor, count in zip(whatif.factors, medium.hits, strict=True):
-                put("kvcache_whatif_hits_total",
-                    (*w, ("capacity_factor", factor_label(factor))), int(count))  # fmt: skip
-    for v in views:
-        snap, src = v.collector, v.source
-        e: Labels = (("engine", v.name),)
-        for kind, count in v.events.items():
-            put("kvcache_events_total", (*e, ("type", kind)), int(count))
-        for p in places[v.name]:
-            m: Labels = tuple(place_labels(v.name, snap, p))
-            put("kvcache_blocks_stored_total", m, int(snap.stored[p]))
-            for r, reason in enumerate(snap.reasons):
-                if snap.removed[p, r] or r == 0:
-                    put("kvcache_blocks_removed_total", (*m, ("reason", reason)),
-                        int(snap.removed[p, r]))  # fmt: skip
-            put("kvcache_blocks_accessed_total", m, int(snap.accessed[p]))
-            put("kvcache_block_restores_total", m, int(snap.restores[p]))
-            put("kvcache_resident_blocks", m, int(snap.resident[p]))
-            put("kvcache_resident_hashes", m, int(snap.resident_hashes[p]))
-            put("kvcache_resident_tokens", m, int(snap.resident_tokens[p]))
-            put("kvcache_tracked_blocks", m, int(snap.tracked_per_place[p]))
-            for key, family, _ in HISTOGRAM_FAMILIES:
-                put(family, m, _histogram(snap.histograms[key], p))
-        for group, spec in group_specs(v, places[v.name]):
-            labels = (*e, ("group", group), ("kind", spec.kind))
-            put("kvcache_group_info", (*labels, ("sliding_window", spec.sliding_window)), 1)
-        for i in media[v.name]:
-            for a, adapter in enumerate(snap.adapters):
-                if snap.adapter_stored[i, a] or snap.adapter_resident[i, a]:
-                    labels = (*e, ("medium", snap.media[i]), ("adapter", adapter))
-                    put("kvcache_adapter_resident_blocks", labels, int(snap.adapter_resident[i, a]))
-                    put("kvcache_adapter_blocks_stored_total", labels,
-                        int(snap.adapter_stored[i, a]))  # fmt: skip
-                    put("kvcache_adapter_block_restores_total", labels,
-                        int(snap.adapter_restores[i, a]))  # fmt: skip
-        put("kvcache_cache_clears_total", e, int(snap.clears))
-        put("kvcache_stored_tokens_total", e, int(v.tokens_stored))
-        for (alert, level), count in v.alerts_raised.items():
-            put("kvcache_alerts_total", (*e, ("alert", alert), ("severity", level.value)),
-                int(count))  # fmt: skip
-        for active in v.alerts_active:
-            labels = (*e, ("alert", active.alert), ("severity", active.level.value))
-            put("kvcache_alert_active", labels, 1)
-        for name, trend in v.trends.items():
-            put("kvcache_trend_slope", (*e, ("series", name)), float(trend.slope))
-            put("kvcache_trend_direction", (*e, ("series", name)), int(trend.direction))
-        put("kvcache_exporter_messages_total", e, int(src.messages))
-        for reason, count in v.decode_errors.items():
-            put("kvcache_exporter_decode_errors_total", (*e, ("reason", reason)), int(count))
-        for reason, count in dict(src.handshake_failures).items():
-            put("kvcache_exporter_handshake_failures_total", (*e, ("reason", reason)),
-                int(count))  # fmt: skip
-        put("kvcache_exporter_unknown_fields_total", e, int(v.unknown_fields))
-        put("kvcache_exporter_sequence_gaps_total", e, int(src.sequence_gaps))
-        put("kvcache_exporter_batches_lost_total", e, int(src.batches_lost))
-        put("kvcache_exporter_batches_replayed_total", e, int(src.batches_replayed))
-        put("kvcache_exporter_duplicate_batches_total", e, int(src.duplicates))
-        put("kvcache_exporter_engine_restarts_total", e, int(src.engine_restarts))
-        # Read once: the ingest thread updates these fields of the live stats object.
-        last_ts, last_arrival = src.last_event_ts, src.last_arrival
-        if last_ts is not None:
-            put("kvcache_exporter_last_event_timestamp_seconds", e, float(last_ts))
-            if last_arrival is not None:
-                put("kvcache_exporter_event_lag_seconds", e, float(last_arrival - last_ts))
-        put("kvcache_exporter_source_up", e, int(src.up))
-        put("kvcache_exporter_sample_ratio", e, float(v.sample_ratio))
-        put("kvcache_exporter_unknown_removals_total", e, int(snap.unknown_removals))
-        put("kvcache_exporter_unknown_accesses_total", e, int(snap.unknown_accesses))
-        put("kvcache_exporter_untracked_stores_total", e, int(snap.untracked_stores))
-        put("kvcache_exporter_collector_bytes", e, collector_bytes(v))
-    if otlp_exports is not None:
-        for result in RESULTS:
-            put(EXPORTS_FAMILY, (("result", result),), int(otlp_exports.get(result, 0)))
-    return out
 
 
 # --- resource -----------------------------------------------------------------------------------
@@ -545,7 +246,7 @@ class OTLPSink:
         self._delta = config.temporality == "delta"
         self._start_ns = time.time_ns()
         self._lock = threading.Lock()
-        self._exports = dict.fromkeys(RESULTS, 0)
+        self._exports = dict.fromkeys(OTLP_EXPORT_RESULTS, 0)
         self._export_lock = threading.Lock()  # one export at a time, whoever calls
         self._last_sent: Series = {}
         self._last_sent_ns = self._start_ns
@@ -580,23 +281,24 @@ class OTLPSink:
         """``current`` as OTLP data at ``now_ns``: cumulative since the sink started, or (for
         counters and histograms, in delta mode) since the last successful export."""
         metrics = []
-        for inst in CATALOG:
-            points = current.get(inst.prometheus)
+        for family in OTLP_FAMILIES:
+            points = current.get(family.name)
             if points:
-                data = self._data(inst, points, now_ns)
-                metrics.append(Metric(inst.name, inst.description, inst.unit, data))
+                data = self._data(family, points, now_ns)
+                metrics.append(Metric(otel_name(family), family.help, family.unit, data))
         scope = ScopeMetrics(SCOPE, metrics, "")
         return MetricsData([ResourceMetrics(self.resource, [scope], "")])
 
     def _data(
-        self, inst: Instrument, points: dict[Labels, Value], now_ns: int
+        self, family: Family, points: dict[Labels, Value], now_ns: int
     ) -> Sum | Gauge | Histogram:
-        keys = dict(inst.attributes)
-        delta = self._delta and inst.kind in (Kind.COUNTER, Kind.HISTOGRAM)
-        before = self._last_sent.get(inst.prometheus, {}) if delta else {}
+        keys = dict(family.attributes)
+        kind = family.instrument
+        delta = self._delta and kind in (Instrument.COUNTER, Instrument.HISTOGRAM)
+        before = self._last_sent.get(family.name, {}) if delta else {}
         start = self._last_sent_ns if delta else self._start_ns
         temporality = AggregationTemporality.DELTA if delta else AggregationTemporality.CUMULATIVE
-        if inst.kind is Kind.HISTOGRAM:
+        if kind is Instrument.HISTOGRAM:
             hist_points = []
             for labels, value in points.items():
                 assert isinstance(value, HistogramValue)
@@ -626,14 +328,14 @@ class OTLPSink:
             number_points.append(
                 NumberDataPoint(
                     attributes={keys[k]: v for k, v in labels},
-                    start_time_unix_nano=0 if inst.kind is Kind.GAUGE else start,
+                    start_time_unix_nano=0 if kind is Instrument.GAUGE else start,
                     time_unix_nano=now_ns,
                     value=value,
                 )
             )
-        if inst.kind is Kind.GAUGE:
+        if kind is Instrument.GAUGE:
             return Gauge(number_points)
-        return Sum(number_points, temporality, is_monotonic=inst.kind is Kind.COUNTER)
+        return Sum(number_points, temporality, is_monotonic=kind is Instrument.COUNTER)
 
     # --- exporting --------------------------------------------------------------------------
     def export_once(self) -> bool:

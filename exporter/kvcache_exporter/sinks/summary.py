@@ -4,29 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from ..analysis.whatif import factor_label
-from ..collector.histogram import HistogramSnapshot
-from .prometheus import HISTOGRAM_FAMILIES, EngineView
+from ..collector.histogram import HistogramSnapshot, histogram_quantile
+from ..pipeline import EngineView
+from .series import LIFECYCLE_FAMILIES
 
 
 def quantile(hist: HistogramSnapshot, row: int, q: float) -> float | None:
-    """Bucket-interpolated quantile, as PromQL's histogram_quantile computes it."""
-    counts = hist.counts[row].astype(np.float64)
-    total = counts.sum()
-    if total == 0:
-        return None
-    cumulative = np.cumsum(counts)
-    rank = q * total
-    bucket = int(np.searchsorted(cumulative, rank, side="left"))
-    if bucket >= len(hist.bounds):
-        return float(hist.bounds[-1])
-    lower = 0.0 if bucket == 0 else hist.bounds[bucket - 1]
-    below = 0.0 if bucket == 0 else cumulative[bucket - 1]
-    in_bucket = counts[bucket]
-    fraction = (rank - below) / in_bucket if in_bucket else 0.0
-    return float(lower + (hist.bounds[bucket] - lower) * fraction)
+    """Bucket-interpolated quantile of one row, as PromQL's histogram_quantile computes it."""
+    return histogram_quantile(hist.bounds, hist.counts[row], q)
 
 
 def whatif_summary(
@@ -89,7 +75,7 @@ def summarize(view: EngineView) -> dict[str, Any]:
             snap.per_medium(snap.histograms[key].counts),
             snap.per_medium(snap.histograms[key].sums),
         )
-        for key, _, _ in HISTOGRAM_FAMILIES
+        for key, _ in LIFECYCLE_FAMILIES
     }
     media: dict[str, Any] = {}
     for i, name in enumerate(snap.media):

@@ -15,7 +15,7 @@ from typing import Any
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
-from ..protocol.curve import CurveRole
+from ..curve import CurveRole
 
 log = logging.getLogger("kvcache_exporter.source.zap")
 

@@ -20,7 +20,7 @@ from typing import Any, Final
 
 import zmq
 
-from ..protocol.curve import CurveRole
+from ..curve import CurveRole
 from ..protocol.decode import DecodeError
 from ..protocol.framing import REPLAY_END, Message, parse_live, parse_replay
 from .stream import EventStream

@@ -7,8 +7,6 @@ from dataclasses import dataclass
 from typing import Final
 from urllib.parse import urlsplit
 
-from ..analysis.whatif import parse_capacity
-
 _NAME: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,62}$")
 _BIND_HOSTS: Final = frozenset({"*", "0.0.0.0", "::", "[::]"})
 _TRANSPORTS: Final = ("tcp://", "ipc://", "inproc://")
@@ -17,6 +15,17 @@ REPORT_MODES: Final = ("default", "full")
 
 class SourceSpecError(ValueError):
     """A ``--source`` value that cannot be used; the message says why."""
+
+
+def parse_capacity(key: str, value: str) -> tuple[str, int]:
+    """A ``capacity=N`` (every medium) or ``capacity.MEDIUM=N`` setting, as (medium, N), medium
+    ``""`` for every medium. Plain pairs: the what-if model's settings are built from them."""
+    medium = key.removeprefix("capacity").removeprefix(".")
+    if key != "capacity" and (not key.startswith("capacity.") or not medium):
+        raise ValueError(f"expected capacity= or capacity.MEDIUM=, got {key!r}")
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{key}: expected a positive number of blocks, got {value!r}")
+    return medium, int(value)
 
 
 def _host_of(endpoint: str) -> str:

@@ -16,7 +16,7 @@ from typing import Any, Final
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from ..protocol.curve import CurveRole
+from ..curve import CurveRole
 from .replay import ReplayRecovery
 from .spec import SourceSpec
 from .stream import EventStream, SourceStats

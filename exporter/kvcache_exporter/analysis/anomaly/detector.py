@@ -39,87 +39,32 @@ Alerts (names are the ``alert`` label of ``kvcache_alerts_total`` / ``kvcache_al
     Wall clock, via :meth:`AnomalyDetector.check_stalled`: a source that has received messages
     and then none for ``stall_seconds``. WARNING only: an idle engine is legitimately silent.
 
-Hysteresis (all alerts but ``cache_reset``): an alert is raised, or escalated to CRITICAL, as
-soon as its signal reaches the level's threshold. It steps down (CRITICAL to WARNING, or to
-cleared) only when both hold:
-
-* the signal is past the *clear level* of its current level: below ``threshold * clear_ratio``
-  for signals where higher is worse, above ``threshold / clear_ratio`` for ``short_residency``
-  where lower is worse; every gate (minimum rate, minimum stores, minimum observations) is
-  scaled the same way, and a window without enough data to judge counts as past the clear level;
-* the current level has been held at least ``min_hold_seconds`` (engine time; wall time for
-  ``source_stalled``) since it was entered.
-
-A signal hovering at a threshold therefore raises once and stays raised. ``cache_reset`` has
-its own hold (``reset_hold_seconds``) and ignores ``clear_ratio`` and ``min_hold_seconds``.
+How an alert's level then steps up and down (hysteresis) is :mod:`.hysteresis`'s.
 """
 
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
-from typing import Any, Final
+from typing import Final
 
 import numpy as np
 import numpy.typing as npt
 
-from .series import AlertLevel, CacheAlert, EnginePoint, went_backwards
-
-EVICTION_STORM: Final = "eviction_storm"
-THRASHING: Final = "thrashing"
-SHORT_RESIDENCY: Final = "short_residency"
-CACHE_RESET: Final = "cache_reset"
-EVENT_LOSS: Final = "event_loss"
-SOURCE_STALLED: Final = "source_stalled"
-
-#: Every alert and the levels it can be raised at, in display order; the label sets of
-#: ``kvcache_alerts_total{alert,severity}`` (pre-create them so the counters exist at zero).
-ALERT_LEVELS: Final[dict[str, tuple[AlertLevel, ...]]] = {
-    EVICTION_STORM: (AlertLevel.WARNING, AlertLevel.CRITICAL),
-    THRASHING: (AlertLevel.WARNING, AlertLevel.CRITICAL),
-    SHORT_RESIDENCY: (AlertLevel.WARNING, AlertLevel.CRITICAL),
-    CACHE_RESET: (AlertLevel.INFO,),
-    EVENT_LOSS: (AlertLevel.WARNING, AlertLevel.CRITICAL),
-    SOURCE_STALLED: (AlertLevel.WARNING,),
-}
+from ...collector.histogram import histogram_quantile
+from ..series import AlertLevel, CacheAlert, EnginePoint, went_backwards
+from .config import (
+    CACHE_RESET,
+    EVENT_LOSS,
+    EVICTION_STORM,
+    SHORT_RESIDENCY,
+    SOURCE_STALLED,
+    THRASHING,
+    AnomalyConfig,
+)
+from .hysteresis import AlertStates, Reading, levels_high, levels_low, no_data, raise_and_hold
 
 _TIMES: Final = "\u00d7"  # the multiplication sign of "9.4x its baseline"
-
-_RANK: Final[dict[AlertLevel | None, int]] = {
-    None: 0,
-    AlertLevel.INFO: 1,
-    AlertLevel.WARNING: 2,
-    AlertLevel.CRITICAL: 3,
-}
-
-
-def histogram_quantile(bounds: Sequence[float], counts: npt.ArrayLike, q: float) -> float | None:
-    """The ``q`` quantile of per-bucket ``counts`` (``len(bounds) + 1``, last is +Inf).
-
-    Interpolates linearly inside the bucket, as PromQL's ``histogram_quantile`` does: the first
-    bucket starts at 0 (or is its upper bound if that is <= 0), and a rank in the +Inf bucket
-    answers the highest finite bound. None when the histogram is empty.
-    """
-    c = np.asarray(counts, dtype=np.float64)
-    total = float(c.sum())
-    if total <= 0.0 or not bounds:
-        return None
-    cumulative = np.cumsum(c)
-    rank = q * total
-    bucket = int(np.searchsorted(cumulative, rank, side="left"))
-    if bucket >= len(bounds):
-        return float(bounds[-1])
-    upper = float(bounds[bucket])
-    if bucket == 0 and upper <= 0.0:
-        return upper
-    lower = 0.0 if bucket == 0 else float(bounds[bucket - 1])
-    below = 0.0 if bucket == 0 else float(cumulative[bucket - 1])
-    in_bucket = float(c[bucket])
-    fraction = (rank - below) / in_bucket if in_bucket > 0.0 else 0.0
-    return lower + (upper - lower) * fraction
 
 
 def _num(x: float) -> str:
@@ -143,226 +88,6 @@ def _duration(seconds: float) -> str:
     return f"{s}-second"
 
 
-@dataclass(frozen=True, slots=True)
-class AnomalyConfig:
-    """Thresholds and windows of :class:`AnomalyDetector`; every time is in seconds.
-
-    Engine-clock windows unless noted. See the module docstring for the exact semantics.
-    """
-
-    # -- hysteresis, shared by every alert except cache_reset
-    clear_ratio: float = 0.7
-    """An alert steps down only past ``threshold * clear_ratio`` (``/`` where lower is worse);
-    in (0, 1], 1 meaning no dead band."""
-    min_hold_seconds: float = 30.0
-    """A level is held at least this long (engine time) before it may step down."""
-
-    # -- eviction_storm
-    storm_window_seconds: float = 10.0
-    """Short window whose eviction rate is compared with the baseline."""
-    storm_baseline_seconds: float = 300.0
-    """Baseline window, ending where the short window starts."""
-    storm_min_baseline_seconds: float = 60.0
-    """Baseline time (counted from the first eviction) needed before a storm can be raised."""
-    storm_factor: float = 4.0
-    """WARNING when the short-window rate is at least this multiple of the baseline rate."""
-    storm_critical_factor: float = 10.0
-    """CRITICAL multiple."""
-    storm_min_rate: float = 50.0
-    """Blocks/s the short-window rate must also reach: a 10x jump from 1/s is not a storm."""
-    storm_baseline_floor: float = 1.0
-    """Blocks/s; a lower baseline rate counts as this, so a zero baseline gives a finite factor."""
-
-    # -- thrashing
-    thrash_window_seconds: float = 60.0
-    """Window over which restores / stores is taken."""
-    thrash_ratio: float = 0.3
-    """WARNING ratio of restores to stores."""
-    thrash_critical_ratio: float = 0.6
-    """CRITICAL ratio."""
-    thrash_min_stores: int = 100
-    """Stores the window needs before the ratio means anything."""
-
-    # -- short_residency
-    residency_window_seconds: float = 60.0
-    """Short window of the median lifetime."""
-    residency_baseline_seconds: float = 600.0
-    """Baseline window of the median lifetime, ending where the short window starts."""
-    residency_ratio: float = 0.25
-    """WARNING when short median / baseline median is at most this."""
-    residency_critical_ratio: float = 0.1
-    """CRITICAL ratio."""
-    residency_min_observations: int = 50
-    """Lifetimes (evicted blocks) the short window needs."""
-    residency_min_baseline_observations: int = 200
-    """Lifetimes the baseline window needs."""
-
-    # -- cache_reset
-    reset_hold_seconds: float = 60.0
-    """The alert stays active this long after the latest clear or restart."""
-
-    # -- event_loss
-    loss_window_seconds: float = 300.0
-    """Window in which lost batches count."""
-    loss_batches: int = 1
-    """WARNING at this many lost batches in the window."""
-    loss_critical_batches: int = 10
-    """CRITICAL at this many."""
-
-    # -- source_stalled (wall clock)
-    stall_seconds: float = 60.0
-    """Silence after which a source that has received messages is stalled."""
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ValueError(f"anomaly config: {f.name} must be a number, got {value!r}")
-            if not math.isfinite(value):
-                raise ValueError(f"anomaly config: {f.name} must be finite, got {value}")
-            if f.type in ("int", int) and not isinstance(value, int):
-                raise ValueError(f"anomaly config: {f.name} must be an integer, got {value!r}")
-
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise ValueError(f"anomaly config: {message}")
-
-        need(
-            0.0 < self.clear_ratio <= 1.0, f"clear_ratio must be in (0, 1], got {self.clear_ratio}"
-        )
-        need(self.min_hold_seconds >= 0.0, "min_hold_seconds must be >= 0")
-        for name in (
-            "storm_window_seconds",
-            "storm_baseline_seconds",
-            "thrash_window_seconds",
-            "residency_window_seconds",
-            "residency_baseline_seconds",
-            "reset_hold_seconds",
-            "loss_window_seconds",
-            "stall_seconds",
-        ):
-            need(getattr(self, name) > 0.0, f"{name} must be > 0, got {getattr(self, name)}")
-        need(
-            0.0 <= self.storm_min_baseline_seconds <= self.storm_baseline_seconds,
-            "storm_min_baseline_seconds must be in [0, storm_baseline_seconds], "
-            f"got {self.storm_min_baseline_seconds}",
-        )
-        need(self.storm_factor > 1.0, f"storm_factor must be > 1, got {self.storm_factor}")
-        need(
-            self.storm_critical_factor >= self.storm_factor,
-            f"storm_critical_factor ({self.storm_critical_factor}) must be >= storm_factor "
-            f"({self.storm_factor})",
-        )
-        need(self.storm_min_rate >= 0.0, f"storm_min_rate must be >= 0, got {self.storm_min_rate}")
-        need(
-            self.storm_baseline_floor > 0.0,
-            f"storm_baseline_floor must be > 0, got {self.storm_baseline_floor}",
-        )
-        need(self.thrash_ratio > 0.0, f"thrash_ratio must be > 0, got {self.thrash_ratio}")
-        need(
-            self.thrash_critical_ratio >= self.thrash_ratio,
-            f"thrash_critical_ratio ({self.thrash_critical_ratio}) must be >= thrash_ratio "
-            f"({self.thrash_ratio})",
-        )
-        need(self.thrash_min_stores >= 1, "thrash_min_stores must be >= 1")
-        need(
-            0.0 < self.residency_ratio < 1.0,
-            f"residency_ratio must be in (0, 1), got {self.residency_ratio}",
-        )
-        need(
-            0.0 < self.residency_critical_ratio <= self.residency_ratio,
-            f"residency_critical_ratio must be in (0, residency_ratio], "
-            f"got {self.residency_critical_ratio}",
-        )
-        need(self.residency_min_observations >= 1, "residency_min_observations must be >= 1")
-        need(
-            self.residency_min_baseline_observations >= 1,
-            "residency_min_baseline_observations must be >= 1",
-        )
-        need(self.loss_batches >= 1, f"loss_batches must be >= 1, got {self.loss_batches}")
-        need(
-            self.loss_critical_batches >= self.loss_batches,
-            f"loss_critical_batches ({self.loss_critical_batches}) must be >= loss_batches "
-            f"({self.loss_batches})",
-        )
-
-    @property
-    def history_seconds(self) -> float:
-        """How far back the detector keeps points: its longest window."""
-        return max(
-            self.storm_window_seconds + self.storm_baseline_seconds,
-            self.thrash_window_seconds,
-            self.residency_window_seconds + self.residency_baseline_seconds,
-            self.loss_window_seconds,
-        )
-
-
-@dataclass(slots=True)
-class _Reading:
-    """One evaluation of an alert's signal.
-
-    ``raise_level``: the level the signal reaches at the raise thresholds; ``hold_level``: the
-    highest level it still sustains at the clear levels (never below ``raise_level``).
-    ``value`` None means not enough data to judge.
-    """
-
-    raise_level: AlertLevel | None
-    hold_level: AlertLevel | None
-    value: float | None
-    message: str
-    thresholds: dict[AlertLevel, float]
-    details: dict[str, Any] = field(default_factory=dict)
-
-
-def _no_data(message: str, thresholds: dict[AlertLevel, float]) -> _Reading:
-    return _Reading(None, None, None, message, thresholds)
-
-
-def _levels_high(value: float, warn: float, crit: float, scale: float) -> AlertLevel | None:
-    """Level of a higher-is-worse ``value`` against thresholds multiplied by ``scale``."""
-    if value >= crit * scale:
-        return AlertLevel.CRITICAL
-    if value >= warn * scale:
-        return AlertLevel.WARNING
-    return None
-
-
-def _levels_low(value: float, warn: float, crit: float, scale: float) -> AlertLevel | None:
-    """Level of a lower-is-worse ``value`` against thresholds divided by ``scale``."""
-    if value <= crit / scale:
-        return AlertLevel.CRITICAL
-    if value <= warn / scale:
-        return AlertLevel.WARNING
-    return None
-
-
-def _raise_and_hold(
-    levels: Callable[[float, float, float, float], AlertLevel | None],
-    value: float,
-    warn: float,
-    crit: float,
-    scale: float,
-    enough: bool = True,
-    enough_to_hold: bool = True,
-) -> tuple[AlertLevel | None, AlertLevel | None]:
-    """The level to raise at (the thresholds themselves, with enough data) and the level an
-    alert already raised holds at (thresholds eased by ``scale``, with less data needed)."""
-    return (
-        levels(value, warn, crit, 1.0) if enough else None,
-        levels(value, warn, crit, scale) if enough_to_hold else None,
-    )
-
-
-@dataclass(slots=True)
-class _State:
-    level: AlertLevel | None = None
-    since: float = 0.0  # reported: engine time the alert was raised
-    level_since: float = 0.0  # the alert's own clock: when the current level was entered
-    last_value: float = 0.0
-    view: CacheAlert | None = None
-    count: int = 0  # cache_reset: clears and restarts while active
-
-
 class AnomalyDetector:
     """Alerts for one engine from its point stream (engine clock) and its arrivals (wall clock).
 
@@ -374,10 +99,7 @@ class AnomalyDetector:
     def __init__(self, engine: str, config: AnomalyConfig | None = None) -> None:
         self.engine = engine
         self.config = config or AnomalyConfig()
-        self._raised: dict[tuple[str, AlertLevel], int] = {
-            (name, level): 0 for name, levels in ALERT_LEVELS.items() for level in levels
-        }
-        self._states: dict[str, _State] = {name: _State() for name in ALERT_LEVELS}
+        self._alerts = AlertStates(engine)
         self._pts: list[EnginePoint] = []
         self._ts: list[float] = []
         self._start = 0  # live points are _pts[_start:]; trimming moves it, compaction drops
@@ -431,7 +153,7 @@ class AnomalyDetector:
         self._last_ts = now
 
         resets = max(clears_seen, 0) + (1 if reset_cause is not None else 0)
-        reset_state = self._states[CACHE_RESET]
+        reset_state = self._alerts.states[CACHE_RESET]
         if resets:
             reset_state.count = (reset_state.count if reset_state.level is not None else 0) + resets
 
@@ -446,7 +168,7 @@ class AnomalyDetector:
         for name, reading in readings.items():
             # cache_reset carries its own hold in its reading (reset_hold_seconds).
             hold = 0.0 if name == CACHE_RESET else self.config.min_hold_seconds
-            changed = self._step(name, reading, now, now, hold)
+            changed = self._alerts.step(name, reading, now, now, hold)
             if changed is not None:
                 out.append(changed)
         return out
@@ -462,12 +184,12 @@ class AnomalyDetector:
         cfg = self.config
         thresholds = {AlertLevel.WARNING: cfg.stall_seconds}
         if last_arrival_wall is None:
-            reading = _no_data("the source has not received any message", thresholds)
+            reading = no_data("the source has not received any message", thresholds)
         else:
             silent = max(0.0, now_wall - last_arrival_wall)
             level = AlertLevel.WARNING if silent >= cfg.stall_seconds else None
             held = AlertLevel.WARNING if silent >= cfg.stall_seconds * cfg.clear_ratio else None
-            reading = _Reading(
+            reading = Reading(
                 level,
                 held,
                 silent,
@@ -477,32 +199,23 @@ class AnomalyDetector:
                 {"last_arrival_wall": last_arrival_wall, "now_wall": now_wall},
             )
         since = self._last_ts if self._last_ts is not None else 0.0
-        changed = self._step(SOURCE_STALLED, reading, now_wall, since, cfg.min_hold_seconds)
+        changed = self._alerts.step(SOURCE_STALLED, reading, now_wall, since, cfg.min_hold_seconds)
         return [changed] if changed is not None else []
 
     def active(self) -> list[CacheAlert]:
         """Active alerts with their latest value and message, in :data:`ALERT_LEVELS` order."""
-        return [
-            st.view for st in self._states.values() if st.level is not None and st.view is not None
-        ]
+        return self._alerts.active()
 
     def raised_total(self) -> dict[tuple[str, AlertLevel], int]:
         """Times each alert was raised or escalated to each level (de-escalations and clears do
         not count); every possible (alert, level) pair is present, zeros included."""
-        return dict(self._raised)
+        return dict(self._alerts.raised)
 
     def reset(self) -> list[CacheAlert]:
         """Forget the history and every active alert; returns a cleared transition for each
         alert that was active, so gauges and logs stay consistent. :meth:`raised_total` is
         kept: it backs a Prometheus counter, which must not go backwards."""
-        out: list[CacheAlert] = []
-        for st in self._states.values():
-            if st.level is not None and st.view is not None:
-                cleared = dataclasses.replace(
-                    st.view, active=False, message="cleared: detector reset"
-                )
-                out.append(_transition(cleared, "cleared"))
-        self._states = {name: _State() for name in ALERT_LEVELS}
+        out = self._alerts.reset()
         self._clear_history()
         return out
 
@@ -523,7 +236,7 @@ class AnomalyDetector:
         self._append(point)
         # On a clock that went backwards the holds restart from the new clock's now, otherwise
         # an alert would wait for the new clock to catch up with the old one before clearing.
-        for name, st in self._states.items():
+        for name, st in self._alerts.states.items():
             if name != SOURCE_STALLED:
                 st.level_since = min(st.level_since, now)
         if self._last_reset_ts is not None:
@@ -550,19 +263,19 @@ class AnomalyDetector:
 
     # -- signals
 
-    def _storm(self, now: float) -> _Reading:
+    def _storm(self, now: float) -> Reading:
         cfg = self.config
         th = {AlertLevel.WARNING: cfg.storm_factor, AlertLevel.CRITICAL: cfg.storm_critical_factor}
         head = self._pts[-1]
         s = self._at_or_before(now - cfg.storm_window_seconds)
         short_span = now - s.ts
         if short_span <= 0.0:
-            return _no_data("eviction rate: fewer than two points", th)
+            return no_data("eviction rate: fewer than two points", th)
         b = self._at_or_before(s.ts - cfg.storm_baseline_seconds)
         evicting = self._evict_start_ts
         base_span = s.ts - max(b.ts, evicting if evicting is not None else s.ts)
         if evicting is None or base_span <= 0.0 or base_span < cfg.storm_min_baseline_seconds:
-            return _no_data(
+            return no_data(
                 "eviction rate: baseline shorter than "
                 f"{_num(cfg.storm_min_baseline_seconds)} s of evicting",
                 th,
@@ -571,8 +284,8 @@ class AnomalyDetector:
         base = (s.evicted - b.evicted) / base_span
         factor = rate / max(base, cfg.storm_baseline_floor)
         scale = cfg.clear_ratio
-        level, held = _raise_and_hold(
-            _levels_high,
+        level, held = raise_and_hold(
+            levels_high,
             factor,
             cfg.storm_factor,
             cfg.storm_critical_factor,
@@ -580,7 +293,7 @@ class AnomalyDetector:
             enough=rate >= cfg.storm_min_rate,
             enough_to_hold=rate >= cfg.storm_min_rate * scale,
         )
-        return _Reading(
+        return Reading(
             level,
             held,
             factor,
@@ -596,7 +309,7 @@ class AnomalyDetector:
             },
         )
 
-    def _thrash(self, now: float) -> _Reading:
+    def _thrash(self, now: float) -> Reading:
         cfg = self.config
         th = {AlertLevel.WARNING: cfg.thrash_ratio, AlertLevel.CRITICAL: cfg.thrash_critical_ratio}
         head = self._pts[-1]
@@ -610,13 +323,13 @@ class AnomalyDetector:
         restores = head.restores - s.restores
         window = f"the last {_num(span)} s"
         if span <= 0.0:
-            return _no_data("thrashing: no window yet after the latest clear or restart", th)
+            return no_data("thrashing: no window yet after the latest clear or restart", th)
         if stores <= 0:
-            return _no_data(f"no stores in {window}", th)
+            return no_data(f"no stores in {window}", th)
         ratio = restores / stores
         scale = cfg.clear_ratio
-        level, held = _raise_and_hold(
-            _levels_high,
+        level, held = raise_and_hold(
+            levels_high,
             ratio,
             cfg.thrash_ratio,
             cfg.thrash_critical_ratio,
@@ -624,7 +337,7 @@ class AnomalyDetector:
             enough=stores >= cfg.thrash_min_stores,
             enough_to_hold=stores >= cfg.thrash_min_stores * scale,
         )
-        return _Reading(
+        return Reading(
             level,
             held,
             ratio,
@@ -634,7 +347,7 @@ class AnomalyDetector:
             {"restores": restores, "stores": stores, "window_seconds": span},
         )
 
-    def _residency(self, now: float) -> _Reading:
+    def _residency(self, now: float) -> Reading:
         cfg = self.config
         th = {
             AlertLevel.WARNING: cfg.residency_ratio,
@@ -654,11 +367,11 @@ class AnomalyDetector:
         short_med = histogram_quantile(bounds, short_counts, 0.5)
         base_med = histogram_quantile(bounds, base_counts, 0.5)
         if short_med is None or base_med is None or base_med <= 0.0:
-            return _no_data("median lifetime: no lifetimes in a window", th)
+            return no_data("median lifetime: no lifetimes in a window", th)
         ratio = short_med / base_med
         scale = cfg.clear_ratio
-        level, held = _raise_and_hold(
-            _levels_low,
+        level, held = raise_and_hold(
+            levels_low,
             ratio,
             cfg.residency_ratio,
             cfg.residency_critical_ratio,
@@ -669,7 +382,7 @@ class AnomalyDetector:
             and n_base >= cfg.residency_min_baseline_observations * scale,
         )
         base_span = s.ts - b.ts
-        return _Reading(
+        return Reading(
             level,
             held,
             ratio,
@@ -686,9 +399,9 @@ class AnomalyDetector:
             },
         )
 
-    def _reset_reading(self, now: float, clears_seen: int, cause: str | None) -> _Reading:
+    def _reset_reading(self, now: float, clears_seen: int, cause: str | None) -> Reading:
         cfg = self.config
-        st = self._states[CACHE_RESET]
+        st = self._alerts.states[CACHE_RESET]
         fresh = clears_seen > 0 or cause is not None
         last = self._last_reset_ts
         held = fresh or (last is not None and now - last < cfg.reset_hold_seconds)
@@ -701,7 +414,7 @@ class AnomalyDetector:
             message = st.view.message
         else:
             message = f"no cache clear or restart in the last {_num(cfg.reset_hold_seconds)} s"
-        return _Reading(
+        return Reading(
             AlertLevel.INFO if fresh else None,
             AlertLevel.INFO if held else None,
             float(st.count),
@@ -710,7 +423,7 @@ class AnomalyDetector:
             {"last_reset_ts": last, "hold_seconds": cfg.reset_hold_seconds},
         )
 
-    def _loss(self, now: float) -> _Reading:
+    def _loss(self, now: float) -> Reading:
         cfg = self.config
         th = {
             AlertLevel.WARNING: float(cfg.loss_batches),
@@ -720,9 +433,9 @@ class AnomalyDetector:
         s = self._at_or_before(now - cfg.loss_window_seconds)
         lost = head.lost_batches - s.lost_batches
         span = now - s.ts
-        return _Reading(
-            *_raise_and_hold(
-                _levels_high, lost, cfg.loss_batches, cfg.loss_critical_batches, cfg.clear_ratio
+        return Reading(
+            *raise_and_hold(
+                levels_high, lost, cfg.loss_batches, cfg.loss_critical_batches, cfg.clear_ratio
             ),
             float(lost),
             f"{lost} event batch{'es' if lost != 1 else ''} lost in the last {_num(span)} s "
@@ -730,65 +443,6 @@ class AnomalyDetector:
             th,
             {"lost_batches": lost, "window_seconds": span},
         )
-
-    # -- the state machine shared by every alert
-
-    def _step(
-        self, name: str, reading: _Reading, clock: float, since: float, min_hold: float
-    ) -> CacheAlert | None:
-        """Advance one alert; ``clock`` is its own time base, ``since`` what a raise reports.
-
-        Returns the transition, if any, with ``details["transition"]`` set to ``raised``,
-        ``escalated``, ``deescalated`` or ``cleared`` (the stored view does not carry it).
-        """
-        st = self._states[name]
-        if reading.value is not None:
-            st.last_value = reading.value
-        current = _RANK[st.level]
-        if _RANK[reading.raise_level] > current:
-            assert reading.raise_level is not None
-            kind = "raised" if st.level is None else "escalated"
-            if st.level is None:
-                st.since = since
-            st.level = reading.raise_level
-            st.level_since = clock
-            self._raised[(name, st.level)] += 1
-            st.view = self._view(name, st, reading, active=True)
-            return _transition(st.view, kind)
-        if st.level is None:
-            return None
-        if _RANK[reading.hold_level] < current and clock - st.level_since >= min_hold:
-            if reading.hold_level is None:
-                cleared = self._view(name, st, reading, active=False)
-                st.level, st.view, st.count = None, None, 0
-                return _transition(cleared, "cleared")
-            st.level = reading.hold_level
-            st.level_since = clock
-            st.view = self._view(name, st, reading, active=True)
-            return _transition(st.view, "deescalated")
-        st.view = self._view(name, st, reading, active=True)
-        return None
-
-    def _view(self, name: str, st: _State, reading: _Reading, *, active: bool) -> CacheAlert:
-        assert st.level is not None
-        message = reading.message if active else f"cleared: {reading.message}"
-        if active and reading.value is None:
-            message = f"holding: {reading.message}"
-        return CacheAlert(
-            alert=name,
-            level=st.level,
-            engine=self.engine,
-            message=message,
-            since=st.since,
-            value=reading.value if reading.value is not None else st.last_value,
-            threshold=reading.thresholds.get(st.level, 0.0),
-            active=active,
-            details=dict(reading.details),
-        )
-
-
-def _transition(alert: CacheAlert, kind: str) -> CacheAlert:
-    return dataclasses.replace(alert, details={**alert.details, "transition": kind})
 
 
 def _delta(a: EnginePoint, b: EnginePoint) -> npt.NDArray[np.int64]:

@@ -18,8 +18,8 @@ previous sampled one on its medium (its *weight*), so weighted counts add up to 
 number of references at every moment and ``rate(avoided) / rate(stored)`` normalises itself
 over any window: SHARDS' count adjustment, applied per reference instead of once per
 histogram. Every row costs a hash and a few numpy passes; only sampled rows reach the table,
-and a batch is applied with numpy passes, not per row (see :func:`earlier_greater`). Memory is
-bounded by ``max_ghosts`` sampled ghosts per medium; the oldest are forgotten first.
+and a batch is applied with numpy passes, not per row (see :func:`.orders.earlier_greater`).
+Memory is bounded by ``max_ghosts`` sampled ghosts per medium; the oldest are forgotten first.
 
 **Grouped orderings.** Engines publish a step's removals before its stores (vLLM does, and so
 does the embedded simulator): a restore then sees ghosts that were evicted to make room for it
@@ -35,38 +35,28 @@ sampled keys spread over the table (the same function for both would crowd one c
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
 import numpy.typing as npt
 
-from ..collector.histogram import HistogramSnapshot, validate_buckets
-from ..collector.table import GHOST, RESIDENT, BlockTable
-from ..protocol.batch import OP_CLEAR, OP_REMOVE, OP_STORE, EventBatch, LabelTable
+from ...collector.histogram import HistogramSnapshot
+from ...collector.table import GHOST, RESIDENT, BlockTable
+from ...protocol.batch import OP_CLEAR, OP_REMOVE, OP_STORE, EventBatch, LabelTable
+from .config import WhatIfConfig
+from .orders import Order, earlier_greater
+from .snapshot import MediumWhatIf, WhatIfSnapshot
 
 _U64 = npt.NDArray[np.uint64]
 _I64 = npt.NDArray[np.int64]
 _F64 = npt.NDArray[np.float64]
 _BOOL = npt.NDArray[np.bool_]
 
-# Capacity factors: below 1 only for the hit-ratio curve (a smaller cache saves nothing).
-DEFAULT_FACTORS: Final = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 4.0, 8.0)
-# Reuse-distance bounds as multiples of C: a rank of (k - 1) C is what a k-times cache keeps,
-# so these bounds mark k = 1.0625 … 32, the default factors among them.
-DEFAULT_DISTANCE_BUCKETS: Final = (0.0625, 0.125, 0.25, 0.5, 1.0, 2.0, 3.0, 7.0, 15.0, 31.0)
-DEFAULT_SAMPLE_RATIO: Final = 0.01
-DEFAULT_MAX_GHOSTS: Final = 100_000
 _GROUP_MIX: Final = np.uint64(0xD6E8FEB86659FD93)
-ALL_MEDIA: Final = ""  # the capacity key that applies to every medium
-
 _FMIX1: Final = np.uint64(0xFF51AFD7ED558CCD)
 _FMIX2: Final = np.uint64(0xC4CEB9FE1A85EC53)
 _SEED: Final = np.uint64(0x5851F42D4C957F2D)
 _ABSENT: Final = 0  # a table state meaning "not in the table" (EMPTY there)
-_MIN_ORDER: Final = 1024
-_LEAF: Final = 32  # earlier_greater compares blocks of this many elements directly
 # Sampled rows wait in a buffer and are applied this many at a time (or when read, or before a
 # clear): at a low sample ratio a batch holds a few dozen of them, and the fixed cost of the
 # passes that apply them would otherwise dominate.
@@ -84,110 +74,6 @@ def whatif_hash(keys: _U64) -> _U64:
     return result
 
 
-def factor_label(factor: float) -> str:
-    """The ``capacity_factor`` label value: ``1.25``, ``2``, ``0.5``."""
-    return f"{factor:g}"
-
-
-@dataclass(frozen=True, slots=True)
-class WhatIfConfig:
-    """How the what-if model samples, what it remembers and which caches it compares.
-
-    ``capacity`` holds configured capacities as (medium, blocks) pairs, medium ``""`` for every
-    medium of the source; media without one use the capacity observed on the stream.
-    """
-
-    sample_ratio: float = DEFAULT_SAMPLE_RATIO  # 0 turns the model off
-    max_ghosts: int = DEFAULT_MAX_GHOSTS
-    capacity_factors: tuple[float, ...] = DEFAULT_FACTORS
-    distance_buckets: tuple[float, ...] = DEFAULT_DISTANCE_BUCKETS
-    capacity: tuple[tuple[str, int], ...] = ()
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.sample_ratio <= 1.0:
-            raise ValueError(f"sample ratio must be in [0, 1], got {self.sample_ratio}")
-        if self.max_ghosts < 1:
-            raise ValueError("max ghosts must be at least 1")
-        validate_factors(self.capacity_factors)
-        validate_buckets(self.distance_buckets, "distance buckets")
-        if self.distance_buckets[0] <= 0:
-            raise ValueError("distance buckets: bounds must be positive multiples of capacity")
-        for medium, blocks in self.capacity:
-            if blocks < 1:
-                raise ValueError(f"capacity of {medium or 'every medium'} must be at least 1")
-
-    @property
-    def enabled(self) -> bool:
-        return self.sample_ratio > 0.0
-
-    @property
-    def avoided_factors(self) -> tuple[float, ...]:
-        """The factors above 1: only a larger cache avoids recomputation."""
-        return tuple(f for f in self.capacity_factors if f > 1.0)
-
-    def capacity_of(self, medium: str) -> int | None:
-        """The configured capacity of a medium (its own, else the source's), or None."""
-        found = dict(self.capacity)
-        return found.get(medium, found.get(ALL_MEDIA))
-
-
-def validate_factors(factors: Sequence[float]) -> tuple[float, ...]:
-    """Capacity factors: positive, finite, strictly ascending, non-empty."""
-    values = validate_buckets(factors, "capacity factors")
-    if values[0] <= 0:
-        raise ValueError("capacity factors must be positive")
-    return values
-
-
-def parse_capacity(key: str, value: str) -> tuple[str, int]:
-    """A ``capacity=N`` (every medium) or ``capacity.MEDIUM=N`` setting, as (medium, N)."""
-    medium = key.removeprefix("capacity").removeprefix(".")
-    if key != "capacity" and (not key.startswith("capacity.") or not medium):
-        raise ValueError(f"expected capacity= or capacity.MEDIUM=, got {key!r}")
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"{key}: expected a positive number of blocks, got {value!r}")
-    return medium, int(value)
-
-
-def earlier_greater(values: _I64) -> _I64:
-    """For each element, how many elements before it are greater (ties do not count).
-
-    Blocks of 32 count among themselves with one comparison array; then a bottom-up merge
-    count: at each level, every element of a right-hand block counts the greater elements of
-    its left sibling block with one ``searchsorted`` into the level's sorted (block, value)
-    keys — O(n log² n) in numpy passes instead of a loop per element.
-    """
-    n = int(values.shape[0])
-    if n <= _LEAF:
-        greater = values[None, :] > values[:, None]  # [i, j]: v_j > v_i
-        small: _I64 = np.tril(greater, -1).sum(axis=1).astype(np.int64)
-        return small
-    rank = np.unique(values, return_inverse=True)[1].astype(np.int64).reshape(n)
-    padded = np.full(-(-n // _LEAF) * _LEAF, n, np.int64)  # padding comes last: counts nothing
-    padded[:n] = rank
-    leaves = padded.reshape(-1, _LEAF)
-    earlier = np.tril(np.ones((_LEAF, _LEAF), bool), -1)
-    out = ((leaves[:, None, :] > leaves[:, :, None]) & earlier).sum(axis=2).reshape(-1)[:n]
-    position = np.arange(n, dtype=np.int64)
-    width = _LEAF
-    order = np.argsort((position // width) * n + rank, kind="stable")  # sorted within leaves
-    while width < n:
-        block = position // width
-        keys = block[order] * n + rank[order]
-        # Merging sorted runs: the stable sort's run detection makes each level near-linear.
-        step = np.argsort(keys, kind="stable")
-        order, keys = order[step], keys[step]
-        right = np.flatnonzero(block & 1)
-        left = block[right] - 1
-        # The left sibling is whole and occupies sorted positions [left w, (left + 1) w).
-        out[right] += (left + 1) * width - np.searchsorted(
-            keys, left * n + rank[right], side="right"
-        )
-        width *= 2
-    result: _I64 = out.astype(np.int64)
-    return result
-
-
 def _unmatched(is_remove: _BOOL, is_store: _BOOL, ts: _F64, rows: _I64) -> _I64:
     """For each of ``rows``: the removals of its step (the run of rows sharing its timestamp)
     before it, less the stores before it in the step, floored at 0 — the evictions not yet
@@ -200,148 +86,12 @@ def _unmatched(is_remove: _BOOL, is_store: _BOOL, ts: _F64, rows: _I64) -> _I64:
     return unmatched
 
 
-class _Fenwick:
-    """A binary indexed tree over counts at positions 0..size-1, queried and updated with
-    numpy passes (one per tree level), built from a 0/1 array in one pass."""
-
-    def __init__(self, alive: _BOOL) -> None:
-        self.size = int(alive.shape[0])
-        prefix = np.zeros(self.size + 1, np.int64)
-        np.cumsum(alive, out=prefix[1:])
-        index = np.arange(1, self.size + 1)
-        self.tree = np.zeros(self.size + 1, np.int64)  # 1-based; tree[0] stays 0
-        self.tree[1:] = prefix[index] - prefix[index - (index & -index)]
-
-    def prefix(self, positions: _I64) -> _I64:
-        """Sum of the counts at positions [0, p) for each p."""
-        total = np.zeros(positions.shape[0], np.int64)
-        index = positions.astype(np.int64)  # 1-based index p covers positions < p
-        while index.any():
-            total += self.tree[index]
-            index &= index - 1
-        return total
-
-    def add(self, positions: _I64, delta: int) -> None:
-        index = positions.astype(np.int64) + 1
-        while index.size:
-            np.add.at(self.tree, index, delta)
-            index = index + (index & -index)
-            index = index[index <= self.size]
-
-
-class _Order:
-    """Marks at increasing positions, in the order things happened (evictions, or references):
-    live marks counted between two positions, marks appended at the end and killed anywhere,
-    positions renumbered (compacted) when they run out."""
-
-    def __init__(self, with_keys: bool) -> None:
-        self.alive = np.zeros(_MIN_ORDER, bool)
-        self.keys = np.zeros(_MIN_ORDER if with_keys else 0, np.uint64)
-        self.end = 0  # next position
-        self.start = 0  # every position before it is dead
-        self.live = 0
-        self.tree = _Fenwick(self.alive)
-
-    @property
-    def nbytes(self) -> int:
-        return self.alive.nbytes + self.keys.nbytes + self.tree.tree.nbytes
-
-    def between(self, low: _I64, high: int) -> _I64:
-        """Live marks at positions [low, high) for each low (high <= end)."""
-        return self.tree.prefix(np.full(low.shape[0], high, np.int64)) - self.tree.prefix(low)
-
-    def kill(self, positions: _I64) -> None:
-        """Positions must be live and distinct."""
-        if positions.size:
-            self.alive[positions] = False
-            self.live -= int(positions.size)
-            self.tree.add(positions, -1)
-
-    def make_room(self, count: int) -> _I64 | None:
-        """Room for ``count`` more positions. When that takes a renumbering, returns the old
-        positions of the live marks (ascending): a live mark at old position p is now at
-        ``searchsorted(old, p)``, and the caller moves what it holds the same way."""
-        if self.end + count <= self.alive.shape[0]:
-            return None
-        old = np.flatnonzero(self.alive[: self.end]).astype(np.int64)
-        size = max(_MIN_ORDER, 2 * (old.size + count))
-        alive = np.zeros(size, bool)
-        alive[: old.size] = True
-        if self.keys.size:
-            keys = np.zeros(size, np.uint64)
-            keys[: old.size] = self.keys[old]
-            self.keys = keys
-        self.alive, self.end, self.start = alive, int(old.size), 0
-        self.tree = _Fenwick(alive)
-        return old
-
-    def append(self, alive: _BOOL, keys: _U64 | None = None) -> int:
-        """Marks at the next positions (after :meth:`make_room`); returns the first one."""
-        base, count = self.end, int(alive.shape[0])
-        self.alive[base : base + count] = alive
-        if keys is not None and self.keys.size:
-            self.keys[base : base + count] = keys
-        self.end += count
-        self.live += int(np.count_nonzero(alive))
-        fresh = base + np.flatnonzero(alive)
-        if fresh.size * max(1, self.tree.size.bit_length()) > self.tree.size:
-            self.tree = _Fenwick(self.alive)  # cheaper than that many updates
-        else:
-            self.tree.add(fresh, 1)
-        return base
-
-    def oldest(self, count: int) -> _I64:
-        """The ``count`` live marks with the lowest positions (the caller kills them)."""
-        found: list[_I64] = []
-        at = self.start
-        while count > 0 and at < self.end:
-            stop = min(self.end, at + max(4 * count, 4096))
-            live = at + np.flatnonzero(self.alive[at:stop])[:count]
-            found.append(live)
-            count -= int(live.size)
-            at = int(live[-1]) + 1 if count == 0 else stop
-        self.start = at
-        return np.concatenate(found) if found else np.zeros(0, np.int64)
-
-
-@dataclass(frozen=True, slots=True)
-class MediumWhatIf:
-    """One medium's what-if figures, copied under the model's lock.
-
-    ``avoided`` follows :attr:`WhatIfConfig.avoided_factors`, ``hits`` the capacity factors.
-    Counts are weighted (each sampled reference stands for those since the previous one), so
-    they are in blocks, comparable with the exact counters.
-    """
-
-    capacity: int  # 0 while unknown (no eviction seen, none configured)
-    capacity_configured: bool
-    avoided: tuple[int, ...]
-    hits: tuple[int, ...]
-    distances_known: bool  # hits have been seen: the factors below 1 are measured
-    distance: HistogramSnapshot | None  # one row; None until bounds could be fixed
-    sampled_stores: int
-    sampled_restores: int
-    sampled_hits: int
-    ghosts: int
-
-
-@dataclass(frozen=True, slots=True)
-class WhatIfSnapshot:
-    """An engine's what-if figures: per medium id (the collector's label ids)."""
-
-    sample_ratio: float
-    factors: tuple[float, ...]
-    avoided_factors: tuple[float, ...]
-    media: dict[int, MediumWhatIf]
-    nbytes: int
-
-
 class _Tier:
     """The state of one medium: its ghost order, reference order and counters."""
 
     def __init__(self, config: WhatIfConfig, configured: int | None) -> None:
-        self.ghosts = _Order(with_keys=True)
-        self.recency: _Order | None = None  # from the first hit on: stack distances of hits
+        self.ghosts = Order(with_keys=True)
+        self.recency: Order | None = None  # from the first hit on: stack distances of hits
         self.capacity = configured or 0
         self.configured = configured is not None
         # The capacity observed in the batch being applied, in force from its first eviction
@@ -362,9 +112,9 @@ class _Tier:
 
     def forget_all(self) -> None:
         """A clear: nothing of the old cache can come back as a restore or a hit."""
-        self.ghosts = _Order(with_keys=True)
+        self.ghosts = Order(with_keys=True)
         if self.recency is not None:
-            self.recency = _Order(with_keys=False)
+            self.recency = Order(with_keys=False)
 
 
 class WhatIfModel:
@@ -583,7 +333,7 @@ class WhatIfModel:
         followed = np.flatnonzero(~is_remove)  # references whose order is kept
         if tier.recency is None and hit.any():
             # Until a first hit nothing needs the reference order: follow it from there on.
-            tier.recency = _Order(with_keys=False)
+            tier.recency = Order(with_keys=False)
             followed = followed[followed >= np.flatnonzero(hit)[0]]
         reference_at = np.full(m, -1, np.int64)
         if tier.recency is not None:
@@ -660,7 +410,7 @@ class WhatIfModel:
 
     def _count_distances(
         self,
-        recency: _Order,
+        recency: Order,
         tier: _Tier,
         hit: _BOOL,
         followed: _I64,
@@ -697,7 +447,7 @@ class WhatIfModel:
 
     def _commit_order(
         self,
-        order: _Order,
+        order: Order,
         killed: _I64,
         alive: _BOOL,
         keys: _U64 | None,

@@ -1,4 +1,4 @@
-"""CURVE key files and socket roles (protocol/curve.py): what is accepted, what is refused
+"""CURVE key files and socket roles (curve.py): what is accepted, what is refused
 and why, in one line."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import zmq
 import zmq.auth
 
-from kvcache_exporter.protocol.curve import (
+from kvcache_exporter.curve import (
     CurveKeyError,
     client_role,
     load_allowed_keys,

@@ -1,0 +1,1 @@
+"""What the collector's numbers mean over time: anomalies, trends, access patterns, what-if."""
