@@ -43,6 +43,8 @@ from typing import Any
 
 import yaml
 
+from kvcache_exporter.catalog import FAMILIES, Buckets
+
 HERE = Path(__file__).resolve().parent
 
 RULES_FILE = "prometheus_rules.yaml"
@@ -53,12 +55,8 @@ KUSTOMIZATION_FILE = "kube-prometheus/kustomization.yaml"
 QUANTILES: tuple[str, ...] = ("0.5", "0.9", "0.99")
 """Quantiles recorded for every lifecycle histogram (the dashboards' p50 / p90 / p99)."""
 
-HISTOGRAMS: tuple[str, ...] = (
-    "kvcache_block_lifetime_seconds",
-    "kvcache_block_idle_before_evict_seconds",
-    "kvcache_block_reuse_gap_seconds",
-    "kvcache_block_restore_gap_seconds",
-    "kvcache_block_accesses_before_evict",
+HISTOGRAMS: tuple[str, ...] = tuple(
+    f.name for f in FAMILIES if f.buckets in (Buckets.DURATION, Buckets.ACCESS_COUNT)
 )
 """Lifecycle histograms whose quantiles are recorded, per pool and per group."""
 

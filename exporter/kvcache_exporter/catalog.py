@@ -269,6 +269,4 @@ FAMILIES: Final[tuple[Family, ...]] = (
            ("result",), "kvcache.exporter.otlp.exports", IC, "{export}"),
 )  # fmt: skip
 BY_NAME: Final = {family.name: family for family in FAMILIES}
-HISTOGRAMS: Final = tuple(f.name for f in FAMILIES if f.type is Type.HISTOGRAM)
-LIFECYCLE_HISTOGRAMS: Final = tuple(f.name for f in FAMILIES if f.buckets is Buckets.DURATION)
 OTLP_EXPORTS: Final = "kvcache_exporter_otlp_exports_total"
