@@ -1032,11 +1032,11 @@ def machine_info() -> dict[str, str]:
         "libzmq": zmq.zmq_version(),
         "prometheus_client": version("prometheus-client"),
         "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-        "commit": _git_commit(),
+        "commit": git_commit(),
     }
 
 
-def _git_commit() -> str:
+def git_commit() -> str:
     """The checkout measured: short commit, ``+dirty`` when the tree has changes."""
     root = Path(__file__).resolve().parent.parent
     try:

@@ -61,6 +61,8 @@ import msgspec
 import numpy as np
 import zmq
 
+import ingest  # bench/ingest.py: the checkout a run measured
+
 MEDIA: Final = ("GPU", "CPU", "DISK")
 CAPACITY: Final = {"GPU": 512, "CPU": 1024, "DISK": 2048}  # blocks per (medium, group)
 GROUPS: Final = ((0, "full_attention", None), (1, "sliding_window", 1024))
@@ -637,19 +639,6 @@ def run_config(engines: int, args: argparse.Namespace) -> ConfigRun:
 
 # --- the report ----------------------------------------------------------------------------
 def machine_info() -> dict[str, str]:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-    except OSError:
-        commit, dirty = "unknown", ""
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "nproc": str(os.cpu_count()),
@@ -658,7 +647,7 @@ def machine_info() -> dict[str, str]:
         "msgspec": msgspec.__version__,
         "pyzmq": zmq.__version__,
         "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-        "commit": (commit or "unknown") + ("+dirty" if dirty else ""),
+        "commit": ingest.git_commit(),
     }
 
 

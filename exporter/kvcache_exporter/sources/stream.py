@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
+from ..catalog import HANDSHAKE_FAILURE_REASONS
 from ..protocol.batch import EventBatch, LabelTable
 from ..protocol.decode import DecodeError, DecodeLimits, PayloadDecoder
 from ..protocol.framing import Message, parse_live
@@ -27,7 +28,6 @@ log = logging.getLogger("kvcache_exporter.source")
 # Why a ZeroMQ handshake with a publisher failed (``auth``: a key refused; ``protocol``: e.g.
 # CURVE on one side only; ``closed``: the peer hung up mid-handshake, as a CURVE server does
 # when the client has the wrong server key). All three are exported from zero.
-HANDSHAKE_FAILURE_REASONS: Final = ("auth", "protocol", "closed")
 
 
 def _no_handshake_failures() -> dict[str, int]:
