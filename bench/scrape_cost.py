@@ -375,7 +375,6 @@ def baseline_worker(args: argparse.Namespace) -> None:
     from prometheus_client.exposition import choose_encoder
 
     from kvcache_exporter.sinks.http import MetricsHTTPServer, Routes
-    from kvcache_exporter.sinks.prometheus import exposition
 
     registry = plain_registry(Path(args.page).read_text())
     in_process: dict[str, Any] = {}
@@ -395,9 +394,14 @@ def baseline_worker(args: argparse.Namespace) -> None:
             "body_bytes": len(body),
         }
     text = choose_encoder("text/plain")[0](registry).decode()
+
+    def library_exposition(registry: Any, accept: str | None) -> tuple[bytes, str]:
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(registry), content_type
+
     routes = Routes(
         telemetry_path="/metrics",
-        metrics=lambda accept: exposition(registry, accept),
+        metrics=lambda accept: library_exposition(registry, accept),
         ready=lambda: (True, "ready"),
         summary=dict,
         export=lambda _query: (b"", "text/plain"),

@@ -17,7 +17,7 @@ from .config import ExporterConfig
 from .pipeline import EngineView, Pipeline, new_pipeline
 from .sinks.export import ExportRequest, render_export
 from .sinks.http import MetricsHTTPServer, Routes, parse_listen_address
-from .sinks.prometheus import exposition, new_registry
+from .sinks.prometheus import MetricsPage
 from .sinks.summary import summarize
 from .sources.authenticator import PublisherAuthenticator
 from .sources.subscriber import IngestLoop, SubscriberSource
@@ -70,7 +70,7 @@ class Exporter:
         self.otlp: OTLPSink | None = None
         self._checkpoints: CheckpointWriter | None = None
         self._next_checkpoint = 0.0
-        self.registry = new_registry(self.views, self.otlp_exports)
+        self.metrics_page = MetricsPage(self.views, self.otlp_exports)
 
     # --- what the sinks read ---------------------------------------------------------------
     def views(self) -> list[EngineView]:
@@ -84,7 +84,7 @@ class Exporter:
 
     def metrics(self, accept: str | None) -> tuple[bytes, str]:
         """A ``/metrics`` body in the format ``accept`` asks for, and its content type."""
-        return exposition(self.registry, accept)
+        return self.metrics_page.exposition(accept)
 
     def readiness(self) -> tuple[bool, str]:
         down = [e.name for e in self.engines if not e.source.stats.up]
