@@ -12,6 +12,7 @@ import functools
 import importlib.util
 import io
 import json
+import math
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import redirect_stdout
@@ -70,6 +71,7 @@ class RefTier:
     ghosts: list[int] = field(default_factory=list)  # eviction order, oldest first
     recency: list[int] | None = None  # reference order, oldest first, a key once
     pending: int = 0
+    threshold: int | None = None  # sampling hashes below it are sampled; None: all
     avoided: list[int] = field(default_factory=list)
     hits: list[int] = field(default_factory=list)
     bounds: list[float] | None = None
@@ -81,6 +83,8 @@ class RefTier:
 
     def __post_init__(self) -> None:
         self.next_capacity = self.capacity
+        ratio = self.config.sample_ratio
+        self.threshold = None if ratio >= 1 else min(int(ratio * 2.0**64), 2**64 - 1)
         self.avoided = [0] * len(self.config.avoided_factors)
         self.hits = [0] * len(self.config.capacity_factors)
         self.counts = [0] * (len(self.config.distance_buckets) + 1)
@@ -106,10 +110,36 @@ class ReferenceWhatIf:
             self.tiers[medium] = RefTier(self.config, configured or 0, configured is not None)
         return self.tiers[medium]
 
-    def sampled(self, key: int) -> bool:
-        ratio = self.config.sample_ratio
-        threshold = min(int(ratio * 2.0**64), 2**64 - 1)
-        return ratio >= 1 or int(whatif_hash(np.array([key], np.uint64))[0]) < threshold
+    @staticmethod
+    def hash_of(key: int) -> int:
+        return int(whatif_hash(np.array([key], np.uint64))[0])
+
+    def sampled(self, key: int, tier: RefTier) -> bool:
+        return tier.threshold is None or self.hash_of(key) < tier.threshold
+
+    @staticmethod
+    def ratio(tier: RefTier) -> float:
+        return 1.0 if tier.threshold is None else tier.threshold / 2.0**64
+
+    def keep_within_budget(self, medium: int, tier: RefTier, keys: list[int]) -> None:
+        """Fixed-size sampling: before a medium's rows, if its keys and theirs pass the
+        budget, the threshold falls to the hash that keeps 7/8 of the budget."""
+        mine = {k for (k, m) in self.state if m == medium}
+        candidates = mine | {k for k in keys if self.sampled(k, tier)}
+        budget = self.config.max_sampled_blocks
+        if len(candidates) <= budget:
+            return
+        tier.threshold = sorted(self.hash_of(k) for k in candidates)[budget - budget // 8]
+        for key in mine:
+            if self.hash_of(key) >= tier.threshold:
+                self.drop(medium, tier, key)
+
+    def drop(self, medium: int, tier: RefTier, key: int) -> None:
+        del self.state[(key, medium)]
+        if key in tier.ghosts:
+            tier.ghosts.remove(key)
+        if tier.recency is not None and key in tier.recency:
+            tier.recency.remove(key)
 
     def apply(self, batch: EventBatch, resident: np.ndarray[Any, Any]) -> None:
         rows = list(
@@ -141,7 +171,9 @@ class ReferenceWhatIf:
             self.medium(medium, [r for r in rows if r[3] == medium])
 
     def medium(self, medium: int, rows: list[tuple[int, int, float, int]]) -> None:
-        tier, ratio = self.tier(medium), self.config.sample_ratio
+        tier = self.tier(medium)
+        self.keep_within_budget(medium, tier, [key for _, key, _, _ in rows])
+        ratio = self.ratio(tier)
         unmatched, step = 0, None
         for op, key, ts, _ in rows:
             if ts != step:
@@ -152,7 +184,7 @@ class ReferenceWhatIf:
                 tier.capacity = tier.next_capacity
             if op != OP_REMOVE:
                 tier.pending += 1
-            if not self.sampled(key):
+            if not self.sampled(key, tier):
                 continue
             weight = 0
             if op != OP_REMOVE:
@@ -182,11 +214,12 @@ class ReferenceWhatIf:
                     tier.recency.remove(key)
                 tier.recency.append(key)
             self.state[(key, medium)] = "R"
-        while len(tier.ghosts) > self.config.max_ghosts:
-            key = tier.ghosts.pop(0)
-            del self.state[(key, medium)]
-            if tier.recency is not None and key in tier.recency:
-                tier.recency.remove(key)
+        limit = self.config.max_ghosts
+        if tier.capacity:  # no deeper than the ghost horizon at the rate in force
+            reach = math.ceil(self.config.ghost_horizon * tier.capacity * self.ratio(tier)) + 1
+            limit = min(limit, reach)
+        while len(tier.ghosts) > limit:
+            self.drop(medium, tier, tier.ghosts[0])
 
     def count_restore(self, tier: RefTier, extra: float, weight: int) -> None:
         for j, factor in enumerate(self.config.avoided_factors):
@@ -204,7 +237,7 @@ class ReferenceWhatIf:
         distance = None
         if tier.recency is not None and key in tier.recency:
             others = len(tier.recency) - 1 - tier.recency.index(key)
-            distance = others / self.config.sample_ratio + 1
+            distance = others / self.ratio(tier) + 1
         for j, factor in enumerate(self.config.capacity_factors):
             if factor >= 1 or (distance is not None and distance <= factor * tier.capacity):
                 tier.hits[j] += weight
@@ -275,6 +308,38 @@ def test_vectorized_model_equals_the_per_row_reference(seed: int) -> None:
     rows, keys = int(rng.integers(1, 400)), int(rng.integers(3, 300))
     batches = list(random_batches(rng, 25, rows, keys, clears=True))
     assert_same(*run_both(config, batches, chunk_rows=1))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_fixed_size_sampling_equals_the_per_row_reference(seed: int) -> None:
+    """A budget far below the keys: the rate falls again and again, dropping keys that
+    are resident, ghosts or referenced; never more sampled keys than the budget."""
+    rng = np.random.default_rng(200 + seed)
+    config = WhatIfConfig(
+        sample_ratio=(1.0, 0.6)[seed % 2],
+        max_sampled_blocks=int(rng.integers(64, 160)),
+        max_ghosts=(20, 100_000)[seed % 2],
+    )
+    rows, keys = int(rng.integers(20, 400)), int(rng.integers(200, 2000))
+    batches = list(random_batches(rng, 25, rows, keys, clears=seed % 3 == 0))
+    model, reference = run_both(config, batches, chunk_rows=1)
+    assert_same(model, reference)
+    snapshot = model.snapshot()
+    for medium, tier in reference.tiers.items():
+        got = snapshot.media[medium]
+        assert got.sample_ratio == reference.ratio(tier) < config.sample_ratio
+        assert got.sampled_blocks == sum(1 for _, m in reference.state if m == medium)
+        assert got.sampled_blocks <= config.max_sampled_blocks
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_lowering_the_rate_does_not_depend_on_batching(seed: int) -> None:
+    """Buffered rows are applied before the budget is judged: lowering happens where it
+    would row by row, whatever the chunks."""
+    rng = np.random.default_rng(300 + seed)
+    config = WhatIfConfig(max_sampled_blocks=100, capacity=(("", 10_000),))
+    batches = list(random_batches(rng, 30, int(rng.integers(10, 700)), 1500, clears=True))
+    assert_same(*run_both(config, batches, chunk_rows=None))
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -493,7 +558,12 @@ def test_flags_and_source_capacity() -> None:
         ],
         environ={},
     )  # fmt: skip
-    assert config.whatif == WhatIfConfig(0.05, 5000, (0.5, 2.0, 3.0), (0.5, 1.0, 2.0))
+    assert config.whatif == WhatIfConfig(
+        sample_ratio=0.05,
+        max_ghosts=5000,
+        capacity_factors=(0.5, 2.0, 3.0),
+        distance_buckets=(0.5, 1.0, 2.0),
+    )
     (spec,) = config.sources
     assert spec.capacity == (("", 8000), ("CPU", 64000))
     per_source = WhatIfConfig(capacity=spec.capacity)

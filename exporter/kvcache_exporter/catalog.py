@@ -191,6 +191,14 @@ FAMILIES: Final[tuple[Family, ...]] = (
            "Cache capacity the what-if model compares against: configured, or the most "
            "blocks seen resident around evictions.",
            WHATIF, "kvcache.whatif.capacity_blocks", IG, "{block}"),
+    Family("kvcache_whatif_sample_ratio", G,
+           "Fraction of block hashes the what-if model follows on this medium: the configured "
+           "rate until the sampled blocks reach their budget, lower from then on.",
+           WHATIF, "kvcache.whatif.sample_ratio", IG, "1"),
+    Family("kvcache_whatif_sampled_blocks", G,
+           "Block hashes the what-if model follows on this medium, resident and remembered "
+           "(at most --whatif.max-sampled-blocks).",
+           WHATIF, "kvcache.whatif.sampled_blocks", IG, "{block}"),
     Family("kvcache_whatif_recomputes_avoided_total", C,
            "Restores (recomputation) a cache capacity_factor times as large would have "
            "avoided (sampled, scaled).",

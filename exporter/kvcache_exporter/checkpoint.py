@@ -1,16 +1,19 @@
 """``--storage.path``: periodic, atomic checkpoints of every engine's state.
 
 A checkpoint holds each engine's collector arrays (block table, counters, histograms,
-remembered removals, recent evictions), its stream counters and the sequence number it has
-applied up to. On start the exporter continues from it: counters go on instead of resetting,
-and the first live message shows the gap since the checkpoint, which a source with
-``replay=`` asks the engine for. An engine that restarted meanwhile (its sequence back to 0)
-is recognised as such and starts empty. A checkpoint that cannot be read or does not fit the
-configuration is set aside (renamed) and reported, never fatal.
+remembered removals, recent evictions), its what-if model (sampled keys, orders, sampling
+threshold, counters), its stream counters and the sequence number it has applied up to. On
+start the exporter continues from it: counters go on instead of resetting, and the first live
+message shows the gap since the checkpoint, which a source with ``replay=`` asks the engine
+for. An engine that restarted meanwhile (its sequence back to 0) is recognised as such and
+starts empty. A checkpoint that cannot be read or does not fit the configuration is set aside
+(renamed) and reported, never fatal; a what-if state that does not fit its settings only
+starts the what-if empty.
 
-The file is ``checkpoint.npz`` (numpy, no pickles): arrays named ``ENGINE/...`` plus ``meta``,
-a JSON document. It is written to a temporary file in the same folder, flushed to disk and
-renamed over the old one, so a crash leaves either the old or the new checkpoint whole.
+The file is ``checkpoint.npz`` (numpy, no pickles): arrays named ``ENGINE/...`` (and
+``whatif/ENGINE/...``) plus ``meta``, a JSON document. It is written to a temporary file in
+the same folder, flushed to disk and renamed over the old one, so a crash leaves either the
+old or the new checkpoint whole.
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ from .sources.stream import SourceStats
 # 2: counters per place (medium and KV-cache group), physical copies, adapters and tokens.
 FORMAT_VERSION: Final = 2
 FILE_NAME: Final = "checkpoint.npz"
+# The what-if model's arrays: ``whatif/ENGINE/...``, apart from the collector's ``ENGINE/...``.
+# Optional: a checkpoint without them (an earlier version's) starts the what-if empty.
+WHATIF_PREFIX: Final = "whatif/"
 
 log = logging.getLogger("kvcache_exporter.checkpoint")
 
@@ -70,6 +76,11 @@ def capture(pipelines: list[Pipeline]) -> Checkpoint:
         stream = pipeline.stream
         for name, values in pipeline.collector.state().items():
             arrays[f"{pipeline.name}/{name}"] = values
+        whatif_meta = None
+        if pipeline.whatif is not None:
+            whatif_arrays, whatif_meta = pipeline.whatif.state()
+            for name, values in whatif_arrays.items():
+                arrays[f"{WHATIF_PREFIX}{pipeline.name}/{name}"] = values
         decoded = stream.decoder.stats
         engines[pipeline.name] = {
             "fingerprint": _fingerprint(pipeline),
@@ -88,6 +99,7 @@ def capture(pipelines: list[Pipeline]) -> Checkpoint:
                 "tokens_stored": decoded.tokens_stored,
                 "groups": {str(g): [s.kind, s.sliding_window] for g, s in decoded.groups.items()},
             },
+            "whatif": whatif_meta,
         }
     meta = {
         "format": FORMAT_VERSION,
@@ -196,6 +208,24 @@ def _restore_one(pipeline: Pipeline, entry: dict[str, Any], arrays: dict[str, An
         stream.decoder.stats.groups[int(group)] = GroupSpec(str(kind), str(window))
     if entry["next_seq"] is not None:
         stream.resume_at(int(entry["next_seq"]))
+    _restore_whatif(pipeline, entry.get("whatif"), arrays)
+
+
+def _restore_whatif(pipeline: Pipeline, meta: Any, arrays: dict[str, Any]) -> None:
+    """The what-if model continues where it fits; otherwise it starts empty (the collector's
+    state is worth keeping either way)."""
+    if pipeline.whatif is None:
+        return
+    why = "the checkpoint has no what-if state"
+    if meta is not None:
+        prefix = f"{WHATIF_PREFIX}{pipeline.name}/"
+        mine = {k.removeprefix(prefix): v for k, v in arrays.items() if k.startswith(prefix)}
+        try:
+            pipeline.whatif.load_state(mine, meta)
+            return
+        except (KeyError, ValueError, TypeError) as exc:
+            why = str(exc)
+    log.info("what-if model starts empty", extra={"engine": pipeline.name, "why": why})
 
 
 class CheckpointWriter:

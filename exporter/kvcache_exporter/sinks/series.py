@@ -191,6 +191,8 @@ def series(views: Sequence[EngineView], otlp_exports: Mapping[str, int] | None =
             put("kvcache_block_reuse_distance_blocks", w, _histogram(figures.distance, 0))
         if figures.capacity:
             put("kvcache_whatif_capacity_blocks", w, int(figures.capacity))
+        put("kvcache_whatif_sample_ratio", w, float(figures.sample_ratio))
+        put("kvcache_whatif_sampled_blocks", w, int(figures.sampled_blocks))
         for factor, count in zip(whatif.avoided_factors, figures.avoided, strict=True):
             put("kvcache_whatif_recomputes_avoided_total",
                 (*w, ("capacity_factor", factor_label(factor))), int(count))  # fmt: skip

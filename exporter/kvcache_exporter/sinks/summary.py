@@ -44,8 +44,10 @@ def whatif_summary(
     return {
         "capacity_blocks": w.capacity or None,
         "capacity_source": "configured" if w.capacity_configured else "observed",
-        "sample_ratio": view.whatif.sample_ratio,
+        "sample_ratio": w.sample_ratio,
         "sampled": {
+            "blocks": w.sampled_blocks,
+            "max_blocks": view.whatif.max_sampled_blocks,
             "stores": w.sampled_stores,
             "restores": w.sampled_restores,
             "hits": w.sampled_hits,

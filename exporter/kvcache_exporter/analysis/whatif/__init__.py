@@ -1,6 +1,7 @@
 """The cache-size what-if (docs/whatif.md), one concern a module: :mod:`.config` (what it is
-asked), :mod:`.model` (ghost ranks of restores and stack distances of hits), :mod:`.orders`
-(the order statistics they are counted with) and :mod:`.snapshot` (what it answers)."""
+asked), :mod:`.model` (ghost ranks of restores and stack distances of hits), :mod:`.tier`
+(one medium's state and the sampling), :mod:`.orders` (the order statistics they are counted
+with) and :mod:`.snapshot` (what it answers)."""
 
 from .config import (
     ALL_MEDIA,
@@ -12,8 +13,9 @@ from .config import (
     factor_label,
     validate_factors,
 )
-from .model import WhatIfModel, whatif_hash
+from .model import WhatIfModel
 from .snapshot import MediumWhatIf, WhatIfSnapshot
+from .tier import whatif_hash
 
 __all__ = [
     "ALL_MEDIA",

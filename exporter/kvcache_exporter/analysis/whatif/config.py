@@ -18,9 +18,13 @@ DEFAULT_FACTORS: Final = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 4.0, 8.0)
 # Reuse-distance bounds as multiples of C: a rank of (k - 1) C is what a k-times cache keeps,
 # so these bounds mark k = 1.0625 … 32, the default factors among them.
 DEFAULT_DISTANCE_BUCKETS: Final = (0.0625, 0.125, 0.25, 0.5, 1.0, 2.0, 3.0, 7.0, 15.0, 31.0)
-DEFAULT_SAMPLE_RATIO: Final = 0.01
+# Fixed-size sampling: every key is followed until an engine's medium has more than the budget
+# of sampled keys (resident and remembered), then the sampling rate falls to keep it there.
+DEFAULT_SAMPLE_RATIO: Final = 1.0  # the highest rate; the budget lowers it
+DEFAULT_MAX_SAMPLED_BLOCKS: Final = 65_536
 DEFAULT_MAX_GHOSTS: Final = 100_000
 ALL_MEDIA: Final = ""  # the capacity key that applies to every medium
+MIN_SAMPLED_BLOCKS: Final = 64
 
 
 def factor_label(factor: float) -> str:
@@ -36,7 +40,8 @@ class WhatIfConfig:
     medium of the source; media without one use the capacity observed on the stream.
     """
 
-    sample_ratio: float = DEFAULT_SAMPLE_RATIO  # 0 turns the model off
+    sample_ratio: float = DEFAULT_SAMPLE_RATIO  # the highest rate; 0 turns the model off
+    max_sampled_blocks: int = DEFAULT_MAX_SAMPLED_BLOCKS  # per medium, resident and ghosts
     max_ghosts: int = DEFAULT_MAX_GHOSTS
     capacity_factors: tuple[float, ...] = DEFAULT_FACTORS
     distance_buckets: tuple[float, ...] = DEFAULT_DISTANCE_BUCKETS
@@ -47,6 +52,8 @@ class WhatIfConfig:
             raise ValueError(f"sample ratio must be in [0, 1], got {self.sample_ratio}")
         if self.max_ghosts < 1:
             raise ValueError("max ghosts must be at least 1")
+        if self.max_sampled_blocks < MIN_SAMPLED_BLOCKS:
+            raise ValueError(f"max sampled blocks must be at least {MIN_SAMPLED_BLOCKS}")
         validate_factors(self.capacity_factors)
         validate_buckets(self.distance_buckets, "distance buckets")
         if self.distance_buckets[0] <= 0:
@@ -58,6 +65,20 @@ class WhatIfConfig:
     @property
     def enabled(self) -> bool:
         return self.sample_ratio > 0.0
+
+    @property
+    def sampled_after_lowering(self) -> int:
+        """Sampled keys a medium keeps when the budget lowers its rate: 7/8 of the budget, so
+        the rate is lowered once per many new keys, not at every one."""
+        return self.max_sampled_blocks - self.max_sampled_blocks // 8
+
+    @property
+    def ghost_horizon(self) -> float:
+        """How deep, in capacities, ghosts are remembered. A restore from deeper than the
+        largest distance bucket and the largest factor counts at no factor (only in the
+        distance histogram's +Inf bucket): such ghosts are not worth the sampled keys they
+        would displace."""
+        return max(self.distance_buckets[-1], self.capacity_factors[-1]) + 1.0
 
     @property
     def avoided_factors(self) -> tuple[float, ...]:

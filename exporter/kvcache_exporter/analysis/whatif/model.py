@@ -12,14 +12,19 @@ LRU stack distance (Mattson et al., 1970: the distinct blocks referenced since i
 reference, plus itself) says which *smaller* caches would have hit too: a full hit-ratio curve.
 
 **Cost.** Spatial sampling, as SHARDS does (Waldspurger et al., FAST '15): only hashes whose
-sampling hash falls under the ratio R are modelled, and counts of ghosts or of distinct blocks
-among them are scaled by 1/R. Each sampled reference stands for the references since the
-previous sampled one on its medium (its *weight*), so weighted counts add up to the exact
-number of references at every moment and ``rate(avoided) / rate(stored)`` normalises itself
-over any window: SHARDS' count adjustment, applied per reference instead of once per
-histogram. Every row costs a hash and a few numpy passes; only sampled rows reach the table,
-and a batch is applied with numpy passes, not per row (see :func:`.orders.earlier_greater`).
-Memory is bounded by ``max_ghosts`` sampled ghosts per medium; the oldest are forgotten first.
+sampling hash falls under a threshold (the rate R) are modelled, and counts of ghosts or of
+distinct blocks among them are scaled by 1/R. The sample has a fixed size (fixed-size SHARDS,
+§4.3): each medium starts at the configured rate (every key, by default) and, when its sampled
+keys (resident and ghosts) would pass ``max_sampled_blocks``, the threshold is lowered to the
+sampling hash that keeps 7/8 of them, and the keys at or above it are dropped. A small cache is
+followed exactly, a large one in fixed memory. Each sampled reference stands for the
+references since the previous sampled one on its medium (its *weight*), so weighted counts add
+up to the exact number of references at every moment and ``rate(avoided) / rate(stored)``
+normalises itself over any window: SHARDS' count adjustment, applied per reference instead of
+once per histogram, which needs no rescaling when R falls. Every row costs a hash and a few
+numpy passes; only sampled rows reach the table, and a batch is applied with numpy passes, not
+per row (see :func:`.orders.earlier_greater`). Ghosts deeper than the figures look
+(``ghost_horizon`` capacities) or beyond ``max_ghosts`` are forgotten, the oldest first.
 
 **Grouped orderings.** Engines publish a step's removals before its stores (vLLM does, and so
 does the embedded simulator): a restore then sees ghosts that were evicted to make room for it
@@ -27,15 +32,13 @@ and for the blocks stored after it in the same step. Each rank is corrected by t
 the step not yet matched by a store (:func:`_unmatched`), which makes it exact under LRU
 whether an engine groups a step's removals before its stores or interleaves them.
 
-The sampling hash is murmur3's 64-bit finalizer of the hash XOR a constant: independent of the
-collector's sampling (splitmix64) and of the block table's multiplicative slot hash, so the
-sampled keys spread over the table (the same function for both would crowd one corner of it).
+The sampling hash and each medium's state are in :mod:`.tier`.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -46,6 +49,7 @@ from ...protocol.batch import OP_CLEAR, OP_REMOVE, OP_STORE, EventBatch, LabelTa
 from .config import WhatIfConfig
 from .orders import Order, earlier_greater
 from .snapshot import MediumWhatIf, WhatIfSnapshot
+from .tier import MediumState, ghost_limit, whatif_hash
 
 _U64 = npt.NDArray[np.uint64]
 _I64 = npt.NDArray[np.int64]
@@ -53,25 +57,14 @@ _F64 = npt.NDArray[np.float64]
 _BOOL = npt.NDArray[np.bool_]
 
 _GROUP_MIX: Final = np.uint64(0xD6E8FEB86659FD93)
-_FMIX1: Final = np.uint64(0xFF51AFD7ED558CCD)
-_FMIX2: Final = np.uint64(0xC4CEB9FE1A85EC53)
-_SEED: Final = np.uint64(0x5851F42D4C957F2D)
 _ABSENT: Final = 0  # a table state meaning "not in the table" (EMPTY there)
 # Sampled rows wait in a buffer and are applied this many at a time (or when read, or before a
 # clear): at a low sample ratio a batch holds a few dozen of them, and the fixed cost of the
 # passes that apply them would otherwise dominate.
 CHUNK_ROWS: Final = 4096
-
-
-def whatif_hash(keys: _U64) -> _U64:
-    """murmur3's fmix64 of ``keys ^ seed``: the what-if model's own sampling hash."""
-    z = keys ^ _SEED
-    z = z ^ (z >> np.uint64(33))
-    z = z * _FMIX1
-    z = z ^ (z >> np.uint64(33))
-    z = z * _FMIX2
-    result: _U64 = z ^ (z >> np.uint64(33))
-    return result
+# The table columns the model uses (a ghost's position in ``t_store``, the last reference's in
+# ``t_access``): what a checkpoint holds per sampled key.
+_TABLE_COLUMNS: Final = ("key", "medium", "state", "t_store", "t_access")
 
 
 def _unmatched(is_remove: _BOOL, is_store: _BOOL, ts: _F64, rows: _I64) -> _I64:
@@ -84,37 +77,6 @@ def _unmatched(is_remove: _BOOL, is_store: _BOOL, ts: _F64, rows: _I64) -> _I64:
     first = starts[np.searchsorted(starts, rows, side="right") - 1]
     unmatched: _I64 = np.maximum(before[rows] - before[first], 0)
     return unmatched
-
-
-class _Tier:
-    """The state of one medium: its ghost order, reference order and counters."""
-
-    def __init__(self, config: WhatIfConfig, configured: int | None) -> None:
-        self.ghosts = Order(with_keys=True)
-        self.recency: Order | None = None  # from the first hit on: stack distances of hits
-        self.capacity = configured or 0
-        self.configured = configured is not None
-        # The capacity observed in the batch being applied, in force from its first eviction
-        # on (not from the batch's first row: the numbers must not depend on batching).
-        self.next_capacity = self.capacity
-        self.pending = 0  # references since the last sampled one (the next one's weight)
-        self.avoided = np.zeros(len(config.avoided_factors), np.int64)
-        self.hits = np.zeros(len(config.capacity_factors), np.int64)
-        self.bounds: _F64 | None = None
-        self.counts = np.zeros(len(config.distance_buckets) + 1, np.int64)
-        self.sum = 0.0
-        self.stores = 0
-        self.restores = 0
-        self.sampled_hits = 0
-        # Sampled rows not applied yet: op, key, step correction, weight, capacity at the time.
-        self.buffer: list[tuple[npt.NDArray[np.uint8], _U64, _I64, _I64, _I64]] = []
-        self.buffered = 0
-
-    def forget_all(self) -> None:
-        """A clear: nothing of the old cache can come back as a restore or a hit."""
-        self.ghosts = Order(with_keys=True)
-        if self.recency is not None:
-            self.recency = Order(with_keys=False)
 
 
 class WhatIfModel:
@@ -132,29 +94,30 @@ class WhatIfModel:
         self.media = media
         self.lock = threading.Lock()
         self.table = BlockTable()
-        self._tiers: dict[int, _Tier] = {}
+        self._tiers: dict[int, MediumState] = {}
         self._resident = np.zeros(media.capacity, np.int64)
         self._observed = np.zeros(media.capacity, np.int64)
         self._threshold = (
             None
             if config.sample_ratio >= 1.0
             else np.uint64(min(int(config.sample_ratio * 2.0**64), 2**64 - 1))
-        )
+        )  # each medium's to begin with
         self._factors = np.asarray(config.capacity_factors, np.float64)
         self._avoided_factors = np.asarray(config.avoided_factors, np.float64)
         self.chunk_rows = CHUNK_ROWS  # sampled rows buffered per medium (tests lower it)
 
-    def _tier(self, medium_id: int) -> _Tier:
+    def _tier(self, medium_id: int) -> MediumState:
         tier = self._tiers.get(medium_id)
         if tier is None:
             configured = self.config.capacity_of(self.media.names[medium_id])
-            tier = self._tiers[medium_id] = _Tier(self.config, configured)
+            tier = self._tiers[medium_id] = MediumState(self.config, configured, self._threshold)
         return tier
 
-    def _sampled(self, keys: _U64) -> _BOOL:
-        if self._threshold is None:
+    @staticmethod
+    def _sampled(keys: _U64, tier: MediumState) -> _BOOL:
+        if tier.threshold is None:
             return np.ones(keys.shape[0], bool)
-        return whatif_hash(keys) < self._threshold
+        return whatif_hash(keys) < tier.threshold
 
     # --- applying --------------------------------------------------------------------------
     def apply(self, batch: EventBatch, resident: npt.NDArray[np.int64]) -> None:
@@ -211,12 +174,13 @@ class WhatIfModel:
             )
 
     def _apply_medium(
-        self, medium_id: int, op: npt.NDArray[np.uint8], keys: _U64, ts: _F64, tier: _Tier
+        self, medium_id: int, op: npt.NDArray[np.uint8], keys: _U64, ts: _F64, tier: MediumState
     ) -> None:
         """One medium's rows, in stream order, no clear among them."""
+        self._keep_within_budget(medium_id, tier, keys)
         is_remove = op == OP_REMOVE
         is_ref = ~is_remove  # stores and accesses reference a block; removals do not
-        sampled = self._sampled(keys)
+        sampled = self._sampled(keys, tier)
         refs_through = np.cumsum(is_ref)
         sel = np.flatnonzero(sampled)
         sampled_refs = sel[is_ref[sel]]
@@ -241,11 +205,46 @@ class WhatIfModel:
         if tier.buffered >= self.chunk_rows:
             self._flush(medium_id, tier)
 
+    def _keep_within_budget(self, medium_id: int, tier: MediumState, keys: _U64) -> None:
+        """Lower the medium's sampling threshold before these rows if its sampled keys and
+        theirs would pass the budget: to the sampling hash that keeps 7/8 of them, dropping
+        the table's keys at or above it. Decided on exact counts (the buffered rows are
+        applied first when the budget may be reached), so batching does not change it."""
+        budget = self.config.max_sampled_blocks
+        incoming = np.unique(keys[self._sampled(keys, tier)])
+        if tier.sampled + tier.buffered + incoming.size <= budget:
+            return  # an upper bound of the keys after these rows
+        self._flush(medium_id, tier)
+        slots = self._slots_of(medium_id)
+        keys_now = np.union1d(self.table.key[slots], incoming)
+        if keys_now.size <= budget:
+            return
+        hashes = np.sort(whatif_hash(keys_now))
+        tier.threshold = hashes[self.config.sampled_after_lowering]
+        self._drop(tier, slots[whatif_hash(self.table.key[slots]) >= tier.threshold])
+
+    def _slots_of(self, medium_id: int) -> _I64:
+        """The table's slots holding the medium's keys (resident or ghost)."""
+        table = self.table
+        live = (table.state == RESIDENT) | (table.state == GHOST)
+        return np.flatnonzero(live & (table.medium == medium_id))
+
+    def _drop(self, tier: MediumState, slots: _I64) -> None:
+        """Forget these keys of the tier: their ghost and reference marks, their slots."""
+        table = self.table
+        ghost = table.state[slots] == GHOST
+        tier.ghosts.kill(table.t_store[slots[ghost]].astype(np.int64))
+        if tier.recency is not None:
+            referenced = table.t_access[slots]
+            tier.recency.kill(referenced[referenced >= 0].astype(np.int64))
+        table.delete(slots)
+        tier.sampled -= int(slots.shape[0])
+
     def _flush_all(self) -> None:
         for medium_id, tier in self._tiers.items():
             self._flush(medium_id, tier)
 
-    def _flush(self, medium_id: int, tier: _Tier) -> None:
+    def _flush(self, medium_id: int, tier: MediumState) -> None:
         """Apply a medium's buffered sampled rows, then forget its oldest ghosts."""
         if not tier.buffered:
             return
@@ -263,13 +262,13 @@ class WhatIfModel:
         correction: _I64,
         weight: _I64,
         capacity: _I64,
-        tier: _Tier,
+        tier: MediumState,
     ) -> None:
         """A chunk of one medium's sampled rows, in stream order (from one batch or several):
         classify each row against the state before it (the table's, or the previous row of its
         key in the chunk), rank restores, measure hits, count, then write the state back."""
         m = int(op.shape[0])
-        ratio = self.config.sample_ratio
+        ratio = tier.ratio
         is_remove = op == OP_REMOVE
         is_store = op == OP_STORE
 
@@ -300,6 +299,7 @@ class WhatIfModel:
         if absent.any():
             slots[absent] = table.insert(distinct[absent], medium[absent], RESIDENT)
             table.t_access[slots[absent]] = -1.0
+            tier.sampled += int(np.count_nonzero(absent))
 
         # The state before each row, and the new ghost position each removal takes.
         ghosts = tier.ghosts
@@ -381,7 +381,7 @@ class WhatIfModel:
             )  # fmt: skip
             table.t_access[slots[was_referenced]] = last_ref[was_referenced] + shift_ref
 
-    def _count_restores(self, tier: _Tier, extra: _F64, weight: _I64, capacity: _I64) -> None:
+    def _count_restores(self, tier: MediumState, extra: _F64, weight: _I64, capacity: _I64) -> None:
         """Restores with their ghost ranks (scaled, in blocks), weights and the capacity at
         their time."""
         within = extra[None, :] <= (self._avoided_factors[:, None] - 1.0) * capacity[None, :]
@@ -401,7 +401,7 @@ class WhatIfModel:
             )
             tier.sum += float(extra @ weight)
 
-    def _count_hits(self, tier: _Tier, hit: _BOOL, weight: _I64) -> None:
+    def _count_hits(self, tier: MediumState, hit: _BOOL, weight: _I64) -> None:
         """A hit counts at every factor from 1 up (a larger LRU cache holds what this one
         does); below 1, :meth:`_count_distances` decides."""
         hit_rows = np.flatnonzero(hit)
@@ -411,7 +411,7 @@ class WhatIfModel:
     def _count_distances(
         self,
         recency: Order,
-        tier: _Tier,
+        tier: MediumState,
         hit: _BOOL,
         followed: _I64,
         prev_ref: _I64,
@@ -440,7 +440,7 @@ class WhatIfModel:
         before_chunk = np.zeros(followed.size, np.int64)
         before_chunk[old] = recency.between(previous[old] + 1, first_ref)
         others = before_chunk[known] + in_chunk[known]
-        distance = others / self.config.sample_ratio + 1.0
+        distance = others / tier.ratio + 1.0
         rows = followed[known]
         fits = distance[None, :] <= self._factors[below, None] * capacity[rows][None, :]
         tier.hits[below] += fits.astype(np.int64) @ weight[rows]
@@ -468,21 +468,72 @@ class WhatIfModel:
             column[mine] = np.searchsorted(old, column[mine].astype(np.int64))
         return order.append(alive, keys) - expected
 
-    def _forget_oldest(self, tier: _Tier, medium_id: int) -> None:
-        """Keep at most ``max_ghosts`` ghosts of a medium: the oldest go (their restores will
-        count as first stores, which only matters for ranks beyond what is kept)."""
-        excess = tier.ghosts.live - self.config.max_ghosts
+    def _forget_oldest(self, tier: MediumState, medium_id: int) -> None:
+        """Keep at most ``max_ghosts`` ghosts of a medium, and none deeper than the ghost
+        horizon: the oldest go (their restores will count as first stores, which only
+        matters for ranks beyond what is kept)."""
+        excess = tier.ghosts.live - ghost_limit(self.config, tier.capacity, tier.ratio)
         if excess <= 0:
             return
-        positions = tier.ghosts.oldest(excess)
-        keys = tier.ghosts.keys[positions]
+        keys = tier.ghosts.keys[tier.ghosts.oldest(excess)]
         slots = self.table.find(keys, np.full(keys.shape[0], medium_id, np.uint8))
-        slots = slots[slots >= 0]
-        if tier.recency is not None:
-            referenced = self.table.t_access[slots]
-            tier.recency.kill(referenced[referenced >= 0].astype(np.int64))
-        tier.ghosts.kill(positions)
-        self.table.delete(slots)
+        self._drop(tier, slots[slots >= 0])
+
+    # --- checkpoints -----------------------------------------------------------------------
+    def state(self) -> tuple[dict[str, npt.NDArray[Any]], dict[str, Any]]:
+        """Arrays and scalars to continue from: the sampled keys, every medium's orders,
+        threshold and counters (buffered rows are applied first)."""
+        with self.lock:
+            self._flush_all()
+            table = self.table
+            live = np.flatnonzero((table.state == RESIDENT) | (table.state == GHOST))
+            arrays: dict[str, npt.NDArray[Any]] = {
+                f"table.{name}": getattr(table, name)[live].copy() for name in _TABLE_COLUMNS
+            }
+            arrays["resident"], arrays["observed"] = self._resident.copy(), self._observed.copy()
+            media: dict[str, Any] = {}
+            for medium_id, tier in self._tiers.items():
+                tier_arrays, media[str(medium_id)] = tier.state()
+                arrays |= {f"medium.{medium_id}.{k}": v for k, v in tier_arrays.items()}
+            return arrays, {"config": self._fingerprint(), "media": media}
+
+    def load_state(self, arrays: dict[str, npt.NDArray[Any]], meta: dict[str, Any]) -> None:
+        """Continue from :meth:`state`; ValueError (and nothing changed) when it was taken
+        under other settings or does not fit."""
+        if meta.get("config") != self._fingerprint():
+            raise ValueError("what-if settings changed since the checkpoint")
+        tiers: dict[int, MediumState] = {}
+        for medium, scalars in meta["media"].items():
+            tier = MediumState(self.config, None, self._threshold)
+            prefix = f"medium.{medium}."
+            tier.load_state(
+                {k.removeprefix(prefix): v for k, v in arrays.items() if k.startswith(prefix)},
+                scalars,
+            )
+            tiers[int(medium)] = tier
+        table = BlockTable()
+        states = arrays["table.state"]
+        table.reserve(int(states.shape[0]))
+        for state in (RESIDENT, GHOST):
+            rows = np.flatnonzero(states == state)
+            slots = table.insert(arrays["table.key"][rows], arrays["table.medium"][rows], state)
+            table.t_store[slots] = arrays["table.t_store"][rows]
+            table.t_access[slots] = arrays["table.t_access"][rows]
+        with self.lock:
+            self.table, self._tiers = table, tiers
+            self._resident[: arrays["resident"].shape[0]] = arrays["resident"]
+            self._observed[: arrays["observed"].shape[0]] = arrays["observed"]
+
+    def _fingerprint(self) -> dict[str, Any]:
+        config = self.config
+        return {
+            "sample_ratio": config.sample_ratio,
+            "max_sampled_blocks": config.max_sampled_blocks,
+            "max_ghosts": config.max_ghosts,
+            "capacity_factors": list(config.capacity_factors),
+            "distance_buckets": list(config.distance_buckets),
+            "capacity": [list(c) for c in config.capacity],
+        }
 
     # --- reading ---------------------------------------------------------------------------
     def snapshot(self) -> WhatIfSnapshot:
@@ -510,9 +561,12 @@ class WhatIfModel:
                     sampled_restores=tier.restores,
                     sampled_hits=tier.sampled_hits,
                     ghosts=tier.ghosts.live,
+                    sample_ratio=tier.ratio,
+                    sampled_blocks=tier.sampled,
                 )
             return WhatIfSnapshot(
                 sample_ratio=self.config.sample_ratio,
+                max_sampled_blocks=self.config.max_sampled_blocks,
                 factors=self.config.capacity_factors,
                 avoided_factors=self.config.avoided_factors,
                 media=media,

@@ -150,6 +150,34 @@ class Order:
             self.tree.add(fresh, 1)
         return base
 
+    def state(self) -> dict[str, npt.NDArray[np.generic]]:
+        """The marks up to ``end`` (and their keys), and ``start``: what to continue from."""
+        state: dict[str, npt.NDArray[np.generic]] = {
+            "alive": self.alive[: self.end].copy(),
+            "start": np.array([self.start], np.int64),
+        }
+        if self.keys.size:
+            state["keys"] = self.keys[: self.end].copy()
+        return state
+
+    @classmethod
+    def from_state(cls, state: dict[str, npt.NDArray[np.generic]], with_keys: bool) -> Order:
+        """An order continuing :meth:`state`, with room to grow."""
+        alive = state["alive"].astype(bool)
+        end = int(alive.shape[0])
+        order = cls(with_keys)
+        if end + 1 > order.alive.shape[0]:
+            order.alive = np.zeros(2 * end, bool)
+            if with_keys:
+                order.keys = np.zeros(2 * end, np.uint64)
+        order.alive[:end] = alive
+        if with_keys:
+            order.keys[:end] = state["keys"].astype(np.uint64)
+        order.end, order.start = end, int(state["start"][0])
+        order.live = int(np.count_nonzero(alive))
+        order.tree = Fenwick(order.alive)
+        return order
+
     def oldest(self, count: int) -> _I64:
         """The ``count`` live marks with the lowest positions (the caller kills them)."""
         found: list[_I64] = []

@@ -26,13 +26,16 @@ class MediumWhatIf:
     sampled_restores: int
     sampled_hits: int
     ghosts: int
+    sample_ratio: float  # the rate in force (the budget lowers it)
+    sampled_blocks: int  # keys followed: resident and ghosts
 
 
 @dataclass(frozen=True, slots=True)
 class WhatIfSnapshot:
     """An engine's what-if figures: per medium id (the collector's label ids)."""
 
-    sample_ratio: float
+    sample_ratio: float  # the configured (highest) rate
+    max_sampled_blocks: int
     factors: tuple[float, ...]
     avoided_factors: tuple[float, ...]
     media: dict[int, MediumWhatIf]

@@ -1,0 +1,141 @@
+"""One medium's what-if state, and the sampling that decides which keys it follows.
+
+The sampling hash is murmur3's 64-bit finalizer of the key XOR a constant: independent of the
+collector's sampling (splitmix64) and of the block table's multiplicative slot hash, so the
+sampled keys spread over the table (the same function for both would crowd one corner of it).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+
+from .config import WhatIfConfig
+from .orders import Order
+
+_U64 = npt.NDArray[np.uint64]
+_I64 = npt.NDArray[np.int64]
+_F64 = npt.NDArray[np.float64]
+
+_FMIX1: Final = np.uint64(0xFF51AFD7ED558CCD)
+_FMIX2: Final = np.uint64(0xC4CEB9FE1A85EC53)
+_SEED: Final = np.uint64(0x5851F42D4C957F2D)
+
+
+def whatif_hash(keys: _U64) -> _U64:
+    """murmur3's fmix64 of ``keys ^ seed``: the what-if model's own sampling hash."""
+    z = keys ^ _SEED
+    z = z ^ (z >> np.uint64(33))
+    z = z * _FMIX1
+    z = z ^ (z >> np.uint64(33))
+    z = z * _FMIX2
+    result: _U64 = z ^ (z >> np.uint64(33))
+    return result
+
+
+def ghost_limit(config: WhatIfConfig, capacity: int, ratio: float) -> int:
+    """The sampled ghosts a medium keeps: ``max_ghosts``, and while the capacity is known
+    no more than reach ``ghost_horizon`` capacities deep at the sampling rate."""
+    if not capacity:
+        return config.max_ghosts
+    return min(config.max_ghosts, math.ceil(config.ghost_horizon * capacity * ratio) + 1)
+
+
+class MediumState:
+    """The state of one medium: its ghost order, reference order, sampling threshold and
+    counters."""
+
+    def __init__(
+        self, config: WhatIfConfig, configured: int | None, threshold: np.uint64 | None
+    ) -> None:
+        self.ghosts = Order(with_keys=True)
+        self.recency: Order | None = None  # from the first hit on: stack distances of hits
+        self.capacity = configured or 0
+        self.configured = configured is not None
+        # The capacity observed in the batch being applied, in force from its first eviction
+        # on (not from the batch's first row: the numbers must not depend on batching).
+        self.next_capacity = self.capacity
+        self.pending = 0  # references since the last sampled one (the next one's weight)
+        self.threshold = threshold  # sampling hashes below it are sampled; None: every key
+        self.sampled = 0  # keys of this medium in the table (resident and ghosts)
+        self.avoided = np.zeros(len(config.avoided_factors), np.int64)
+        self.hits = np.zeros(len(config.capacity_factors), np.int64)
+        self.bounds: _F64 | None = None
+        self.counts = np.zeros(len(config.distance_buckets) + 1, np.int64)
+        self.sum = 0.0
+        self.stores = 0
+        self.restores = 0
+        self.sampled_hits = 0
+        # Sampled rows not applied yet: op, key, step correction, weight, capacity at the time.
+        self.buffer: list[tuple[npt.NDArray[np.uint8], _U64, _I64, _I64, _I64]] = []
+        self.buffered = 0
+
+    @property
+    def ratio(self) -> float:
+        """The sampling rate in force."""
+        return 1.0 if self.threshold is None else float(self.threshold) / 2.0**64
+
+    def forget_all(self) -> None:
+        """A clear: nothing of the old cache can come back as a restore or a hit."""
+        self.sampled = 0
+        self.ghosts = Order(with_keys=True)
+        if self.recency is not None:
+            self.recency = Order(with_keys=False)
+
+    # --- checkpoints -------------------------------------------------------------------------
+    def state(self) -> tuple[dict[str, npt.NDArray[Any]], dict[str, Any]]:
+        """Arrays and scalars to continue from (nothing may be buffered)."""
+        if self.buffered:
+            raise ValueError("apply the buffered rows before taking the state")
+        arrays = {
+            **{f"ghosts.{name}": values for name, values in self.ghosts.state().items()},
+            "avoided": self.avoided,
+            "hits": self.hits,
+            "counts": self.counts,
+        }
+        if self.recency is not None:
+            arrays |= {f"recency.{name}": v for name, v in self.recency.state().items()}
+        if self.bounds is not None:
+            arrays["bounds"] = self.bounds
+        scalars = {
+            "capacity": self.capacity,
+            "configured": self.configured,
+            "next_capacity": self.next_capacity,
+            "pending": self.pending,
+            "threshold": None if self.threshold is None else int(self.threshold),
+            "sampled": self.sampled,
+            "sum": self.sum,
+            "stores": self.stores,
+            "restores": self.restores,
+            "sampled_hits": self.sampled_hits,
+        }
+        return arrays, scalars
+
+    def load_state(self, arrays: dict[str, npt.NDArray[Any]], scalars: dict[str, Any]) -> None:
+        """Continue from :meth:`state` (ValueError when the factors or buckets changed)."""
+        for name in ("avoided", "hits", "counts"):
+            if arrays[name].shape != getattr(self, name).shape:
+                raise ValueError(f"what-if {name}: factors or buckets changed")
+            getattr(self, name)[:] = arrays[name]
+        self.ghosts = Order.from_state(_prefixed(arrays, "ghosts."), with_keys=True)
+        recency = _prefixed(arrays, "recency.")
+        self.recency = Order.from_state(recency, with_keys=False) if recency else None
+        self.bounds = arrays["bounds"].astype(np.float64) if "bounds" in arrays else None
+        threshold = scalars["threshold"]
+        self.threshold = None if threshold is None else np.uint64(int(threshold))
+        self.capacity = int(scalars["capacity"])
+        self.configured = bool(scalars["configured"])
+        self.next_capacity = int(scalars["next_capacity"])
+        self.pending = int(scalars["pending"])
+        self.sampled = int(scalars["sampled"])
+        self.sum = float(scalars["sum"])
+        self.stores = int(scalars["stores"])
+        self.restores = int(scalars["restores"])
+        self.sampled_hits = int(scalars["sampled_hits"])
+
+
+def _prefixed(arrays: dict[str, npt.NDArray[Any]], prefix: str) -> dict[str, npt.NDArray[Any]]:
+    return {k.removeprefix(prefix): v for k, v in arrays.items() if k.startswith(prefix)}
