@@ -41,7 +41,7 @@ from .curve import (
     load_public_key,
     server_role,
 )
-from .protocol.decode import DEFAULT_MAX_ADAPTERS, MAX_ADAPTERS
+from .protocol.batch import DEFAULT_MAX_ADAPTERS, MAX_ADAPTERS
 from .sinks.http import parse_listen_address
 from .sinks.otlp_config import (
     OTLP_COMPRESSIONS,
