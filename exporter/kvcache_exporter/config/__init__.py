@@ -3,6 +3,11 @@
 Precedence, lowest first: built-in defaults, ``--config.file``, ``KVCACHE_EXPORTER_*``
 environment variables, command-line flags. Every bad value is reported as one line that
 names where it came from; the CLI turns it into exit code 2 before anything starts.
+
+:func:`load` merges them here; :mod:`.options` is the option table and parser, :mod:`.values`
+the converters of flag text, :mod:`.checks` the start-up checks on files and keys,
+:mod:`.otlp_env` the OTLP settings with the ``OTEL_*`` variables, and :mod:`.settings` what
+comes out (:class:`ExporterConfig`, or :class:`ConfigError`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""Start-up checks that touch the file system: ``--storage.path`` is writable, and every CURVE
-key file a source names can be read and is a key.
+"""Start-up work that reads or writes files: proving ``--storage.path`` writable, and building
+each CURVE source's role from its key files (with libzmq's CURVE support checked first).
 
-They run while the configuration loads, so that a bad path or key stops the exporter with one
+It runs while the configuration loads, so that a bad path or key stops the exporter with one
 line and exit code 2 instead of failing later in a pipeline or silencing a source.
 """
 
