@@ -17,6 +17,8 @@ from __future__ import annotations
 from grafana_foundation_sdk.builders import dashboard as dash
 from grafana_foundation_sdk.models import dashboard as model
 
+from kvcache_exporter.thresholds import THRASH_CRITICAL_RATIO, THRASH_RATIO
+
 from .panels import (
     BLOCKS,
     BLOCKS_PER_S,
@@ -61,8 +63,11 @@ PER_PLACE = "{{engine}} {{medium}} group {{group}} {{instance}}"
 PER_ADAPTER = "{{adapter}} {{engine}} {{medium}}"
 TOKENS = "count:tokens"
 
-# Restore ratio levels of the KVCacheThrashing alert (warning, critical).
-THRASH = ((None, GREEN), (0.3, ORANGE), (0.6, RED))
+# Restore ratio levels of the KVCacheThrashing alert (warning, critical), which the rules
+# (deploy/prometheus/generate.py) and the exporter's thrashing alert take from the same place.
+THRASH = ((None, GREEN), (THRASH_RATIO, ORANGE), (THRASH_CRITICAL_RATIO, RED))
+THRASH_LEVELS = f"{THRASH_RATIO:.0%}", f"{THRASH_CRITICAL_RATIO:.0%}"
+"""The same levels as the panel descriptions state them, in percent."""
 
 
 def quantile(histogram: str, q: str) -> str:
@@ -317,9 +322,10 @@ def adapters_row(builder: dash.Dashboard) -> dash.Dashboard:
                 "Restore ratio by adapter",
                 "Restores / stores by LoRA adapter, engine and medium, over the panel's rate "
                 "interval: which adapter thrashes the cache. Dashed lines: the "
-                "KVCacheThrashing levels (30%, 60%), which the alert applies to the whole "
-                "pool. A high ratio for one adapter only: give it more cache (its own "
-                "replicas, or prefix-aware routing per adapter) rather than the whole engine.",
+                f"KVCacheThrashing levels ({THRASH_LEVELS[0]}, {THRASH_LEVELS[1]}), which the "
+                "alert applies to the whole pool. A high ratio for one adapter only: give it "
+                "more cache (its own replicas, or prefix-aware routing per adapter) rather than "
+                "the whole engine.",
                 RATIO,
                 [Query(f"{restores}\n/\n({stored} > 0)", PER_ADAPTER)],
                 thresholds=THRASH,
@@ -396,8 +402,8 @@ def overview() -> model.Dashboard:
                 "Restores / stores over 5 minutes, the highest of the selected engines, per medium "
                 "(all KV-cache groups together): the share of stored blocks that the cache had "
                 "held and evicted before, i.e. prefill recomputed (or reloaded from an offload "
-                "tier). Orange at 30% and red at 60%, the KVCacheThrashing levels: see "
-                "docs/runbooks.md#kvcachethrashing.",
+                f"tier). Orange at {THRASH_LEVELS[0]} and red at {THRASH_LEVELS[1]}, the "
+                "KVCacheThrashing levels: see docs/runbooks.md#kvcachethrashing.",
                 RATIO,
                 [Query(f"max by (medium) ({RESTORE_RATIO}{{{MEDIUM}}})", "{{medium}}")],
                 thresholds=THRASH,
@@ -518,10 +524,11 @@ def overview() -> model.Dashboard:
                 "Restores / stores over 5 minutes, per engine and medium (all KV-cache groups "
                 "of the pool together): the share of stores "
                 "that recomputed (or reloaded) blocks the cache had evicted. Dashed lines: the "
-                "KVCacheThrashing levels (30% warning, 60% critical). Above them, the working "
-                "set does not fit: give the engine more KV memory, add or grow a CPU offload "
-                "tier, or route requests that share a prefix to the same replica. A spike right "
-                "after a cache clear is the cache refilling, not thrashing.",
+                f"KVCacheThrashing levels ({THRASH_LEVELS[0]} warning, {THRASH_LEVELS[1]} "
+                "critical). Above them, the working set does not fit: give the engine more KV "
+                "memory, add or grow a CPU offload tier, or route requests that share a prefix "
+                "to the same replica. A spike right after a cache clear is the cache refilling, "
+                "not thrashing.",
                 RATIO,
                 [Query(f"{RESTORE_RATIO}{{{MEDIUM}}}", PER_SERIES)],
                 thresholds=THRASH,

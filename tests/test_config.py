@@ -8,7 +8,8 @@ import pytest
 import zmq
 import zmq.auth
 
-from kvcache_exporter.config import DEFAULT_SOURCE, ConfigError, load
+from kvcache_exporter.config import ConfigError, load
+from kvcache_exporter.config.options import DEFAULT_SOURCE
 
 
 def test_defaults_subscribe_to_the_default_engine_endpoint() -> None:

@@ -48,7 +48,8 @@ import yaml
 from kubernetes_validate import utils as kubernetes_validate
 
 from kvcache_exporter import __version__
-from kvcache_exporter.config import ENV_PREFIX, OPTIONS, ConfigError, ExporterConfig, load
+from kvcache_exporter.config import ConfigError, ExporterConfig, load
+from kvcache_exporter.config.options import ENV_PREFIX, OPTIONS
 from kvcache_exporter.sources.spec import SourceSpec
 
 from .conftest import free_port

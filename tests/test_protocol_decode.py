@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvcache_exporter.protocol.batch import (
+    MAX_GROUPS,
     OP_ACCESS,
     OP_CLEAR,
     OP_REMOVE,
@@ -27,17 +28,10 @@ from kvcache_exporter.protocol.batch import (
     EventBatch,
     GroupSpec,
     LabelTable,
-)
-from kvcache_exporter.protocol.decode import (
-    MAX_GROUPS,
-    DecodeError,
-    DecodeLimits,
-    PayloadDecoder,
-    fold_hash,
-    hashes_to_array,
-    msgpack_array_length,
     new_adapter_table,
 )
+from kvcache_exporter.protocol.columns import fold_hash, hashes_to_array, msgpack_array_length
+from kvcache_exporter.protocol.decode import DecodeError, DecodeLimits, PayloadDecoder
 
 VECTORS = Path(__file__).parent / "fixtures" / "vectors"
 VECTOR_FILES = sorted(VECTORS.glob("*.jsonl"))

@@ -44,6 +44,7 @@ from typing import Any
 import yaml
 
 from kvcache_exporter.catalog import FAMILIES, Buckets
+from kvcache_exporter.thresholds import THRASH_CRITICAL_RATIO, THRASH_RATIO
 
 HERE = Path(__file__).resolve().parent
 
@@ -76,8 +77,10 @@ class Config:
     )
     """Where ``docs/runbooks.md`` is published; each alert links to its section (``#name``)."""
 
-    thrash_ratio: float = 0.3
-    thrash_critical_ratio: float = 0.6
+    # The warning and critical restore ratios: the exporter's own thrashing levels, which the
+    # dashboards colour by as well.
+    thrash_ratio: float = THRASH_RATIO
+    thrash_critical_ratio: float = THRASH_CRITICAL_RATIO
     thrash_min_store_rate: float = 1.0
     """Stores/s the restore ratio needs before it means anything."""
     thrash_for: str = "10m"

@@ -26,8 +26,7 @@ from .collector import (
     CollectorSnapshot,
 )
 from .collector.eviction_log import EvictionRecords
-from .protocol.batch import EventBatch, GroupSpec, LabelTable
-from .protocol.decode import new_adapter_table, new_group_table
+from .protocol.batch import EventBatch, GroupSpec, LabelTable, new_adapter_table, new_group_table
 from .sources.stream import EventStream, SourceStats
 
 

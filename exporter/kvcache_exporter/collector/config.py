@@ -13,7 +13,7 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from ..protocol.decode import DEFAULT_MAX_ADAPTERS, MAX_ADAPTERS
+from ..protocol.batch import DEFAULT_MAX_ADAPTERS, MAX_ADAPTERS
 from .histogram import (
     ACCESS_COUNT_BUCKETS,
     PREFIX_DEPTH_BUCKETS,

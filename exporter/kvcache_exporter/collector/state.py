@@ -15,8 +15,7 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from ..protocol.batch import LabelTable
-from ..protocol.decode import new_adapter_table, new_group_table
+from ..protocol.batch import LabelTable, new_adapter_table, new_group_table
 from .config import DEFAULT_REASONS, REASON_CLEARED, REASON_RESTART, CollectorConfig, sample_hash
 from .eviction_log import EvictionLog
 from .histogram import HistogramSet

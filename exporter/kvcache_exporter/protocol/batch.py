@@ -104,6 +104,24 @@ class LabelTable:
         return ids  # type: ignore[return-value]
 
 
+DEFAULT_GROUP: Final = "0"
+BASE_ADAPTER: Final = "base"  # the adapter label of blocks stored without a LoRA adapter
+DEFAULT_MAX_ADAPTERS: Final = 32
+MAX_ADAPTERS: Final = 250  # adapter ids are one byte, with room for base and other
+MAX_GROUPS: Final = 8
+
+
+def new_group_table() -> LabelTable:
+    """KV-cache group labels: ``"0"`` for events that name none; at most 8 (hybrid models
+    have two or three), the rest in ``other``."""
+    return LabelTable(DEFAULT_GROUP, capacity=MAX_GROUPS)
+
+
+def new_adapter_table(max_adapters: int = DEFAULT_MAX_ADAPTERS) -> LabelTable:
+    """LoRA adapter labels: ``base``, up to ``max_adapters`` names, then ``other``."""
+    return LabelTable(BASE_ADAPTER, capacity=max_adapters + 2)
+
+
 # Marks a column the producer left out (filled in by EventBatch.__post_init__).
 _DEFAULT_COLUMN: Final[Any] = None
 _OPTIONAL_COLUMNS: Final = (

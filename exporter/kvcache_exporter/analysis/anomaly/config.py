@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Final
 
+from ...thresholds import THRASH_CRITICAL_RATIO, THRASH_RATIO
 from ..series import AlertLevel
 
 EVICTION_STORM: Final = "eviction_storm"
@@ -67,9 +68,9 @@ class AnomalyConfig:
     # -- thrashing
     thrash_window_seconds: float = 60.0
     """Window over which restores / stores is taken."""
-    thrash_ratio: float = 0.3
+    thrash_ratio: float = THRASH_RATIO
     """WARNING ratio of restores to stores."""
-    thrash_critical_ratio: float = 0.6
+    thrash_critical_ratio: float = THRASH_CRITICAL_RATIO
     """CRITICAL ratio."""
     thrash_min_stores: int = 100
     """Stores the window needs before the ratio means anything."""

@@ -1,250 +1,36 @@
-"""The in-process library: the seed design's collector API over the exporter's own core.
+"""The in-process collectors: :class:`BatchMetricsCollector` (whole arrays of block ids) and
+:class:`KVCacheMetricsCollector` (the seed design's per-call hooks) over one pipeline, and
+:func:`create_metrics_collector`.
 
-An engine calls these from its block manager, with no sockets. Every facade here feeds the
-same vectorized :class:`~kvcache_exporter.collector.BlockLifecycleCollector` and the same
-alert and trend detectors as the sidecar, so the numbers agree with what ``/metrics`` would
-show for the same events. Calls are buffered and applied as numpy batches (per-call work is a
-list append); every read flushes first.
-
-Times are the engine's clock in seconds: pass ``now=`` to use your own, or leave it out for
-the collector's ``clock`` (``time.time`` by default).
+Calls are buffered in call order and applied as one numpy batch per flush; every read flushes
+first, then reads the pipeline's collector and monitor as ``/metrics`` would.
 """
 
 from __future__ import annotations
 
-import enum
 import json
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
-from itertools import pairwise
+from dataclasses import fields
 from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
 
-from .analysis.anomaly import AnomalyConfig
-from .analysis.monitor import MonitorConfig
-from .analysis.patterns import access_patterns
-from .analysis.series import AlertLevel, CacheAlert
-from .analysis.trends import TrendConfig
-from .collector import CollectorConfig, sample_hash
-from .collector.histogram import (
-    ACCESS_COUNT_BUCKETS,
-    PREFIX_DEPTH_BUCKETS,
-    RESIDENCY_BUCKETS,
-    validate_buckets,
-)
-from .pipeline import Pipeline, new_pipeline
-from .protocol.batch import OP_ACCESS, OP_CLEAR, OP_REMOVE, OP_STORE, EventBatch
-from .sinks.export import ExportRequest, render_export
-from .sinks.summary import quantile
-
-__all__ = [
-    "AlertLevel",
-    "BatchMetricsCollector",
-    "BlockMetricsState",
-    "CacheAlert",
-    "CacheMetricsSummary",
-    "KVCacheEvictionEvent",
-    "KVCacheMetricsCollector",
-    "MetricType",
-    "MetricsConfig",
-    "create_metrics_collector",
-]
+from ..analysis.patterns import access_patterns
+from ..analysis.series import CacheAlert
+from ..collector import sample_hash
+from ..collector.histogram import validate_buckets
+from ..pipeline import Pipeline, new_pipeline
+from ..protocol.batch import OP_ACCESS, OP_CLEAR, OP_REMOVE, OP_STORE, EventBatch
+from ..sinks.export import ExportRequest, render_export
+from ..sinks.summary import quantile
+from .config import MetricsConfig
+from .records import BlockMetricsState, CacheMetricsSummary, KVCacheEvictionEvent, MetricType
 
 U64_MASK: Final = (1 << 64) - 1
 EXPORT_FORMATS: Final = ("json", "csv", "prometheus")
-
-
-class MetricType(enum.Enum):
-    """The lifecycle distributions the collector keeps (``value`` is the summary key)."""
-
-    LIFETIME = "lifetime"
-    IDLE_BEFORE_EVICT = "idle_before_evict"
-    REUSE_GAP = "reuse_gap"
-    RESTORE_GAP = "restore_gap"
-    ACCESSES_BEFORE_EVICT = "accesses_before_evict"
-    PREFIX_DEPTH = "prefix_depth"
-
-
-@dataclass(frozen=True)
-class MetricsConfig:
-    """Settings of an in-process collector, checked on creation (``ValueError`` says which)."""
-
-    sample_rate: float = 0.01
-    """Fraction of block ids whose lifecycle histograms are kept, in (0, 1]; counters stay
-    exact. A block is sampled iff a hash of its id falls under the rate, for its whole life."""
-    lifetime_buckets: tuple[float, ...] = RESIDENCY_BUCKETS
-    """Bucket bounds (seconds) of every duration histogram."""
-    access_buckets: tuple[float, ...] = ACCESS_COUNT_BUCKETS
-    depth_buckets: tuple[float, ...] = PREFIX_DEPTH_BUCKETS
-    max_tracked_blocks: int = 4_000_000
-    removed_memory: int = 1_000_000
-    """Removed block ids remembered, so that a re-allocation is known as a restore."""
-    eviction_log_size: int = 10_000
-    """Recent evictions kept as records, for ``export`` and custom distributions."""
-    batch_size: int = 4096
-    """Calls buffered before they are applied (reads always apply first)."""
-    hot_access_threshold: int = 4
-    """Accesses since allocation from which a resident block counts as hot."""
-    point_interval_seconds: float = 1.0
-    trend_window_seconds: float = 300.0
-    anomaly: AnomalyConfig = field(default_factory=AnomalyConfig)
-    medium: str = "GPU"
-    """The medium label the per-call methods report blocks under."""
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.sample_rate <= 1.0:
-            raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
-        validate_buckets(self.lifetime_buckets, "lifetime_buckets")
-        if self.lifetime_buckets[0] <= 0:
-            raise ValueError("lifetime_buckets must be positive")
-        validate_buckets(self.access_buckets, "access_buckets")
-        validate_buckets(self.depth_buckets, "depth_buckets")
-        for name in ("max_tracked_blocks", "batch_size", "hot_access_threshold"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("removed_memory", "eviction_log_size"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} cannot be negative, got {getattr(self, name)}")
-        for name in ("point_interval_seconds", "trend_window_seconds"):
-            value = getattr(self, name)
-            if not 0 < value < float("inf"):
-                raise ValueError(f"{name} must be a positive finite number, got {value}")
-
-    def collector_config(self) -> CollectorConfig:
-        return CollectorConfig(
-            sample_ratio=self.sample_rate,
-            max_tracked_blocks=self.max_tracked_blocks,
-            removed_memory=self.removed_memory,
-            duration_buckets=self.lifetime_buckets,
-            access_buckets=self.access_buckets,
-            depth_buckets=self.depth_buckets,
-            eviction_log_size=self.eviction_log_size,
-            # The library's calls say "allocated", not "one more copy": an id already
-            # resident is an access (the sidecar's hit-report mode), never a second copy.
-            hit_reports=True,
-        )
-
-    def monitor_config(self) -> MonitorConfig:
-        return MonitorConfig(
-            point_interval=self.point_interval_seconds,
-            anomaly=self.anomaly,
-            trend=TrendConfig(window_seconds=self.trend_window_seconds),
-        )
-
-
-@dataclass
-class BlockMetricsState:
-    """One block's lifecycle, as the seed design keeps it per block (engine-clock seconds)."""
-
-    block_id: int
-    allocated_at: float
-    last_access_at: float
-    access_count: int = 0
-    access_history: deque[float] = field(default_factory=lambda: deque(maxlen=8))
-
-    def record_access(self, now: float | None = None) -> None:
-        now = time.time() if now is None else now
-        self.access_history.append(now)
-        self.last_access_at = now
-        self.access_count += 1
-
-    def get_lifetime_seconds(self, now: float | None = None) -> float:
-        return (time.time() if now is None else now) - self.allocated_at
-
-    def get_idle_time_seconds(self, now: float | None = None) -> float:
-        return (time.time() if now is None else now) - self.last_access_at
-
-    def get_reuse_gaps_seconds(self) -> list[float]:
-        """Gaps between consecutive accesses in the kept history (allocation included)."""
-        times = [self.allocated_at, *self.access_history]
-        if len(self.access_history) == self.access_history.maxlen:
-            times = times[1:]  # the history no longer reaches back to the allocation
-        return [b - a for a, b in pairwise(times)]
-
-    def get_access_frequency(self, now: float | None = None) -> float:
-        """Accesses per second over the block's life so far."""
-        lifetime = self.get_lifetime_seconds(now)
-        return self.access_count / lifetime if lifetime > 0 else 0.0
-
-
-@dataclass(frozen=True)
-class KVCacheEvictionEvent:
-    """One tracked block's removal."""
-
-    block_id: int
-    reason: str
-    medium: str
-    allocated_at: float
-    last_access_at: float
-    evicted_at: float
-    access_count: int
-    prefix_depth: int | None = None
-
-    @property
-    def lifetime_seconds(self) -> float:
-        return self.evicted_at - self.allocated_at
-
-    @property
-    def idle_seconds(self) -> float:
-        return self.evicted_at - self.last_access_at
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "block_id": self.block_id,
-            "reason": self.reason,
-            "medium": self.medium,
-            "allocated_at": self.allocated_at,
-            "last_access_at": self.last_access_at,
-            "evicted_at": self.evicted_at,
-            "lifetime_seconds": self.lifetime_seconds,
-            "idle_seconds": self.idle_seconds,
-            "access_count": self.access_count,
-            "prefix_depth": self.prefix_depth,
-        }
-
-
-@dataclass(frozen=True)
-class CacheMetricsSummary:
-    """Everything the collector knows, at one moment."""
-
-    sample_rate: float
-    blocks_allocated: int
-    blocks_evicted: dict[str, int]
-    blocks_accessed: int
-    restores: int
-    resident_blocks: int
-    tracked_blocks: int
-    cache_resets: int
-    unknown_evictions: int
-    distributions: dict[str, dict[str, float | int | None]]
-    alerts: list[CacheAlert]
-    trends: dict[str, dict[str, Any]]
-
-    @property
-    def restore_ratio(self) -> float | None:
-        return self.restores / self.blocks_allocated if self.blocks_allocated else None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "sample_rate": self.sample_rate,
-            "blocks_allocated": self.blocks_allocated,
-            "blocks_evicted": dict(self.blocks_evicted),
-            "blocks_accessed": self.blocks_accessed,
-            "restores": self.restores,
-            "restore_ratio": self.restore_ratio,
-            "resident_blocks": self.resident_blocks,
-            "tracked_blocks": self.tracked_blocks,
-            "cache_resets": self.cache_resets,
-            "unknown_evictions": self.unknown_evictions,
-            "distributions": self.distributions,
-            "alerts": [alert.to_dict() for alert in self.alerts],
-            "trends": self.trends,
-        }
 
 
 IdArray = npt.NDArray[np.uint64] | Sequence[int]
@@ -508,7 +294,7 @@ class BatchMetricsCollector:
             raise ValueError(f"format must be one of {', '.join(EXPORT_FORMATS)}, not {format!r}")
         # Imported here: the exposition needs prometheus_client, which recording blocks does
         # not, so `import kvcache_exporter.library` stays small.
-        from .offline import format_views
+        from ..offline import format_views
 
         with self._lock:
             self.flush_all()
