@@ -32,7 +32,13 @@ from kvcache_exporter.collector import BlockLifecycleCollector, CollectorConfig,
 from kvcache_exporter.commands import analyze
 from kvcache_exporter.commands.common import UsageError
 from kvcache_exporter.config import ConfigError, load
-from kvcache_exporter.engine import PrefixCacheSimulator, Request, bundled_trace_path, read_mooncake
+from kvcache_exporter.engine import (
+    PrefixCacheSimulator,
+    Request,
+    bundled_trace_path,
+    read_mooncake,
+    repeat_requests,
+)
 from kvcache_exporter.offline import OfflinePipeline, PlotError, format_views, plot_whatif
 from kvcache_exporter.pipeline import EngineView, new_pipeline
 from kvcache_exporter.protocol.batch import (
@@ -199,7 +205,7 @@ class ReferenceWhatIf:
                 self.state[(key, medium)] = "G"
                 continue
             hit = before == "R"
-            if op == OP_STORE and before == "G":
+            if op == OP_STORE and before == "G" and rank <= self.ghost_limit(tier):
                 self.count_restore(tier, max((rank - 1) / ratio + 1 - correction, 1.0), weight)
                 tier.restores += 1
             if op == OP_STORE and not hit:
@@ -214,12 +220,16 @@ class ReferenceWhatIf:
                     tier.recency.remove(key)
                 tier.recency.append(key)
             self.state[(key, medium)] = "R"
-        limit = self.config.max_ghosts
-        if tier.capacity:  # no deeper than the ghost horizon at the rate in force
-            reach = math.ceil(self.config.ghost_horizon * tier.capacity * self.ratio(tier)) + 1
-            limit = min(limit, reach)
-        while len(tier.ghosts) > limit:
+        while len(tier.ghosts) > self.ghost_limit(tier):
             self.drop(medium, tier, tier.ghosts[0])
+
+    def ghost_limit(self, tier: RefTier) -> int:
+        """Ghosts remembered: max_ghosts, and no deeper than the ghost horizon at the rate in
+        force; a restore from deeper counts as a first store, forgotten yet or not."""
+        if not tier.capacity:
+            return self.config.max_ghosts
+        reach = math.ceil(self.config.ghost_horizon * tier.capacity * self.ratio(tier)) + 1
+        return min(self.config.max_ghosts, reach)
 
     def count_restore(self, tier: RefTier, extra: float, weight: int) -> None:
         for j, factor in enumerate(self.config.avoided_factors):
@@ -403,19 +413,36 @@ def interleaved(events: list[Event]) -> list[Event]:
     return out + removals
 
 
-def whatif_of(ratio: float, report_hits: bool = False, interleave: bool = False) -> dict[str, Any]:
-    """The summary's what-if block for GPU after the C-run's events went through a pipeline
-    (framing, decoding, collector, model) as an engine publishes them: 4 requests a batch."""
-    pipeline = OfflinePipeline(whatif=WhatIfConfig(sample_ratio=ratio))
-    simulator = PrefixCacheSimulator(C, report_hits=report_hits)
+def fixed(ratio: float) -> WhatIfConfig:
+    """A fixed sampling rate: no budget lowers it."""
+    return WhatIfConfig(sample_ratio=ratio, max_sampled_blocks=2**62)
+
+
+def whatif_of(
+    config: WhatIfConfig,
+    report_hits: bool = False,
+    interleave: bool = False,
+    requests: Iterable[Request] | None = None,
+    capacity: int = C,
+) -> dict[str, Any]:
+    """The summary's what-if block for GPU after the capacity run's events went through a
+    pipeline (framing, decoding, collector, model) as an engine publishes them: 4 requests a
+    batch. Checks as it goes that the model never follows more hashes than its budget."""
+    pipeline = OfflinePipeline(whatif=config)
+    simulator = PrefixCacheSimulator(capacity, report_hits=report_hits)
     pending: list[Event] = []
-    for n, request in enumerate(trace(), start=1):
+    for n, request in enumerate(trace() if requests is None else requests, start=1):
         events = simulator.step(request)
         pending += interleaved(events) if interleave else events
         if n % 4 == 0:
             payload = encode_batch(request.timestamp_s, pending, WireForm.VLLM)
             pipeline.feed("sim", frames("", n // 4, payload), request.timestamp_s)
             pending = []
+        if n % 1000 == 0:
+            (view,) = pipeline.views()
+            assert view.whatif is not None
+            for medium in view.whatif.media.values():
+                assert medium.sampled_blocks <= config.max_sampled_blocks
     (view,) = pipeline.views()
     whatif: dict[str, Any] = summarize(view)["media"]["GPU"]["whatif"]
     return whatif
@@ -431,7 +458,7 @@ def test_avoided_recomputation_matches_exact_simulation(
 ) -> None:
     """Fed only the C-run, the exporter says within 0.005 (R = 1) or 0.01 (R = 0.1) what share
     of its stores a k·C cache would not have made: 1 - stores(k·C) / stores(C)."""
-    whatif = whatif_of(ratio, interleave=interleave)
+    whatif = whatif_of(fixed(ratio), interleave=interleave)
     assert whatif["capacity_blocks"] == C and whatif["capacity_source"] == "observed"
     stored = exact(C)[0]
     for factor in AVOIDED_FACTORS:
@@ -441,11 +468,54 @@ def test_avoided_recomputation_matches_exact_simulation(
     assert whatif["factors"]["8"]["recompute_saved_ratio"] > 0.4  # not vacuous
 
 
+@functools.cache
+def exact_at(capacity: int, loops: int = 1) -> tuple[int, ...]:
+    """GPU blocks stored at each avoided factor's k·capacity, and at the capacity itself,
+    over the trace played ``loops`` times with fresh hashes each time."""
+    out = []
+    for blocks in (capacity, *(round(f * capacity) for f in AVOIDED_FACTORS)):
+        simulator = PrefixCacheSimulator(blocks)
+        stored = 0
+        for request in repeat_requests(trace, loops, fresh_hashes=True):
+            for event in simulator.step(request):
+                if isinstance(event, Stored):
+                    stored += len(event.block_hashes)
+        out.append(stored)
+    return tuple(out)
+
+
+def test_loops_of_fresh_hashes_store_as_many_blocks_each() -> None:
+    """A loop with fresh hashes hits nothing the previous one left, and LRU evicts all of that
+    first: every loop stores what the first did. So exact figures for 30 loops are those of
+    one (checked here on two), and the 30-loop test below needs no 30-loop simulations."""
+    assert exact_at(1000, loops=2) == tuple(2 * s for s in exact_at(1000))
+
+
+@pytest.mark.parametrize(
+    ("loops", "capacity"),
+    [(1, 4000), (1, 1000), (30, 4000)],
+    ids=["trace-C=4000", "trace-C=1000", "30-loops-C=4000"],
+)
+def test_defaults_match_exact_lru_at_every_size(loops: int, capacity: int) -> None:
+    """At the default settings, recomputation avoided at every factor within 0.005 of exact
+    LRU: the trace (43,924 distinct hashes, more than the budget), and the trace looped 30
+    times with fresh hashes (1.3 million, the rate falls well below 1); the model never
+    follows more hashes than the budget (checked as it runs)."""
+    requests = repeat_requests(trace, loops, fresh_hashes=True)
+    whatif = whatif_of(WhatIfConfig(), requests=requests, capacity=capacity)
+    assert whatif["sample_ratio"] < 1.0  # the budget was reached: this is fixed-size sampling
+    stored, *at_factor = exact_at(capacity)
+    for factor, blocks in zip(AVOIDED_FACTORS, at_factor, strict=True):
+        want = 1 - blocks / stored  # the same for any number of loops (test above)
+        got = whatif["factors"][f"{factor:g}"]["recompute_saved_ratio"]
+        assert got == pytest.approx(want, abs=0.005), factor
+
+
 @pytest.mark.parametrize("ratio", [1.0, 0.1])
 def test_hit_ratio_curve_matches_exact_simulation(ratio: float) -> None:
     """With hits reported, the hit ratio a k·C cache would have had, at every factor (below 1
     too), within 0.01 of running the engine at k·C."""
-    whatif = whatif_of(ratio, report_hits=True)
+    whatif = whatif_of(fixed(ratio), report_hits=True)
     for factor in ALL_FACTORS:
         stored, accessed = exact(round(factor * C))
         got = whatif["factors"][f"{factor:g}"]["hit_ratio"]
@@ -555,11 +625,13 @@ def test_flags_and_source_capacity() -> None:
             "--source", "a=tcp://127.0.0.1:5557,capacity=8000,capacity.CPU=64000",
             "--whatif.sample-ratio", "0.05", "--whatif.max-ghosts", "5000",
             "--whatif.capacity-factors", "0.5,2,3", "--whatif.distance-buckets", "0.5,1,2",
+            "--whatif.max-sampled-blocks", "4096",
         ],
         environ={},
     )  # fmt: skip
     assert config.whatif == WhatIfConfig(
         sample_ratio=0.05,
+        max_sampled_blocks=4096,
         max_ghosts=5000,
         capacity_factors=(0.5, 2.0, 3.0),
         distance_buckets=(0.5, 1.0, 2.0),
@@ -588,6 +660,7 @@ def test_yaml_sources_take_capacities(tmp_path: Path) -> None:
     [
         ["--whatif.sample-ratio", "1.5"],
         ["--whatif.max-ghosts", "0"],
+        ["--whatif.max-sampled-blocks", "63"],
         ["--whatif.capacity-factors", "2,1"],
         ["--whatif.capacity-factors", "0,1"],
         ["--whatif.distance-buckets", "0,1"],
@@ -614,12 +687,13 @@ def run_analyze(argv: list[str]) -> str:
     return out.getvalue()
 
 
-TRACE_ARGS = [str(bundled_trace_path()), "--trace-file", "--whatif-sample-ratio", "1"]
+# The trace has 43,924 distinct hashes: a budget above that follows every one.
+TRACE_ARGS = [str(bundled_trace_path()), "--trace-file", "--whatif-max-sampled-blocks", "65536"]
 
 
 def test_analyze_prints_the_curve_as_text_and_json() -> None:
     text = run_analyze([*TRACE_ARGS, "--gpu-blocks", str(C)])
-    assert f"what-if trace/GPU: capacity {C} blocks (observed), sample ratio 1" in text
+    assert f"what-if trace/GPU: capacity {C} blocks (observed), sample ratio 1 (" in text
     assert "    1.5x        6000                10.1%" in text  # 1 - stores(1.5 C) / stores(C)
     document = json.loads(run_analyze([*TRACE_ARGS, "--format", "json", "--capacity", "GPU=8000"]))
     whatif = document["engines"][0]["media"]["GPU"]["whatif"]
@@ -648,7 +722,12 @@ def test_plot_without_matplotlib_is_a_one_line_usage_error(
 
 @pytest.mark.parametrize(
     "argv",
-    [["--capacity", "GPU=zero"], ["--capacity-factors", "3,2"], ["--whatif-sample-ratio", "2"]],
+    [
+        ["--capacity", "GPU=zero"],
+        ["--capacity-factors", "3,2"],
+        ["--whatif-sample-ratio", "2"],
+        ["--whatif-max-sampled-blocks", "10"],
+    ],
 )
 def test_bad_analyze_whatif_arguments_are_usage_errors(argv: list[str]) -> None:
     with pytest.raises(UsageError, match=argv[0]):

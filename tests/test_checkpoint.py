@@ -49,6 +49,18 @@ def numbers(pipeline: Pipeline) -> list[object]:
     ]  # fmt: skip
 
 
+def whatif_numbers(pipeline: Pipeline) -> dict[int, object]:
+    assert pipeline.whatif is not None
+    return {
+        medium: (
+            m.capacity, m.avoided, m.hits, m.sampled_stores, m.sampled_restores,
+            m.sampled_hits, m.ghosts, m.sample_ratio, m.sampled_blocks,
+            None if m.distance is None else (m.distance.bounds, m.distance.counts.tolist()),
+        )
+        for medium, m in pipeline.whatif.snapshot().media.items()
+    }  # fmt: skip
+
+
 def test_a_restored_engine_continues_exactly_where_it_stopped(tmp_path: Path) -> None:
     """Half the stream, a checkpoint, a fresh pipeline restored from it, the other half: the
     numbers equal those of one pipeline that saw the whole stream (restores of blocks removed
@@ -69,6 +81,8 @@ def test_a_restored_engine_continues_exactly_where_it_stopped(tmp_path: Path) ->
 
     whole = fed("vllm", FRAMES)
     assert numbers(resumed) == numbers(whole)
+    assert whatif_numbers(resumed) == whatif_numbers(whole)
+    assert whatif_numbers(whole)  # the what-if has figures on every medium
     assert resumed.stream.stats.sequence_gaps == 0  # it knew where it was
     got = resumed.collector.eviction_records()
     want = whole.collector.eviction_records()

@@ -141,7 +141,9 @@ def _whatif_tables(summaries: list[dict[str, Any]]) -> Iterable[str]:
             yield (
                 f"what-if {summary['engine']}/{medium}: capacity "
                 f"{capacity if capacity else 'not known yet'} blocks "
-                f"({whatif['capacity_source']}), sample ratio {whatif['sample_ratio']:g}"
+                f"({whatif['capacity_source']}), sample ratio {whatif['sample_ratio']:.3g} "
+                f"({whatif['sampled']['blocks']} of at most {whatif['sampled']['max_blocks']} "
+                "hashes)"
             )
             yield f"  {'cache':>7}  {'blocks':>10}  {'recomputation saved':>19}  {'hit ratio':>9}"
             for factor, row in whatif["factors"].items():

@@ -16,11 +16,14 @@ from kvcache_exporter.engine import (
     bundled_trace_path,
     read_mooncake,
 )
+from kvcache_exporter.offline import OfflinePipeline
+from kvcache_exporter.protocol.encode import WireForm, encode_batch, frames
 from kvcache_exporter.publisher import Event, KVEventPublisher
+from kvcache_exporter.sinks.prometheus import render
 
 from ..conftest import free_port
 from ..reference import ReferenceCollector
-from .conftest import ExporterProcess, as_map, select, value
+from .conftest import ExporterProcess, as_map, parse_samples, select, value
 
 pytestmark = pytest.mark.e2e
 
@@ -111,3 +114,21 @@ def test_killed_mid_stream_and_restarted_every_counter_equals_the_whole_stream(
             "lifetime"
         ].count(medium)
     assert value(samples, "kvcache_exporter_unknown_removals_total", engine="vllm") == 0
+
+    # The what-if model continued from the checkpoint too: its counters equal those of one
+    # uninterrupted run over the whole stream (every hash is followed here, so exactly).
+    uninterrupted = OfflinePipeline()
+    for seq, (ts, events) in enumerate(sink.batches):
+        payload = encode_batch(ts, events, WireForm.VLLM)
+        uninterrupted.feed("vllm", frames("", seq, payload), ts)
+    want_whatif = {
+        key: v for key, v in parse_samples(render(uninterrupted.views())).items() if is_whatif(key)
+    }
+    got_whatif = {key: v for key, v in samples.items() if is_whatif(key)}
+    assert value(samples, "kvcache_whatif_recomputes_avoided_total", engine="vllm",
+                 medium="GPU", capacity_factor="2") > 0  # fmt: skip
+    assert got_whatif == want_whatif
+
+
+def is_whatif(key: tuple[str, frozenset[tuple[str, str]]]) -> bool:
+    return key[0].startswith(("kvcache_whatif_", "kvcache_block_reuse_distance_blocks"))

@@ -11,7 +11,9 @@ from pathlib import Path
 from .. import logs
 from ..analysis.whatif import (
     DEFAULT_FACTORS,
+    DEFAULT_MAX_SAMPLED_BLOCKS,
     DEFAULT_SAMPLE_RATIO,
+    MIN_SAMPLED_BLOCKS,
     WhatIfConfig,
     validate_factors,
 )
@@ -59,7 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=DEFAULT_SAMPLE_RATIO,
         help=f"as --whatif.sample-ratio (default {DEFAULT_SAMPLE_RATIO:g}, as the live "
-        "exporter; 1 follows every block, exactly)",
+        "exporter: the highest rate)",
+    )
+    whatif.add_argument(
+        "--whatif-max-sampled-blocks",
+        type=int,
+        default=DEFAULT_MAX_SAMPLED_BLOCKS,
+        metavar="N",
+        help=f"as --whatif.max-sampled-blocks (default {DEFAULT_MAX_SAMPLED_BLOCKS}): beyond "
+        "it the rate falls; as many as the recording's distinct hashes follows every block",
     )
     whatif.add_argument(
         "--capacity",
@@ -142,9 +152,12 @@ def _whatif_config(args: argparse.Namespace) -> WhatIfConfig:
         factors = validate_factors([float(f) for f in args.capacity_factors.split(",") if f])
     except ValueError as exc:
         raise UsageError(f"--capacity-factors: {exc}") from None
+    if args.whatif_max_sampled_blocks < MIN_SAMPLED_BLOCKS:
+        raise UsageError(f"--whatif-max-sampled-blocks: must be at least {MIN_SAMPLED_BLOCKS}")
     try:
         return WhatIfConfig(
             sample_ratio=args.whatif_sample_ratio,
+            max_sampled_blocks=args.whatif_max_sampled_blocks,
             capacity_factors=factors,
             capacity=tuple(capacity.items()),
         )

@@ -161,6 +161,7 @@ def load(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Expor
         ),
         whatif=WhatIfConfig(
             sample_ratio=values["whatif.sample-ratio"],
+            max_sampled_blocks=values["whatif.max-sampled-blocks"],
             max_ghosts=values["whatif.max-ghosts"],
             capacity_factors=values["whatif.capacity-factors"],
             distance_buckets=values["whatif.distance-buckets"],

@@ -19,7 +19,9 @@ from ..analysis.whatif import (
     DEFAULT_DISTANCE_BUCKETS,
     DEFAULT_FACTORS,
     DEFAULT_MAX_GHOSTS,
+    DEFAULT_MAX_SAMPLED_BLOCKS,
     DEFAULT_SAMPLE_RATIO,
+    MIN_SAMPLED_BLOCKS,
 )
 from ..collector.histogram import ACCESS_COUNT_BUCKETS, RESIDENCY_BUCKETS
 from ..protocol.batch import DEFAULT_MAX_ADAPTERS
@@ -28,6 +30,7 @@ from .settings import ConfigError
 from .values import (
     adapter_count,
     any_text,
+    at_least,
     buckets,
     capacity_factors,
     capacity_multiples,
@@ -112,8 +115,12 @@ OPTIONS: Final = (
     Option("--collector.access-buckets", buckets, ACCESS_COUNT_BUCKETS,
            "bucket bounds for accesses-before-evict", "B1,B2,..."),
     Option("--whatif.sample-ratio", ratio_or_zero, DEFAULT_SAMPLE_RATIO,
-           "fraction of block hashes the cache-size what-if follows, in [0, 1]; 0 turns it "
-           "off", "RATIO"),
+           "highest fraction of block hashes the cache-size what-if follows, in [0, 1] "
+           "(--whatif.max-sampled-blocks lowers it); 0 turns the what-if off", "RATIO"),
+    Option("--whatif.max-sampled-blocks", at_least(MIN_SAMPLED_BLOCKS),
+           DEFAULT_MAX_SAMPLED_BLOCKS,
+           "most block hashes the what-if follows per engine and medium, resident and "
+           "removed: beyond it the sampling rate falls (about 200 bytes each)", "N"),
     Option("--whatif.max-ghosts", positive_int, DEFAULT_MAX_GHOSTS,
            "most sampled removed blocks the what-if remembers per engine and medium", "N"),
     Option("--whatif.capacity-factors", capacity_factors, DEFAULT_FACTORS,

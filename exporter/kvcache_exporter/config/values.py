@@ -24,6 +24,18 @@ def positive_int(text: str) -> int:
     return value
 
 
+def at_least(minimum: int) -> Callable[[str], int]:
+    """A converter for integers of at least ``minimum``."""
+
+    def check(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise ValueError(f"must be at least {minimum}, got {text}")
+        return value
+
+    return check
+
+
 def adapter_count(text: str) -> int:
     value = int(text)
     if not 1 <= value <= MAX_ADAPTERS:

@@ -49,7 +49,7 @@ from ...protocol.batch import OP_CLEAR, OP_REMOVE, OP_STORE, EventBatch, LabelTa
 from .config import WhatIfConfig
 from .orders import Order, earlier_greater
 from .snapshot import MediumWhatIf, WhatIfSnapshot
-from .tier import MediumState, ghost_limit, whatif_hash
+from .tier import MediumState, ghost_limit, ghost_limits, whatif_hash
 
 _U64 = npt.NDArray[np.uint64]
 _I64 = npt.NDArray[np.int64]
@@ -211,17 +211,26 @@ class WhatIfModel:
         the table's keys at or above it. Decided on exact counts (the buffered rows are
         applied first when the budget may be reached), so batching does not change it."""
         budget = self.config.max_sampled_blocks
-        incoming = np.unique(keys[self._sampled(keys, tier)])
-        if tier.sampled + tier.buffered + incoming.size <= budget:
-            return  # an upper bound of the keys after these rows
-        self._flush(medium_id, tier)
-        slots = self._slots_of(medium_id)
-        keys_now = np.union1d(self.table.key[slots], incoming)
-        if keys_now.size <= budget:
-            return
-        hashes = np.sort(whatif_hash(keys_now))
-        tier.threshold = hashes[self.config.sampled_after_lowering]
-        self._drop(tier, slots[whatif_hash(self.table.key[slots]) >= tier.threshold])
+        candidates = keys[self._sampled(keys, tier)]
+        new = self._count_new(medium_id, candidates)
+        if tier.sampled + tier.buffered_new + new > budget:  # may pass: count exactly
+            self._flush(medium_id, tier)
+            new = self._count_new(medium_id, candidates)
+            if tier.sampled + new > budget:
+                slots = self._slots_of(medium_id)
+                keys_now = np.union1d(self.table.key[slots], candidates)
+                hashes = np.sort(whatif_hash(keys_now))
+                tier.threshold = hashes[self.config.sampled_after_lowering]
+                self._drop(tier, slots[whatif_hash(self.table.key[slots]) >= tier.threshold])
+                new = self._count_new(medium_id, candidates[self._sampled(candidates, tier)])
+        tier.buffered_new += new
+
+    def _count_new(self, medium_id: int, keys: _U64) -> int:
+        """Distinct keys among these the table does not hold for the medium."""
+        if not keys.size:
+            return 0
+        absent = keys[self.table.find(keys, np.full(keys.shape[0], medium_id, np.uint8)) < 0]
+        return int(np.unique(absent).size)
 
     def _slots_of(self, medium_id: int) -> _I64:
         """The table's slots holding the medium's keys (resident or ghost)."""
@@ -249,7 +258,7 @@ class WhatIfModel:
         if not tier.buffered:
             return
         columns = tuple(np.concatenate(parts) for parts in zip(*tier.buffer, strict=True))
-        tier.buffer, tier.buffered = [], 0
+        tier.buffer, tier.buffered, tier.buffered_new = [], 0, 0
         op, keys, correction, weight, capacity = columns
         self._apply_sampled(medium_id, op, keys, correction, weight, capacity, tier)
         self._forget_oldest(tier, medium_id)
@@ -325,6 +334,10 @@ class WhatIfModel:
             live_old[before_chunk] = ghosts.between(at[before_chunk], first_new)
             fresh = first_new + removals_before[restored] - np.maximum(at, first_new)
             rank = live_old + fresh - died_since
+            # A ghost deeper than the medium keeps counts as forgotten, whether or not it has
+            # been yet (that happens at a flush): the figures must not depend on batching.
+            remembered = rank <= ghost_limits(self.config, capacity[restored], ratio)
+            restored, rank = restored[remembered], rank[remembered]
             extra = np.maximum((rank - 1) / ratio + 1.0 - correction[restored], 1.0)
             self._count_restores(tier, extra, weight[restored], capacity[restored])
 

@@ -44,6 +44,13 @@ def ghost_limit(config: WhatIfConfig, capacity: int, ratio: float) -> int:
     return min(config.max_ghosts, math.ceil(config.ghost_horizon * capacity * ratio) + 1)
 
 
+def ghost_limits(config: WhatIfConfig, capacity: _I64, ratio: float) -> _I64:
+    """:func:`ghost_limit` for each of an array of capacities."""
+    reach = np.ceil(config.ghost_horizon * capacity * ratio).astype(np.int64) + 1
+    limits: _I64 = np.where(capacity > 0, np.minimum(reach, config.max_ghosts), config.max_ghosts)
+    return limits
+
+
 class MediumState:
     """The state of one medium: its ghost order, reference order, sampling threshold and
     counters."""
@@ -72,6 +79,7 @@ class MediumState:
         # Sampled rows not applied yet: op, key, step correction, weight, capacity at the time.
         self.buffer: list[tuple[npt.NDArray[np.uint8], _U64, _I64, _I64, _I64]] = []
         self.buffered = 0
+        self.buffered_new = 0  # at most this many keys the buffered rows add to the table
 
     @property
     def ratio(self) -> float:
