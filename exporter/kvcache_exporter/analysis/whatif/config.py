@@ -21,7 +21,7 @@ DEFAULT_DISTANCE_BUCKETS: Final = (0.0625, 0.125, 0.25, 0.5, 1.0, 2.0, 3.0, 7.0,
 # Fixed-size sampling: every key is followed until an engine's medium has more than the budget
 # of sampled keys (resident and remembered), then the sampling rate falls to keep it there.
 DEFAULT_SAMPLE_RATIO: Final = 1.0  # the highest rate; the budget lowers it
-DEFAULT_MAX_SAMPLED_BLOCKS: Final = 32_768
+DEFAULT_MAX_SAMPLED_BLOCKS: Final = 16_384
 DEFAULT_MAX_GHOSTS: Final = 100_000
 ALL_MEDIA: Final = ""  # the capacity key that applies to every medium
 MIN_SAMPLED_BLOCKS: Final = 64
