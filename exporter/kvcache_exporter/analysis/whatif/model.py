@@ -102,8 +102,6 @@ class WhatIfModel:
             if config.sample_ratio >= 1.0
             else np.uint64(min(int(config.sample_ratio * 2.0**64), 2**64 - 1))
         )  # each medium's to begin with
-        self._factors = np.asarray(config.capacity_factors, np.float64)
-        self._avoided_factors = np.asarray(config.avoided_factors, np.float64)
         self.chunk_rows = CHUNK_ROWS  # sampled rows buffered per medium (tests lower it)
 
     def _tier(self, medium_id: int) -> MediumState:
@@ -339,7 +337,7 @@ class WhatIfModel:
             remembered = rank <= ghost_limits(self.config, capacity[restored], ratio)
             restored, rank = restored[remembered], rank[remembered]
             extra = np.maximum((rank - 1) / ratio + 1.0 - correction[restored], 1.0)
-            self._count_restores(tier, extra, weight[restored], capacity[restored])
+            tier.count_restores(extra, weight[restored], capacity[restored])
 
         # Hits: stack distances where references are followed (from the first hit on).
         hit = ~is_remove & was_resident
@@ -364,8 +362,8 @@ class WhatIfModel:
             prev_ref[order] = np.where(
                 before_row > 0, first_ref + before_row - 1, ref_at0[group_sorted].astype(np.int64)
             )
-            self._count_distances(tier.recency, tier, hit, followed, prev_ref, weight, capacity)
-        self._count_hits(tier, hit, weight)
+            tier.count_distances(hit, followed, prev_ref, weight, capacity)
+        tier.count_hits(hit, weight)
         tier.stores += int(np.count_nonzero(is_store & ~was_resident))
         tier.restores += int(restored.size)
 
@@ -393,70 +391,6 @@ class WhatIfModel:
                 ghost=False,
             )  # fmt: skip
             table.t_access[slots[was_referenced]] = last_ref[was_referenced] + shift_ref
-
-    def _count_restores(self, tier: MediumState, extra: _F64, weight: _I64, capacity: _I64) -> None:
-        """Restores with their ghost ranks (scaled, in blocks), weights and the capacity at
-        their time."""
-        within = extra[None, :] <= (self._avoided_factors[:, None] - 1.0) * capacity[None, :]
-        tier.avoided += within.astype(np.int64) @ weight
-        at_least_one = self._factors >= 1.0
-        served = extra[None, :] <= (self._factors[at_least_one, None] - 1.0) * capacity[None, :]
-        tier.hits[at_least_one] += served.astype(np.int64) @ weight
-        if tier.bounds is None and capacity.any():
-            # Fixed once: a histogram's bounds must not move under Prometheus.
-            known = capacity[np.flatnonzero(capacity)[0] :]
-            tier.bounds = np.asarray(self.config.distance_buckets, np.float64) * known[0]
-            extra, weight = extra[-known.size :], weight[-known.size :]
-        if tier.bounds is not None:
-            bucket = np.searchsorted(tier.bounds, extra, side="left")  # le semantics
-            tier.counts += np.bincount(bucket, weights=weight, minlength=tier.counts.size).astype(
-                np.int64
-            )
-            tier.sum += float(extra @ weight)
-
-    def _count_hits(self, tier: MediumState, hit: _BOOL, weight: _I64) -> None:
-        """A hit counts at every factor from 1 up (a larger LRU cache holds what this one
-        does); below 1, :meth:`_count_distances` decides."""
-        hit_rows = np.flatnonzero(hit)
-        tier.sampled_hits += int(hit_rows.size)
-        tier.hits[self._factors >= 1.0] += int(weight[hit_rows].sum())
-
-    def _count_distances(
-        self,
-        recency: Order,
-        tier: MediumState,
-        hit: _BOOL,
-        followed: _I64,
-        prev_ref: _I64,
-        weight: _I64,
-        capacity: _I64,
-    ) -> None:
-        """Hits at the factors below 1: those whose stack distance is at most k times C.
-
-        ``followed`` are the chunk's reference rows, at positions ``recency.end`` on (not yet
-        appended); ``prev_ref`` the position of each row's previous reference (-1: none known).
-        The distinct keys referenced after a hit's previous reference: those whose last
-        reference before the chunk is later (live marks in the tree), plus the chunk's earlier
-        references whose own previous reference is no later than it (each counts its key
-        once), minus the chunk's references up to it (counted by the second term, but not
-        after it).
-        """
-        below = self._factors < 1.0
-        if not below.any() or not hit[followed].any():
-            return
-        first_ref = recency.end
-        previous = prev_ref[followed]
-        no_later = np.arange(followed.size) - earlier_greater(previous)
-        in_chunk = no_later - np.maximum(0, previous - first_ref + 1)
-        known = hit[followed] & (previous >= 0)
-        old = known & (previous < first_ref)
-        before_chunk = np.zeros(followed.size, np.int64)
-        before_chunk[old] = recency.between(previous[old] + 1, first_ref)
-        others = before_chunk[known] + in_chunk[known]
-        distance = others / tier.ratio + 1.0
-        rows = followed[known]
-        fits = distance[None, :] <= self._factors[below, None] * capacity[rows][None, :]
-        tier.hits[below] += fits.astype(np.int64) @ weight[rows]
 
     def _commit_order(
         self,

@@ -14,11 +14,12 @@ import numpy as np
 import numpy.typing as npt
 
 from .config import WhatIfConfig
-from .orders import Order
+from .orders import Order, earlier_greater
 
 _U64 = npt.NDArray[np.uint64]
 _I64 = npt.NDArray[np.int64]
 _F64 = npt.NDArray[np.float64]
+_BOOL = npt.NDArray[np.bool_]
 
 _FMIX1: Final = np.uint64(0xFF51AFD7ED558CCD)
 _FMIX2: Final = np.uint64(0xC4CEB9FE1A85EC53)
@@ -80,6 +81,9 @@ class MediumState:
         self.buffer: list[tuple[npt.NDArray[np.uint8], _U64, _I64, _I64, _I64]] = []
         self.buffered = 0
         self.buffered_new = 0  # at most this many keys the buffered rows add to the table
+        self.factors = np.asarray(config.capacity_factors, np.float64)
+        self.avoided_factors = np.asarray(config.avoided_factors, np.float64)
+        self.distance_buckets = np.asarray(config.distance_buckets, np.float64)
 
     @property
     def ratio(self) -> float:
@@ -92,6 +96,70 @@ class MediumState:
         self.ghosts = Order(with_keys=True)
         if self.recency is not None:
             self.recency = Order(with_keys=False)
+
+    # --- counting ------------------------------------------------------------------------
+    def count_restores(self, extra: _F64, weight: _I64, capacity: _I64) -> None:
+        """Restores with their ghost ranks (scaled, in blocks), weights and the capacity at
+        their time."""
+        within = extra[None, :] <= (self.avoided_factors[:, None] - 1.0) * capacity[None, :]
+        self.avoided += within.astype(np.int64) @ weight
+        at_least_one = self.factors >= 1.0
+        served = extra[None, :] <= (self.factors[at_least_one, None] - 1.0) * capacity[None, :]
+        self.hits[at_least_one] += served.astype(np.int64) @ weight
+        if self.bounds is None and capacity.any():
+            # Fixed once: a histogram's bounds must not move under Prometheus.
+            known = capacity[np.flatnonzero(capacity)[0] :]
+            self.bounds = self.distance_buckets * known[0]
+            extra, weight = extra[-known.size :], weight[-known.size :]
+        if self.bounds is not None:
+            bucket = np.searchsorted(self.bounds, extra, side="left")  # le semantics
+            self.counts += np.bincount(bucket, weights=weight, minlength=self.counts.size).astype(
+                np.int64
+            )
+            self.sum += float(extra @ weight)
+
+    def count_hits(self, hit: _BOOL, weight: _I64) -> None:
+        """A hit counts at every factor from 1 up (a larger LRU cache holds what this one
+        does); below 1, :meth:`_count_distances` decides."""
+        hit_rows = np.flatnonzero(hit)
+        self.sampled_hits += int(hit_rows.size)
+        self.hits[self.factors >= 1.0] += int(weight[hit_rows].sum())
+
+    def count_distances(
+        self,
+        hit: _BOOL,
+        followed: _I64,
+        prev_ref: _I64,
+        weight: _I64,
+        capacity: _I64,
+    ) -> None:
+        """Hits at the factors below 1: those whose stack distance is at most k times C.
+
+        ``followed`` are the chunk's reference rows, at positions ``recency.end`` on (not yet
+        appended); ``prev_ref`` the position of each row's previous reference (-1: none known).
+        The distinct keys referenced after a hit's previous reference: those whose last
+        reference before the chunk is later (live marks in the tree), plus the chunk's earlier
+        references whose own previous reference is no later than it (each counts its key
+        once), minus the chunk's references up to it (counted by the second term, but not
+        after it).
+        """
+        below = self.factors < 1.0
+        recency = self.recency
+        if recency is None or not below.any() or not hit[followed].any():
+            return
+        first_ref = recency.end
+        previous = prev_ref[followed]
+        no_later = np.arange(followed.size) - earlier_greater(previous)
+        in_chunk = no_later - np.maximum(0, previous - first_ref + 1)
+        known = hit[followed] & (previous >= 0)
+        old = known & (previous < first_ref)
+        before_chunk = np.zeros(followed.size, np.int64)
+        before_chunk[old] = recency.between(previous[old] + 1, first_ref)
+        others = before_chunk[known] + in_chunk[known]
+        distance = others / self.ratio + 1.0
+        rows = followed[known]
+        fits = distance[None, :] <= self.factors[below, None] * capacity[rows][None, :]
+        self.hits[below] += fits.astype(np.int64) @ weight[rows]
 
     # --- checkpoints -------------------------------------------------------------------------
     def state(self) -> tuple[dict[str, npt.NDArray[Any]], dict[str, Any]]:
