@@ -343,9 +343,9 @@ def test_fixed_size_sampling_equals_the_per_row_reference(seed: int) -> None:
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_lowering_the_rate_does_not_depend_on_batching(seed: int) -> None:
-    """Buffered rows are applied before the budget is judged: lowering happens where it
-    would row by row, whatever the chunks."""
+def test_lowering_the_rate_does_not_depend_on_buffering(seed: int) -> None:
+    """Buffered rows are applied before the budget is judged: the rate falls where it would
+    were every batch applied at once, whatever the chunks."""
     rng = np.random.default_rng(300 + seed)
     config = WhatIfConfig(max_sampled_blocks=100, capacity=(("", 10_000),))
     batches = list(random_batches(rng, 30, int(rng.integers(10, 700)), 1500, clears=True))

@@ -207,7 +207,8 @@ class WhatIfModel:
         """Lower the medium's sampling threshold before these rows if its sampled keys and
         theirs would pass the budget: to the sampling hash that keeps 7/8 of them, dropping
         the table's keys at or above it. Decided on exact counts (the buffered rows are
-        applied first when the budget may be reached), so batching does not change it."""
+        applied first when the budget may be reached), so buffering does not change it; the
+        batch boundaries do (the check is per batch), within the sampling's noise."""
         budget = self.config.max_sampled_blocks
         candidates = keys[self._sampled(keys, tier)]
         new = self._count_new(medium_id, candidates)
