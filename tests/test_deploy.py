@@ -690,7 +690,7 @@ def check_hardened(workload: Mapping[str, Any], container: Mapping[str, Any]) ->
 # Memory the exporter may reach, from docs/performance.md (bench/ingest.py, bench/table_memory.py)
 # and a measurement of the idle process (docs/deployment.md, "Resources"): the blocks hash table
 # holds resident blocks and remembered removals (one slot per distinct removed key, no queue of
-# removals), 37 B a slot at load 0.78-0.9, and while it grows the old table (about 41 B an
+# removals), 37 B a slot at load 0.78-0.85, and while it grows the old table (about 44 B an
 # entry) lives beside the new (about 48 B an entry) and the rebuild's index arrays (about 24 B an
 # entry): 160 B an entry is kept as the bound.
 IDLE_BYTES = 45 * 2**20

@@ -11,8 +11,8 @@ give the same table slot for slot:
   ``KVCACHE_EXPORTER_NO_EXTENSION=1``.
 
 The capacity is any integer, not a power of two: a key's home slot is the high half of its
-64-bit slot hash times the capacity, so growth can be gentle (x1.15) and the load stays
-between 0.78 and 0.9: 37 B a slot, 41 to 48 B per tracked block.
+64-bit slot hash times the capacity, so growth can be gentle (x1.1) and the load stays
+between 0.78 and 0.85: 37 B a slot, 44 to 48 B per tracked block.
 
 A removed slot is a tombstone, or a *ghost* (remembered so that a later store is known as a
 restore). A ghost whose ``t_access`` is below :attr:`BlockTable.horizon` has expired: every
@@ -38,7 +38,7 @@ TOMBSTONE: Final = 3
 _MEDIUM_MIX: Final = np.uint64(0xC2B2AE3D27D4EB4F)
 _SLOT_MUL: Final = np.uint64(0x9E3779B97F4A7C15)
 _LOW32: Final = np.uint64(0xFFFFFFFF)
-_MAX_LOAD: Final = 0.9  # used slots (live, tombstones, expired ghosts) before a rebuild
+_MAX_LOAD: Final = 0.85  # used slots (live, tombstones, expired ghosts) before a rebuild
 _TARGET_LOAD: Final = 0.78  # live slots / capacity right after a rebuild
 MIN_CAPACITY: Final = 1024
 
@@ -153,21 +153,28 @@ class BlockTable:
                 self.key, self.medium, self.state, self.t_access, self.horizon, keys, media, result
             )
             return result
+        # Windows of probe steps per numpy pass (2, 8, then 32 slots): a key's first live
+        # match or empty slot in the window ends its probe, as the sequential loop's would.
         result[:] = -1
-        slot = self._home(keys, media)
+        start = self._home(keys, media)
         pending = np.arange(keys.shape[0])
+        width = 2
         while pending.size:
-            probe = slot[pending]
-            state = self.state[probe]
-            hit = (
-                ((state == RESIDENT) | ((state == GHOST) & (self.t_access[probe] >= self.horizon)))
-                & (self.key[probe] == keys[pending])
-                & (self.medium[probe] == media[pending])
+            slots = start[pending, None] + np.arange(width)
+            slots[slots >= self.capacity] -= self.capacity
+            state = self.state[slots]
+            stop = (state == EMPTY) | (
+                ((state == RESIDENT) | ((state == GHOST) & (self.t_access[slots] >= self.horizon)))
+                & (self.key[slots] == keys[pending, None])
+                & (self.medium[slots] == media[pending, None])
             )
-            result[pending[hit]] = probe[hit]
-            unresolved = ~hit & (state != EMPTY)
-            pending = pending[unresolved]
-            slot[pending] = _next(probe[unresolved], self.capacity)
+            ended = stop.any(axis=1)
+            first = slots[ended, stop[ended].argmax(axis=1)]
+            hit = self.state[first] != EMPTY
+            result[pending[ended][hit]] = first[hit]
+            pending = pending[~ended]
+            start[pending] = (start[pending] + width) % self.capacity
+            width = min(width * 4, 32)
         return result
 
     def insert(self, keys: U64Array, media: U8Array, state: int) -> I64Array:
