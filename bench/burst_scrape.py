@@ -192,8 +192,8 @@ def render(run: BurstRun) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--blocks", type=int, default=5_000_000, help="distinct stores to send")
-    p.add_argument("--events", type=int, default=8, help="BlockStored events per message")
-    p.add_argument("--run", type=int, default=256, help="blocks per BlockStored event")
+    p.add_argument("--events", type=int, default=64, help="BlockStored events per message")
+    p.add_argument("--run", type=int, default=16, help="blocks per BlockStored event")
     p.add_argument("--interval", type=float, default=0.2, help="seconds between scrapes")
     p.add_argument("--timeout", type=float, default=600, help="give up after this long")
     p.add_argument("--no-extension", action="store_true", help="KVCACHE_EXPORTER_NO_EXTENSION=1")
