@@ -1,0 +1,54 @@
+"""Optional compiled extensions (Cython). The metadata is in pyproject.toml.
+
+Each extension has a pure-Python reference beside it, so an install without a C compiler
+still works: a failed build is reported and skipped, never fatal.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+EXTENSIONS = [
+    # collector/table.py's probe, insert and rebuild loops.
+    Extension(
+        "kvcache_exporter.collector._table", ["exporter/kvcache_exporter/collector/_table.pyx"]
+    ),
+]
+
+
+class OptionalBuildExt(build_ext):
+    """build_ext that warns instead of failing when an extension cannot be compiled."""
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except Exception as exc:  # no compiler at all
+            self._skip("all extensions", exc)
+
+    def build_extension(self, ext: Extension) -> None:
+        try:
+            super().build_extension(ext)
+        except Exception as exc:  # this one failed to compile
+            self._skip(ext.name, exc)
+
+    @staticmethod
+    def _skip(what: str, exc: Exception) -> None:
+        print(
+            f"WARNING: not compiling {what} ({exc}); the numpy reference is used instead",
+            file=sys.stderr,
+        )
+
+
+def _extensions() -> list[Extension]:
+    try:
+        from Cython.Build import cythonize
+    except ImportError:  # Cython is a build requirement; without it, no extension
+        print("WARNING: Cython not found; building without extensions", file=sys.stderr)
+        return []
+    return cythonize(EXTENSIONS, compiler_directives={"language_level": "3"}, quiet=True)
+
+
+setup(ext_modules=_extensions(), cmdclass={"build_ext": OptionalBuildExt})
