@@ -57,7 +57,11 @@ class MediumState:
     counters."""
 
     def __init__(
-        self, config: WhatIfConfig, configured: int | None, threshold: np.uint64 | None
+        self,
+        config: WhatIfConfig,
+        configured: int | None,
+        threshold: np.uint64 | None,
+        chunk: int,
     ) -> None:
         self.ghosts = Order(with_keys=True)
         self.recency: Order | None = None  # from the first hit on: stack distances of hits
@@ -80,7 +84,7 @@ class MediumState:
         # Sampled rows not applied yet: op, key, step correction, weight, capacity at the time.
         self.buffer: list[tuple[npt.NDArray[np.uint8], _U64, _I64, _I64, _I64]] = []
         self.buffered = 0
-        self.buffered_new = 0  # at most this many keys the buffered rows add to the table
+        self.until_boundary = chunk  # sampled rows until the next boundary
         self.factors = np.asarray(config.capacity_factors, np.float64)
         self.avoided_factors = np.asarray(config.avoided_factors, np.float64)
         self.distance_buckets = np.asarray(config.distance_buckets, np.float64)
@@ -183,6 +187,7 @@ class MediumState:
             "pending": self.pending,
             "threshold": None if self.threshold is None else int(self.threshold),
             "sampled": self.sampled,
+            "until_boundary": self.until_boundary,
             "sum": self.sum,
             "stores": self.stores,
             "restores": self.restores,
@@ -207,6 +212,7 @@ class MediumState:
         self.next_capacity = int(scalars["next_capacity"])
         self.pending = int(scalars["pending"])
         self.sampled = int(scalars["sampled"])
+        self.until_boundary = int(scalars["until_boundary"])
         self.sum = float(scalars["sum"])
         self.stores = int(scalars["stores"])
         self.restores = int(scalars["restores"])
