@@ -12,6 +12,7 @@ with numpy once per flush, so many small messages coalesce into one batch.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import chain, repeat
 from operator import attrgetter, is_not
@@ -393,7 +394,7 @@ def _block_tokens(
         size = np.array(sizes, dtype=np.int64)
     except (TypeError, OverflowError):  # some store without a block size (or a bad one)
         size = np.array([b if isinstance(b, int) and 0 < b < 2**31 else 0 for b in sizes])
-    size = np.where(size > 0, size, -(-sent // np.maximum(n, 1)))
+    size = np.where((size > 0) & (size < 2**31), size, -(-sent // np.maximum(n, 1)))
     offset = np.arange(int(n.sum()), dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)
     row_size = np.repeat(size, n)
     held = np.clip(np.repeat(sent, n) - offset * row_size, 0, row_size)
@@ -623,19 +624,20 @@ class PayloadDecoder:
         if per_op[OP_STORE]:
             rows = np.flatnonzero(op_ev == OP_STORE).tolist()
             spec_list = list(map(_get_spec, map(events.__getitem__, rows)))
-            specs: set[tuple[Any, ...]]
+            specs: dict[tuple[Any, ...], None]  # distinct, in stream order: the last one wins
             try:
-                specs = set(spec_list)
+                specs = dict.fromkeys(spec_list)
             except TypeError:  # a list or map where a group, kind or window belongs
-                specs = {
+                specs = dict.fromkeys(
                     tuple(v if _is_label_value(v) else OTHER_LABEL for v in spec)
                     for spec in spec_list
-                }
-            if specs != {(None, None, None)}:
+                )
+            if specs.keys() != {(None, None, None)}:
                 self._learn_groups(specs)
 
-    def _learn_groups(self, specs: set[tuple[Any, ...]]) -> None:
-        """Remember what each group's stores say it is (a handful of distinct specs a flush)."""
+    def _learn_groups(self, specs: Iterable[tuple[Any, ...]]) -> None:
+        """Remember what each group's stores say it is (a handful of distinct specs a flush,
+        in the order they first appear: of two specs for one group, the later one wins)."""
         for group, kind, window in specs:
             if kind is None and window is None:
                 continue
