@@ -15,6 +15,7 @@ from .checkpoint import Checkpoint, CheckpointStore, CheckpointWriter, capture, 
 from .collector import BlockLifecycleCollector
 from .config import ExporterConfig
 from .pipeline import EngineView, Pipeline, new_pipeline
+from .protocol.compiled import decode_path
 from .sinks.export import ExportRequest, render_export
 from .sinks.http import MetricsHTTPServer, Routes, parse_listen_address
 from .sinks.prometheus import exposition, new_registry
@@ -166,6 +167,7 @@ class Exporter:
                 "listen": f"http://{self.config.listen_address}{self.config.telemetry_path}",
                 "port": self.http.port,
                 "sources": ",".join(f"{e.name}={e.source.spec.endpoint}" for e in self.engines),
+                "decoder": decode_path(),
             },
         )
 

@@ -18,6 +18,7 @@ from ..collector import CollectorSnapshot
 from ..collector.histogram import HistogramSnapshot
 from ..pipeline import EngineView
 from ..protocol.batch import GroupSpec
+from ..protocol.compiled import COMPILED
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,7 +199,8 @@ def series(views: Sequence[EngineView], otlp_exports: Mapping[str, int] | None =
             for factor, count in zip(whatif.factors, figures.hits, strict=True):
                 put("kvcache_whatif_hits_total",
                     (*w, ("capacity_factor", factor_label(factor))), int(count))  # fmt: skip
-    put("kvcache_exporter_build_info", (("version", __version__),), 1)
+    compiled = ("compiled", "true" if COMPILED else "false")
+    put("kvcache_exporter_build_info", (("version", __version__), compiled), 1)
     if otlp_exports is not None:
         for result in OTLP_EXPORT_RESULTS:
             put(OTLP_EXPORTS, (("result", result),), int(otlp_exports.get(result, 0)))
