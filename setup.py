@@ -1,7 +1,10 @@
-"""Optional compiled extensions (Cython). The metadata is in pyproject.toml.
+"""Optional compiled extensions; the metadata is in pyproject.toml.
 
-Each extension has a pure-Python reference beside it, so an install without a C compiler
-still works: a failed build is reported and skipped, never fatal.
+- ``kvcache_exporter.protocol._wire`` (C): the decode stage, msgpack payloads to columns;
+- ``kvcache_exporter.collector._table`` (Cython): the block table's probe, insert and rebuild.
+
+Each has a reference beside it (msgspec, numpy), so an install without a C compiler, or
+without Cython, still works: a failed build is reported and skipped, never fatal.
 """
 
 from __future__ import annotations
@@ -11,12 +14,14 @@ import sys
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-EXTENSIONS = [
-    # collector/table.py's probe, insert and rebuild loops.
-    Extension(
-        "kvcache_exporter.collector._table", ["exporter/kvcache_exporter/collector/_table.pyx"]
-    ),
-]
+WIRE = Extension(
+    "kvcache_exporter.protocol._wire",
+    ["exporter/kvcache_exporter/protocol/_wire.c"],
+    extra_compile_args=["-O3", "-std=c11"],
+)
+TABLE = Extension(
+    "kvcache_exporter.collector._table", ["exporter/kvcache_exporter/collector/_table.pyx"]
+)
 
 
 class OptionalBuildExt(build_ext):
@@ -37,7 +42,7 @@ class OptionalBuildExt(build_ext):
     @staticmethod
     def _skip(what: str, exc: Exception) -> None:
         print(
-            f"WARNING: not compiling {what} ({exc}); the numpy reference is used instead",
+            f"WARNING: not compiling {what} ({exc}); its reference is used instead",
             file=sys.stderr,
         )
 
@@ -45,10 +50,10 @@ class OptionalBuildExt(build_ext):
 def _extensions() -> list[Extension]:
     try:
         from Cython.Build import cythonize
-    except ImportError:  # Cython is a build requirement; without it, no extension
-        print("WARNING: Cython not found; building without extensions", file=sys.stderr)
-        return []
-    return cythonize(EXTENSIONS, compiler_directives={"language_level": "3"}, quiet=True)
+    except ImportError:  # Cython is a build requirement; without it, only the C extension
+        print("WARNING: Cython not found; building without the block table", file=sys.stderr)
+        return [WIRE]
+    return [WIRE, *cythonize([TABLE], compiler_directives={"language_level": "3"}, quiet=True)]
 
 
 setup(ext_modules=_extensions(), cmdclass={"build_ext": OptionalBuildExt})

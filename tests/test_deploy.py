@@ -1254,6 +1254,12 @@ def test_image_install_steps_give_a_working_exporter(image_install: Path) -> Non
         [str(script), "--version"], capture_output=True, text=True, timeout=60, check=False
     )
     assert result.returncode == 0 and result.stdout.split() == ["kvcache-exporter", __version__]
+    compiled = subprocess.run(
+        [str(image_install / "python"), "-c", "from kvcache_exporter.protocol import compiled; "
+         "print(compiled.COMPILED)"],
+        capture_output=True, text=True, timeout=60, check=False, env={},
+    )  # fmt: skip
+    assert compiled.stdout.strip() == "True", "the wheel lacks the compiled decode stage"
     bad = subprocess.run(
         [str(script), "--collector.sample-ratio=3"],
         capture_output=True,
