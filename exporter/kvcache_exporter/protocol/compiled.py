@@ -41,7 +41,8 @@ from typing import Final
 import numpy as np
 
 from .batch import DecodeStats, EventBatch, LabelTable, PrefixChain
-from .decode import EVENT_NAMES, DecodeError, DecodeLimits, PayloadDecoder
+from .decode import DecodeError, DecodeLimits, PayloadDecoder
+from .schema import EVENT_NAMES
 
 try:
     from ._wire import Walker
