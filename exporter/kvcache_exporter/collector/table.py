@@ -23,12 +23,13 @@ without a queue of them.
 
 from __future__ import annotations
 
-import os
 from types import ModuleType
 from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
+
+from ..protocol.extensions import extensions_disabled
 
 EMPTY: Final = 0
 RESIDENT: Final = 1
@@ -48,7 +49,7 @@ U8Array = npt.NDArray[np.uint8]
 
 
 def _load_kernels() -> ModuleType | None:
-    if os.environ.get("KVCACHE_EXPORTER_NO_EXTENSION", "") not in ("", "0"):
+    if extensions_disabled():
         return None
     try:
         from . import _table

@@ -35,13 +35,13 @@ here.
 
 from __future__ import annotations
 
-import os
 from typing import Final
 
 import numpy as np
 
 from .batch import DecodeStats, EventBatch, LabelTable, PrefixChain
 from .decode import DecodeError, DecodeLimits, PayloadDecoder
+from .extensions import DISABLE_ENV, extensions_disabled
 from .schema import EVENT_NAMES
 
 try:
@@ -49,8 +49,7 @@ try:
 except ImportError:  # built without a C compiler
     Walker = None  # type: ignore[assignment,misc]
 
-DISABLE_ENV: Final = "KVCACHE_EXPORTER_NO_EXTENSION"
-COMPILED: Final = Walker is not None and os.environ.get(DISABLE_ENV, "") in ("", "0")
+COMPILED: Final = Walker is not None and not extensions_disabled()
 _UNSURE: Final = -1
 
 

@@ -51,7 +51,7 @@ from ...protocol.batch import OP_CLEAR, OP_REMOVE, OP_STORE, EventBatch, LabelTa
 from .config import WhatIfConfig
 from .orders import Order, earlier_greater
 from .snapshot import MediumWhatIf, WhatIfSnapshot
-from .tier import MediumState, ghost_limit, ghost_limits, whatif_hash
+from .tier import MediumState, ghost_limits, whatif_hash
 
 _U64 = npt.NDArray[np.uint64]
 _I64 = npt.NDArray[np.int64]
@@ -242,8 +242,7 @@ class WhatIfModel:
     def _slots_of(self, medium_id: int) -> _I64:
         """The table's slots holding the medium's keys (resident or ghost)."""
         table = self.table
-        live = (table.state == RESIDENT) | (table.state == GHOST)
-        return np.flatnonzero(live & (table.medium == medium_id))
+        return np.flatnonzero(table.live_mask() & (table.medium == medium_id))
 
     def _drop(self, tier: MediumState, slots: _I64) -> None:
         """Forget these keys of the tier: their ghost and reference marks, their slots."""
@@ -342,7 +341,7 @@ class WhatIfModel:
             fresh = first_new + removals_before[restored] - np.maximum(at, first_new)
             rank = live_old + fresh - died_since
             # A ghost deeper than the medium keeps counts as forgotten, whether or not it has
-            # been yet (that happens at a flush): the figures must not depend on batching.
+            # been yet (that happens at a boundary): the figures must not depend on when.
             remembered = rank <= ghost_limits(self.config, capacity[restored], ratio)
             restored, rank = restored[remembered], rank[remembered]
             extra = np.maximum((rank - 1) / ratio + 1.0 - correction[restored], 1.0)
@@ -419,7 +418,7 @@ class WhatIfModel:
         if old is not None:
             table = self.table
             column = table.t_store if ghost else table.t_access
-            live = (table.state == GHOST) if ghost else np.isin(table.state, (RESIDENT, GHOST))
+            live = (table.state == GHOST) if ghost else table.live_mask()
             mine = (table.medium == medium_id) & live & (column >= 0)
             column[mine] = np.searchsorted(old, column[mine].astype(np.int64))
         return order.append(alive, keys) - expected
@@ -428,7 +427,8 @@ class WhatIfModel:
         """Keep at most ``max_ghosts`` ghosts of a medium, and none deeper than the ghost
         horizon: the oldest go (their restores will count as first stores, which only
         matters for ranks beyond what is kept)."""
-        excess = tier.ghosts.live - ghost_limit(self.config, tier.capacity, tier.ratio)
+        limit = ghost_limits(self.config, np.array([tier.capacity], np.int64), tier.ratio)
+        excess = tier.ghosts.live - int(limit[0])
         if excess <= 0:
             return
         keys = tier.ghosts.keys[tier.ghosts.oldest(excess)]
@@ -442,7 +442,7 @@ class WhatIfModel:
         with self.lock:
             self._flush_all()
             table = self.table
-            live = np.flatnonzero((table.state == RESIDENT) | (table.state == GHOST))
+            live = table.live_slots()
             arrays: dict[str, npt.NDArray[Any]] = {
                 f"table.{name}": getattr(table, name)[live].copy() for name in _TABLE_COLUMNS
             }

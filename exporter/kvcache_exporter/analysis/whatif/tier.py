@@ -7,7 +7,6 @@ sampled keys spread over the table (the same function for both would crowd one c
 
 from __future__ import annotations
 
-import math
 from typing import Any, Final
 
 import numpy as np
@@ -37,16 +36,10 @@ def whatif_hash(keys: _U64) -> _U64:
     return result
 
 
-def ghost_limit(config: WhatIfConfig, capacity: int, ratio: float) -> int:
-    """The sampled ghosts a medium keeps: ``max_ghosts``, and while the capacity is known
-    no more than reach ``ghost_horizon`` capacities deep at the sampling rate."""
-    if not capacity:
-        return config.max_ghosts
-    return min(config.max_ghosts, math.ceil(config.ghost_horizon * capacity * ratio) + 1)
-
-
 def ghost_limits(config: WhatIfConfig, capacity: _I64, ratio: float) -> _I64:
-    """:func:`ghost_limit` for each of an array of capacities."""
+    """The sampled ghosts a medium keeps, at each of these capacities: ``max_ghosts``, and
+    where the capacity is known no more than reach ``ghost_horizon`` capacities deep at the
+    sampling rate."""
     reach = np.ceil(config.ghost_horizon * capacity * ratio).astype(np.int64) + 1
     limits: _I64 = np.where(capacity > 0, np.minimum(reach, config.max_ghosts), config.max_ghosts)
     return limits
