@@ -23,6 +23,10 @@ _BOOL = npt.NDArray[np.bool_]
 _FMIX1: Final = np.uint64(0xFF51AFD7ED558CCD)
 _FMIX2: Final = np.uint64(0xC4CEB9FE1A85EC53)
 _SEED: Final = np.uint64(0x5851F42D4C957F2D)
+# The distance histogram's sum is kept in integer units of 2**-16 blocks: a float sum depends on
+# how the rows were cut into chunks (reads flush whatever is buffered), an integer sum does not,
+# so a live exporter and an analysis of its recording publish the same value.
+SUM_UNITS_PER_BLOCK: Final = 2.0**16
 
 
 def whatif_hash(keys: _U64) -> _U64:
@@ -70,7 +74,7 @@ class MediumState:
         self.hits = np.zeros(len(config.capacity_factors), np.int64)
         self.bounds: _F64 | None = None
         self.counts = np.zeros(len(config.distance_buckets) + 1, np.int64)
-        self.sum = 0.0
+        self.sum_units = 0  # see SUM_UNITS_PER_BLOCK
         self.stores = 0
         self.restores = 0
         self.sampled_hits = 0
@@ -81,6 +85,11 @@ class MediumState:
         self.factors = np.asarray(config.capacity_factors, np.float64)
         self.avoided_factors = np.asarray(config.avoided_factors, np.float64)
         self.distance_buckets = np.asarray(config.distance_buckets, np.float64)
+
+    @property
+    def sum(self) -> float:
+        """The distance histogram's sum, in blocks."""
+        return self.sum_units / SUM_UNITS_PER_BLOCK
 
     @property
     def ratio(self) -> float:
@@ -113,7 +122,8 @@ class MediumState:
             self.counts += np.bincount(bucket, weights=weight, minlength=self.counts.size).astype(
                 np.int64
             )
-            self.sum += float(extra @ weight)
+            units = np.rint(extra * weight * SUM_UNITS_PER_BLOCK).astype(np.int64)
+            self.sum_units += sum(units.tolist())  # Python ints: exact, never overflow
 
     def count_hits(self, hit: _BOOL, weight: _I64) -> None:
         """A hit counts at every factor from 1 up (a larger LRU cache holds what this one
@@ -181,7 +191,7 @@ class MediumState:
             "threshold": None if self.threshold is None else int(self.threshold),
             "sampled": self.sampled,
             "until_boundary": self.until_boundary,
-            "sum": self.sum,
+            "sum_units": self.sum_units,
             "stores": self.stores,
             "restores": self.restores,
             "sampled_hits": self.sampled_hits,
@@ -206,7 +216,7 @@ class MediumState:
         self.pending = int(scalars["pending"])
         self.sampled = int(scalars["sampled"])
         self.until_boundary = int(scalars["until_boundary"])
-        self.sum = float(scalars["sum"])
+        self.sum_units = int(scalars["sum_units"])
         self.stores = int(scalars["stores"])
         self.restores = int(scalars["restores"])
         self.sampled_hits = int(scalars["sampled_hits"])
