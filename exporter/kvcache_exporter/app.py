@@ -13,6 +13,7 @@ import zmq
 from . import __version__
 from .checkpoint import Checkpoint, CheckpointStore, CheckpointWriter, capture, restore
 from .collector import BlockLifecycleCollector
+from .collector.apply import COMPILED as APPLY_COMPILED
 from .collector.table import COMPILED as TABLE_COMPILED
 from .config import ExporterConfig
 from .pipeline import EngineView, Pipeline, new_pipeline
@@ -170,6 +171,7 @@ class Exporter:
                 "sources": ",".join(f"{e.name}={e.source.spec.endpoint}" for e in self.engines),
                 "decoder": decode_path(),
                 "block_table": "compiled" if TABLE_COMPILED else "reference",
+                "apply": "compiled" if APPLY_COMPILED else "reference",
             },
         )
 

@@ -15,6 +15,7 @@ from .. import __version__
 from ..analysis.whatif import MediumWhatIf, WhatIfSnapshot, factor_label
 from ..catalog import DECODE_ERROR_REASONS, FAMILIES, OTLP_EXPORT_RESULTS, OTLP_EXPORTS
 from ..collector import CollectorSnapshot
+from ..collector.apply import COMPILED as APPLY_COMPILED
 from ..collector.histogram import HistogramSnapshot
 from ..collector.table import COMPILED as TABLE_COMPILED
 from ..pipeline import EngineView
@@ -202,8 +203,9 @@ def series(views: Sequence[EngineView], otlp_exports: Mapping[str, int] | None =
             for factor, count in zip(whatif.factors, figures.hits, strict=True):
                 put("kvcache_whatif_hits_total",
                     (*w, ("capacity_factor", factor_label(factor))), int(count))  # fmt: skip
-    # Both compiled stages in use: an install built with a compiler, and not disabled.
-    compiled = ("compiled", "true" if DECODER_COMPILED and TABLE_COMPILED else "false")
+    # Every compiled stage in use: an install built with a compiler, and not disabled.
+    every = DECODER_COMPILED and TABLE_COMPILED and APPLY_COMPILED
+    compiled = ("compiled", "true" if every else "false")
     put("kvcache_exporter_build_info", (("version", __version__), compiled), 1)
     if otlp_exports is not None:
         for result in OTLP_EXPORT_RESULTS:
