@@ -170,8 +170,7 @@ def _ratio_series(
 def _recent_rate(ts: npt.NDArray[np.float64], counts: npt.NDArray[np.int64]) -> float | None:
     if ts.size < 2:
         return None
-    first = int(_trailing(ts[-1:], RATE_SECONDS)[0]) if ts[-1] - ts[0] > RATE_SECONDS else 0
-    first = min(first, ts.size - 2)
+    first = min(int(np.searchsorted(ts, ts[-1] - RATE_SECONDS, side="left")), ts.size - 2)
     span = float(ts[-1] - ts[first])
     return max(0, int(counts[-1] - counts[first])) / span if span > 0 else None
 
