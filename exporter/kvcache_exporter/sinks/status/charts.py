@@ -90,7 +90,10 @@ def duration(seconds: float) -> str:
 
 
 def _num(value: float) -> float:
-    return round(value, 1)
+    """A coordinate to a tenth of a unit, whole numbers as ints: JSON then carries it in the
+    form both renderers print alike (``62``, ``101.5``)."""
+    rounded = round(float(value), 1)
+    return int(rounded) if rounded.is_integer() else rounded
 
 
 def _marker(style: int, x: float, y: float) -> str:
@@ -186,8 +189,8 @@ def _chart(chart_id: str, title: str, desc: str, frame: _Frame | None, points: i
         items.append(
             {
                 "t": "text",
-                "x": WIDTH / 2,
-                "y": HEIGHT / 2,
+                "x": WIDTH // 2,
+                "y": HEIGHT // 2,
                 "s": "no data yet",
                 "c": "empty",
                 "a": "middle",

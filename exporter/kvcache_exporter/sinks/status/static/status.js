@@ -87,6 +87,7 @@
 
   const every = Number(main.dataset.refresh) * 1000;
   setInterval(() => refresh().catch((err) => console.warn(err)), every);
-  // For the browser test: one refresh on demand, resolved once the page shows it.
-  window.kvcacheStatus = { refresh: refresh };
+  // For the browser test: a refresh on demand (resolved once the page shows it), and the
+  // renderer, to compare with the server's.
+  window.kvcacheStatus = { refresh: refresh, draw: draw };
 })();
