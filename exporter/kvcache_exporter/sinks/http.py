@@ -8,8 +8,8 @@ import logging
 import socket
 import ssl
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Final
@@ -33,6 +33,10 @@ class Routes:
     ready: Callable[[], tuple[bool, str]]
     summary: Callable[[], dict[str, Any]]
     export: Callable[[dict[str, list[str]]], tuple[bytes, str]]
+    # Further pages: path → (query → body, content type); "/" here replaces the landing page.
+    pages: Mapping[str, Callable[[dict[str, list[str]]], tuple[bytes, str]]] = field(
+        default_factory=dict
+    )
 
 
 def parse_listen_address(address: str) -> tuple[str, int]:
@@ -44,22 +48,28 @@ def parse_listen_address(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _landing(telemetry_path: str) -> bytes:
-    links = "".join(
+def links_html(telemetry_path: str) -> str:
+    """The list of endpoints, as HTML: the landing page, and the status page's foot."""
+    items = "".join(
         f'<li><a href="{path}">{path}</a> — {text}</li>'
         for path, text in (
             (telemetry_path, "Prometheus metrics"),
             ("/healthz", "liveness"),
             ("/readyz", "readiness: 200 once every source is connected"),
             ("/api/v1/summary", "collector summary (JSON)"),
+            ("/api/v1/status", "what the status page shows (JSON)"),
             ("/api/v1/export?format=csv", "recent block lifecycles (JSON or CSV)"),
         )
     )
+    return f"<ul>{items}</ul>"
+
+
+def _landing(telemetry_path: str) -> bytes:
     return (
         "<!doctype html><html><head><title>kvcache-exporter</title></head><body>"
         f"<h1>kvcache-exporter {__version__}</h1>"
         "<p>KV-cache block lifecycle metrics for LLM inference engines.</p>"
-        f"<ul>{links}</ul></body></html>"
+        f"{links_html(telemetry_path)}</body></html>"
     ).encode()
 
 
@@ -106,6 +116,9 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if path == routes.telemetry_path:
                 body, content_type = routes.metrics(self.headers.get("Accept"))
+                self._send(200, body, content_type)
+            elif path in routes.pages:
+                body, content_type = routes.pages[path](parse_qs(query, keep_blank_values=True))
                 self._send(200, body, content_type)
             elif path == "/":
                 self._send(200, _landing(routes.telemetry_path), "text/html; charset=utf-8")
