@@ -638,6 +638,39 @@ def test_histogram_quantile_matches_promql() -> None:
     assert histogram_quantile((0.0, 1.0), [3, 0, 0], 0.5) == 0.0
 
 
+def promql_quantile(bounds: tuple[float, ...], counts: list[int], q: float) -> float | None:
+    """PromQL's histogram_quantile written with numpy's cumsum and searchsorted."""
+    c = np.asarray(counts, np.float64)
+    if c.sum() <= 0:
+        return None
+    cumulative = np.cumsum(c)
+    rank = q * c.sum()
+    b = int(np.searchsorted(cumulative, rank, side="left"))
+    if b >= len(bounds):
+        return bounds[-1]
+    if b == 0 and bounds[0] <= 0.0:
+        return bounds[0]
+    lower, below = (0.0, 0.0) if b == 0 else (bounds[b - 1], float(cumulative[b - 1]))
+    fraction = (rank - below) / c[b] if c[b] > 0 else 0.0
+    return lower + (bounds[b] - lower) * float(fraction)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    counts=st.lists(st.integers(0, 10**12), min_size=4, max_size=4),
+    q=st.sampled_from([0.0, 1e-9, 0.01, 0.25, 0.5, 0.9, 0.99, 1.0]),
+    first=st.sampled_from([0.0, 0.5]),
+)
+def test_histogram_quantile_equals_the_searchsorted_form(
+    counts: list[int], q: float, first: float
+) -> None:
+    bounds = (first, 2.0, 4.0)
+    assert histogram_quantile(bounds, counts, q) == promql_quantile(bounds, counts, q)
+    assert histogram_quantile(bounds, np.array(counts, np.uint64), q) == promql_quantile(
+        bounds, counts, q
+    )
+
+
 # -- property: never raises, transitions bounded, hysteresis holds
 
 

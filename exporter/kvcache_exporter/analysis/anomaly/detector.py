@@ -193,8 +193,10 @@ class AnomalyDetector:
                 level,
                 held,
                 silent,
-                f"no messages for {_num(silent)} s from a source that was active "
-                f"(stall threshold {_num(cfg.stall_seconds)} s)",
+                lambda: (
+                    f"no messages for {_num(silent)} s from a source that was active "
+                    f"(stall threshold {_num(cfg.stall_seconds)} s)"
+                ),
                 thresholds,
                 {"last_arrival_wall": last_arrival_wall, "now_wall": now_wall},
             )
@@ -297,8 +299,10 @@ class AnomalyDetector:
             level,
             held,
             factor,
-            f"eviction rate {_num(rate)}/s is {_num(factor)}{_TIMES} its {_duration(base_span)} "
-            f"baseline of {_num(base)}/s",
+            lambda: (
+                f"eviction rate {_num(rate)}/s is {_num(factor)}{_TIMES} its "
+                f"{_duration(base_span)} baseline of {_num(base)}/s"
+            ),
             th,
             {
                 "rate": rate,
@@ -341,8 +345,10 @@ class AnomalyDetector:
             level,
             held,
             ratio,
-            f"restores are {ratio:.0%} of stores over {window} "
-            f"({restores} restores / {stores} stores)",
+            lambda: (
+                f"restores are {ratio:.0%} of stores over {window} "
+                f"({restores} restores / {stores} stores)"
+            ),
             th,
             {"restores": restores, "stores": stores, "window_seconds": span},
         )
@@ -386,8 +392,11 @@ class AnomalyDetector:
             level,
             held,
             ratio,
-            f"median block lifetime {_num(short_med)} s over the last {_num(now - s.ts)} s is "
-            f"{_num(ratio)}{_TIMES} its {_duration(base_span)} baseline of {_num(base_med)} s",
+            lambda: (
+                f"median block lifetime {_num(short_med)} s over the last "
+                f"{_num(now - s.ts)} s is {_num(ratio)}{_TIMES} its {_duration(base_span)} "
+                f"baseline of {_num(base_med)} s"
+            ),
             th,
             {
                 "median_seconds": short_med,
@@ -438,8 +447,10 @@ class AnomalyDetector:
                 levels_high, lost, cfg.loss_batches, cfg.loss_critical_batches, cfg.clear_ratio
             ),
             float(lost),
-            f"{lost} event batch{'es' if lost != 1 else ''} lost in the last {_num(span)} s "
-            "(sequence gaps not recovered)",
+            lambda: (
+                f"{lost} event batch{'es' if lost != 1 else ''} lost in the last "
+                f"{_num(span)} s (sequence gaps not recovered)"
+            ),
             th,
             {"lost_batches": lost, "window_seconds": span},
         )

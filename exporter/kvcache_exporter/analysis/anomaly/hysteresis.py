@@ -45,9 +45,15 @@ class Reading:
     raise_level: AlertLevel | None
     hold_level: AlertLevel | None
     value: float | None
-    message: str
+    # Or a function that writes it: read only while the alert is active, so a reading of a
+    # quiet alert, taken at every sample, does not format numbers nobody sees.
+    message: str | Callable[[], str]
     thresholds: dict[AlertLevel, float]
     details: dict[str, Any] = field(default_factory=dict)
+
+    def text(self) -> str:
+        """The message."""
+        return self.message if isinstance(self.message, str) else self.message()
 
 
 def no_data(message: str, thresholds: dict[AlertLevel, float]) -> Reading:
@@ -172,9 +178,10 @@ class AlertStates:
 
     def _view(self, name: str, st: AlertState, reading: Reading, *, active: bool) -> CacheAlert:
         assert st.level is not None
-        message = reading.message if active else f"cleared: {reading.message}"
+        text = reading.text()
+        message = text if active else f"cleared: {text}"
         if active and reading.value is None:
-            message = f"holding: {reading.message}"
+            message = f"holding: {text}"
         return CacheAlert(
             alert=name,
             level=st.level,
