@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from . import __version__
+from .analysis.pool import PoolIndex
 from .checkpoint import Checkpoint, CheckpointStore, CheckpointWriter, capture, restore
 from .collector import BlockLifecycleCollector
 from .config import ExporterConfig
@@ -51,10 +52,13 @@ class Exporter:
         self.config = config
         self.context = context or zmq.Context()
         self.engines: list[Engine] = []
+        # The pool indexes, by name: every source is in one (``default`` unless it names one).
+        self.pools: dict[str, PoolIndex] = {}
         for spec in config.sources:
             whatif = replace(config.whatif, capacity=spec.capacity)
             collector = replace(config.collector, hit_reports=spec.hit_reports)
-            pipeline = new_pipeline(spec.name, collector, config.monitor, whatif)
+            pool = self.pools.setdefault(spec.pool, PoolIndex(spec.pool))
+            pipeline = new_pipeline(spec.name, collector, config.monitor, whatif, pool)
             source = SubscriberSource(
                 spec,
                 self.context,
@@ -129,6 +133,9 @@ class Exporter:
             checkpoint = store.load()
             if checkpoint is not None:
                 restore([e.pipeline for e in self.engines], checkpoint, store)
+                for engine in self.engines:
+                    if engine.pipeline.pool is not None:
+                        engine.pipeline.pool.load()
             self._checkpoints = CheckpointWriter(store)
             self._next_checkpoint = time.time() + self.config.storage_interval
         if self.config.otlp is not None:

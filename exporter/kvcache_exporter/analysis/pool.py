@@ -1,0 +1,345 @@
+"""The fleet view: which blocks several engines of one routing domain (a *pool*) hold at once.
+
+A pool is the engines one router could choose between: replicas of one model (same block
+size, same hash seed, so one prompt prefix gives the same block hashes everywhere). The
+:class:`PoolIndex` counts, for every key (medium, KV-cache group, block hash), how many of the
+pool's engines hold it now. It follows each engine's collector exactly: each engine's batch is
+applied to its collector first, and the residency transitions the collector reports for it
+(:class:`~..collector.transitions.ResidencyChanges`) are then applied here, a whole batch in a
+few numpy passes.
+
+**Stores resident elsewhere.** A store that makes a key resident on an engine (a new key or a
+restore; not a copy, not a hit report) counts as *resident elsewhere* when at least one other
+engine of the pool held the same key at that moment, where "that moment" is the other engines'
+state as of the batches the process applied before this one (engines' clocks are not
+synchronised, so arrival order on the one ingest thread is the order). Within an engine's own
+batch the other engines do not change, so the question is per key: the pool's count before the
+batch, less this engine's own holding before the batch (it held the key iff the key's first
+transition in the batch is a removal).
+
+**Memory.** The index is an open-addressing table of (hash u64, place u8, count u8) slots,
+count 0 meaning empty and 255 a deleted slot: 10 bytes a slot, kept between 20 % and 60 % full,
+so 17-50 bytes per distinct resident key of the pool (about 25 on average).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+from ..collector import BlockLifecycleCollector
+from ..collector.places import PlaceTable
+from ..collector.transitions import ResidencyChanges
+from ..protocol.batch import OP_STORE, EventBatch, LabelTable, new_group_table
+
+log = logging.getLogger("kvcache_exporter.pool")
+
+MAX_ENGINES: Final = 254  # a key's engine count is one byte, with 0 and 255 reserved
+
+_U64 = npt.NDArray[np.uint64]
+_U8 = npt.NDArray[np.uint8]
+_I64 = npt.NDArray[np.int64]
+
+_EMPTY: Final = 0
+_DELETED: Final = 255
+_PLACE_MIX: Final = np.uint64(0xC2B2AE3D27D4EB4F)
+_SLOT_MUL: Final = np.uint64(0x9E3779B97F4A7C15)
+_MAX_LOAD: Final = 0.6
+_TARGET_LOAD: Final = 0.4
+_MIN_BITS: Final = 10
+
+
+class KeyCounts:
+    """(hash, place) → engines holding it (1..254), vectorized linear probing."""
+
+    def __init__(self) -> None:
+        self._allocate(_MIN_BITS)
+
+    def _allocate(self, bits: int) -> None:
+        self.bits = bits
+        self.mask = (1 << bits) - 1
+        self.key = np.zeros(1 << bits, np.uint64)
+        self.place = np.zeros(1 << bits, np.uint8)
+        self.count = np.zeros(1 << bits, np.uint8)
+        self.live = 0
+        self.deleted = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.key.nbytes + self.place.nbytes + self.count.nbytes
+
+    def _home(self, keys: _U64, places: _U8) -> _I64:
+        mixed = (keys ^ (places.astype(np.uint64) * _PLACE_MIX)) * _SLOT_MUL
+        return (mixed >> np.uint64(64 - self.bits)).astype(np.int64)
+
+    def find(self, keys: _U64, places: _U8) -> _I64:
+        """Slot of each present key, -1 where absent."""
+        result = np.full(keys.shape[0], -1, np.int64)
+        slot = self._home(keys, places)
+        pending = np.arange(keys.shape[0])
+        while pending.size:
+            probe = slot[pending]
+            count = self.count[probe]
+            hit = (
+                (count != _EMPTY)
+                & (count != _DELETED)
+                & (self.key[probe] == keys[pending])
+                & (self.place[probe] == places[pending])
+            )
+            result[pending[hit]] = probe[hit]
+            unresolved = ~hit & (count != _EMPTY)
+            pending = pending[unresolved]
+            slot[pending] = (probe[unresolved] + 1) & self.mask
+        return result
+
+    def insert(self, keys: _U64, places: _U8, counts: _U8) -> None:
+        """Add absent, distinct keys with their counts (1..254)."""
+        n = int(keys.shape[0])
+        if self.live + self.deleted + n > _MAX_LOAD * (self.mask + 1):
+            self._rebuild(self.live + n)
+        slot = self._home(keys, places)
+        pending = np.arange(n)
+        while pending.size:
+            probe = slot[pending]
+            state = self.count[probe]
+            free = (state == _EMPTY) | (state == _DELETED)
+            claimed, first = np.unique(probe[free], return_index=True)
+            winners = pending[free][first]
+            self.deleted -= int(np.count_nonzero(self.count[claimed] == _DELETED))
+            self.key[claimed] = keys[winners]
+            self.place[claimed] = places[winners]
+            self.count[claimed] = counts[winners]
+            unresolved = np.ones(pending.size, bool)
+            unresolved[np.flatnonzero(free)[first]] = False
+            pending = pending[unresolved]
+            slot[pending] = (probe[unresolved] + 1) & self.mask
+        self.live += n
+
+    def delete(self, slots: _I64) -> None:
+        self.count[slots] = _DELETED
+        self.live -= int(slots.shape[0])
+        self.deleted += int(slots.shape[0])
+
+    def _rebuild(self, needed: int) -> None:
+        live = np.flatnonzero((self.count != _EMPTY) & (self.count != _DELETED))
+        keys, places, counts = self.key[live], self.place[live], self.count[live]
+        self._allocate(max(_MIN_BITS, int(np.ceil(np.log2(max(needed, 1) / _TARGET_LOAD)))))
+        self.insert(keys, places, counts)
+
+
+@dataclass(frozen=True, slots=True)
+class PoolEngine:
+    """One engine's figures in its pool, per pool medium id."""
+
+    name: str
+    stored: _I64  # stores that made a key resident
+    elsewhere: _I64  # of those, keys another engine of the pool held
+    mismatches: int  # batches kept out of the pool (block size differs from the pool's)
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSnapshot:
+    """A copy of a pool's figures, taken under its lock; arrays are per pool medium id."""
+
+    name: str
+    media: tuple[str, ...]
+    seen: npt.NDArray[np.bool_]  # media that have held a key
+    distinct: _I64  # keys resident on at least one engine
+    duplicate: _I64  # keys resident on two or more
+    engines: tuple[PoolEngine, ...]
+    block_size: int | None
+    nbytes: int
+
+
+class PoolIndex:
+    """How many of the pool's engines hold each (medium, group, hash) now.
+
+    Engines :meth:`join` it; each member is fed its collector's transitions on the thread
+    that applies the engine's batches (the ingest thread). One lock: that thread holds it while
+    applying, a scrape while copying.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.lock = threading.Lock()
+        self.media = LabelTable("unknown")
+        self.groups = new_group_table()
+        self.places = PlaceTable(self.media, self.groups)
+        self.table = KeyCounts()
+        self.distinct = np.zeros(self.media.capacity, np.int64)
+        self.duplicate = np.zeros(self.media.capacity, np.int64)
+        self.seen = np.zeros(self.media.capacity, bool)
+        self.members: list[PoolMember] = []
+        self.block_size: int | None = None
+        self._cached: PoolSnapshot | None = None
+
+    def join(self, name: str, collector: BlockLifecycleCollector) -> PoolMember:
+        if len(self.members) >= MAX_ENGINES:
+            raise ValueError(f"pool {self.name}: at most {MAX_ENGINES} engines")
+        member = PoolMember(self, name, collector)
+        self.members.append(member)
+        return member
+
+    def snapshot(self) -> PoolSnapshot:
+        """The pool's figures (the same object until the index changes)."""
+        with self.lock:
+            if self._cached is None:
+                self._cached = PoolSnapshot(
+                    name=self.name,
+                    media=tuple(self.media.names),
+                    seen=self.seen.copy(),
+                    distinct=self.distinct.copy(),
+                    duplicate=self.duplicate.copy(),
+                    engines=tuple(
+                        PoolEngine(m.name, m.stored.copy(), m.elsewhere.copy(), m.mismatches)
+                        for m in self.members
+                    ),
+                    block_size=self.block_size,
+                    nbytes=self.table.nbytes,
+                )
+            return self._cached
+
+    def _change(self, keys: _U64, places: _U8, first: npt.NDArray[np.int8], net: _I64) -> _I64:
+        """Apply one member's net change per distinct key (``first``: its first transition in
+        the batch); returns, per key, how many *other* engines held it before. Holds the lock."""
+        table = self.table
+        slot = table.find(keys, places)
+        present = slot >= 0
+        before = np.zeros(keys.shape[0], np.int64)
+        before[present] = table.count[slot[present]]
+        others = np.maximum(before - (first < 0), 0)
+        after = np.maximum(before + net, 0)
+        medium = self.places.medium[places].astype(np.int64)
+        m = self.media.capacity
+        self.distinct += np.bincount(
+            medium, weights=(after >= 1).astype(np.int64) - (before >= 1), minlength=m
+        ).astype(np.int64)
+        self.duplicate += np.bincount(
+            medium, weights=(after >= 2).astype(np.int64) - (before >= 2), minlength=m
+        ).astype(np.int64)
+        self.seen[medium] = True
+        kept = present & (after > 0)
+        table.count[slot[kept]] = after[kept]
+        table.delete(slot[present & (after == 0)])
+        new = ~present & (after > 0)
+        if new.any():
+            table.insert(keys[new], places[new], after[new].astype(np.uint8))
+        self._cached = None
+        return others
+
+
+class PoolMember:
+    """One engine of a pool: checks its block size, feeds its transitions to the index."""
+
+    def __init__(self, pool: PoolIndex, name: str, collector: BlockLifecycleCollector) -> None:
+        self.pool = pool
+        self.name = name
+        self.collector = collector
+        collector.record_residency = True
+        m = pool.media.capacity
+        self.stored = np.zeros(m, np.int64)
+        self.elsewhere = np.zeros(m, np.int64)
+        self.mismatches = 0
+        self.block_size: int | None = None  # the most tokens a stored block held
+        self.refused = False
+        self._lut = np.zeros(0, np.uint8)  # engine place id → pool place id
+
+    def admit(self, batch: EventBatch) -> bool:
+        """Before the collector applies ``batch``: does it go into the pool? An engine whose
+        block size (the most tokens a stored block of it held) differs from the pool's (the
+        first one an engine of it showed) is refused from then on: its keys leave the index,
+        and each of its batches is counted as a mismatch."""
+        if not self.refused:
+            tokens = batch.tokens[batch.op == OP_STORE]
+            if tokens.size:
+                self.block_size = max(self.block_size or 0, int(tokens.max()))
+                pool = self.pool
+                with pool.lock:
+                    if pool.block_size is None:
+                        pool.block_size = self.block_size
+                    elif self.block_size != pool.block_size:
+                        self._refuse()
+        if self.refused:
+            with self.pool.lock:
+                self.mismatches += 1
+                self.pool._cached = None
+        return not self.refused
+
+    def _refuse(self) -> None:
+        """Leave the pool (holding its lock): the collector's resident keys, as it holds them
+        before the batch that showed the mismatch, are taken out of the index."""
+        pool = self.pool
+        log.warning(
+            "engine refused from its pool: block size differs from the pool's",
+            extra={
+                "pool": pool.name,
+                "engine": self.name,
+                "block_size": self.block_size,
+                "pool_block_size": pool.block_size,
+            },
+        )
+        self.refused = True
+        self.collector.record_residency = False
+        keys, places = self.collector.resident_keys()
+        if keys.size:
+            n = keys.shape[0]
+            pool._change(
+                keys, self._places(places), np.full(n, -1, np.int8), np.full(n, -1, np.int64)
+            )
+
+    def load(self) -> None:
+        """After the collector's state was restored (a checkpoint): its resident keys join the
+        index, counted as neither stores nor stores resident elsewhere."""
+        keys, places = self.collector.resident_keys()
+        if keys.size and not self.refused:
+            n = keys.shape[0]
+            with self.pool.lock:
+                self.pool._change(
+                    keys, self._places(places), np.ones(n, np.int8), np.ones(n, np.int64)
+                )
+
+    def _places(self, engine_places: _U8) -> _U8:
+        """Pool place ids of the engine's place ids (by medium and group name)."""
+        known = len(self.collector.places)
+        if self._lut.shape[0] < known:
+            media, groups = self.collector.media.names, self.collector.groups.names
+            self._lut = np.array(
+                [
+                    self.pool.places.add(
+                        self.pool.media.id_of(media[mid]), self.pool.groups.id_of(groups[gid])
+                    )
+                    for mid, gid in self.collector.places.pairs()
+                ],
+                np.uint8,
+            )
+        return self._lut[engine_places]
+
+    def follow(self, changes: ResidencyChanges) -> None:
+        """After the collector applied a batch (or a clear): its residency transitions."""
+        if not len(changes) or self.refused:
+            return
+        pool = self.pool
+        with pool.lock:
+            places = self._places(changes.place)
+            # By key (stable: each key's transitions stay in stream order).
+            order = np.lexsort((places, changes.key))
+            keys, places, delta = changes.key[order], places[order], changes.delta[order]
+            start = np.ones(keys.shape[0], bool)
+            start[1:] = (keys[1:] != keys[:-1]) | (places[1:] != places[:-1])
+            starts = np.flatnonzero(start)
+            net = np.add.reduceat(delta.astype(np.int64), starts)
+            stores = np.add.reduceat((delta > 0).astype(np.int64), starts)
+            key_places = places[starts]
+            others = pool._change(keys[starts], key_places, delta[starts], net)
+            medium = pool.places.medium[key_places].astype(np.int64)
+            m = pool.media.capacity
+            self.stored += np.bincount(medium, weights=stores, minlength=m).astype(np.int64)
+            elsewhere = others > 0
+            self.elsewhere += np.bincount(
+                medium[elsewhere], weights=stores[elsewhere], minlength=m
+            ).astype(np.int64)
