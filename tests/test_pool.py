@@ -283,3 +283,49 @@ def test_adapters_and_reasons_do_not_change_identity() -> None:
     feed(engines, ref, "b", [Row(S, 5, 0.0, adapter=2, tokens=16)])
     assert_same(snapshot(engines), ref)
     assert int(snapshot(engines).duplicate[snapshot(engines).media.index("GPU")]) == 1
+
+
+def test_sources_form_pools_and_a_pool_of_one_has_no_index() -> None:
+    """Sources that name no pool share ``default``; ``pool=`` puts a source elsewhere; a pool
+    of one engine gets no index (nothing can be resident elsewhere)."""
+    from kvcache_exporter.app import Exporter
+    from kvcache_exporter.config import ExporterConfig
+    from kvcache_exporter.sources.spec import SourceSpec
+
+    specs = tuple(
+        SourceSpec.parse(text)
+        for text in (
+            "a=tcp://127.0.0.1:1",
+            "b=tcp://127.0.0.1:2",
+            "c=tcp://127.0.0.1:3,pool=solo",
+        )
+    )
+    exporter = Exporter(ExporterConfig(sources=specs))
+    try:
+        assert list(exporter.pools) == ["default"]
+        members = {e.name: e.pipeline.pool for e in exporter.engines}
+        assert members["c"] is None
+        assert {m.name for m in exporter.pools["default"].members} == {"a", "b"}
+    finally:
+        exporter.context.destroy(linger=0)
+
+
+def test_a_restored_collector_rejoins_the_index() -> None:
+    """After a checkpoint restore the collectors' resident keys are the index's, counted as
+    neither stores nor stores resident elsewhere."""
+    before = fleet(["a", "b"])
+    for name, hashes in (("a", [1, 2, 3]), ("b", [3, 4])):
+        rows = [Row(S, h, 0.0, tokens=16) for h in hashes]
+        before[name].apply(make_batch(rows, before[name].collector))
+    after = fleet(["a", "b"])
+    for name, pipeline in after.items():
+        old = before[name].collector
+        pipeline.collector.media.restore(old.media.names)  # as a checkpoint restore does
+        pipeline.collector.groups.restore(old.groups.names)
+        pipeline.collector.load_state(old.state())
+        assert pipeline.pool is not None
+        pipeline.pool.load()
+    snap = snapshot(after)
+    gpu = snap.media.index("GPU")
+    assert (int(snap.distinct[gpu]), int(snap.duplicate[gpu])) == (4, 1)
+    assert [int(e.stored.sum()) for e in snap.engines] == [0, 0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -52,12 +53,14 @@ class Exporter:
         self.config = config
         self.context = context or zmq.Context()
         self.engines: list[Engine] = []
-        # The pool indexes, by name: every source is in one (``default`` unless it names one).
-        self.pools: dict[str, PoolIndex] = {}
+        # The pool indexes, by name: every source is in a pool (``default`` unless it names
+        # one). A pool of one engine has nothing resident elsewhere: it gets no index.
+        members = Counter(spec.pool for spec in config.sources)
+        self.pools = {name: PoolIndex(name) for name, count in members.items() if count > 1}
         for spec in config.sources:
             whatif = replace(config.whatif, capacity=spec.capacity)
             collector = replace(config.collector, hit_reports=spec.hit_reports)
-            pool = self.pools.setdefault(spec.pool, PoolIndex(spec.pool))
+            pool = self.pools.get(spec.pool)
             pipeline = new_pipeline(spec.name, collector, config.monitor, whatif, pool)
             source = SubscriberSource(
                 spec,

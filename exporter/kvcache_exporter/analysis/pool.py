@@ -18,8 +18,9 @@ batch, less this engine's own holding before the batch (it held the key iff the 
 transition in the batch is a removal).
 
 **Memory.** The index is an open-addressing table of (hash u64, place u8, count u8) slots,
-count 0 meaning empty and 255 a deleted slot: 10 bytes a slot, kept between 20 % and 60 % full,
-so 17-50 bytes per distinct resident key of the pool (about 25 on average).
+count 0 meaning empty and 255 a deleted slot: 10 bytes a slot. It grows (and, rebuilt while
+keys churn, shrinks) to hold its keys at 20-40 % load and rebuilds once keys and deleted slots
+pass 60 %: 17-50 bytes per distinct resident key as of its last rebuild.
 """
 
 from __future__ import annotations

@@ -153,17 +153,17 @@ def run(argv: Sequence[str]) -> int:
     for thread in threads:
         thread.start()
     engine = exporter.engines[0]
-    pool = exporter.pools[specs[0].pool]
+    pool = exporter.pools.get(specs[0].pool)  # None: one engine, no pool index
     started = time.monotonic()
     before, last = engine.collector.snapshot(), started
-    pool_before = pool.snapshot()
+    pool_before = pool.snapshot() if pool is not None else None
     while not stop.wait(min(args.interval, 0.5) if args.interval else 0.5):
         now = time.monotonic()
         if args.duration and now - started >= args.duration:
             break
         if now - last >= args.interval:
             snap = engine.collector.snapshot()
-            if count == 1:
+            if pool is None or pool_before is None:
                 print(summary_line(snap, before, now - last), flush=True)
             else:
                 pool_now = pool.snapshot()
