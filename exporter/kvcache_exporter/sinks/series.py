@@ -17,8 +17,10 @@ from ..analysis.whatif import MediumWhatIf, WhatIfSnapshot, factor_label
 from ..catalog import DECODE_ERROR_REASONS, FAMILIES, OTLP_EXPORT_RESULTS, OTLP_EXPORTS
 from ..collector import CollectorSnapshot
 from ..collector.histogram import HistogramSnapshot
+from ..collector.table import COMPILED as TABLE_COMPILED
 from ..pipeline import EngineView
 from ..protocol.batch import GroupSpec
+from ..protocol.compiled import COMPILED as DECODER_COMPILED
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,7 +228,9 @@ def series(views: Sequence[EngineView], otlp_exports: Mapping[str, int] | None =
                 put("kvcache_pool_stores_resident_elsewhere_total", labels,
                     int(engine.elsewhere[i]))  # fmt: skip
         put("kvcache_exporter_pool_index_bytes", pl, int(pool.nbytes))
-    put("kvcache_exporter_build_info", (("version", __version__),), 1)
+    # Both compiled stages in use: an install built with a compiler, and not disabled.
+    compiled = ("compiled", "true" if DECODER_COMPILED and TABLE_COMPILED else "false")
+    put("kvcache_exporter_build_info", (("version", __version__), compiled), 1)
     if otlp_exports is not None:
         for result in OTLP_EXPORT_RESULTS:
             put(OTLP_EXPORTS, (("result", result),), int(otlp_exports.get(result, 0)))
