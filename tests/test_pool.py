@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from typing import Any
+from unittest import mock
 
 import msgspec
 import numpy as np
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 
 from kvcache_exporter.analysis.pool import PoolIndex, PoolSnapshot
 from kvcache_exporter.collector import CollectorConfig
+from kvcache_exporter.collector import table as table_module
 from kvcache_exporter.engine import PrefixCacheSimulator
 from kvcache_exporter.engine.trace import bundled_trace_path, read_mooncake
 from kvcache_exporter.pipeline import Pipeline, new_pipeline
@@ -82,11 +84,13 @@ def assert_same(snap: PoolSnapshot, ref: ReferencePool) -> None:
             assert int(engine.elsewhere[i]) == ref.elsewhere.get((engine.name, medium), 0)
 
 
-def fleet(names: list[str], hit_reports: dict[str, bool] | None = None) -> dict[str, Pipeline]:
+def fleet(
+    names: list[str], hit_reports: dict[str, bool] | None = None, **config: Any
+) -> dict[str, Pipeline]:
     pool = PoolIndex("p")
     hits = hit_reports or {}
     return {
-        n: new_pipeline(n, CollectorConfig(hit_reports=hits.get(n, False)), pool=pool)
+        n: new_pipeline(n, CollectorConfig(hit_reports=hits.get(n, False), **config), pool=pool)
         for n in names
     }
 
@@ -225,9 +229,67 @@ def test_random_multi_engine_streams_match_the_reference(
         assert out["kvcache_pool_stores_resident_elsewhere_total"][labels] == count
 
 
-def test_index_survives_growth_and_deletion() -> None:
-    """Many keys through the table (rebuilds, deleted slots reused): exact throughout."""
-    engines = fleet(["a", "b"])
+@pytest.mark.skipif(not table_module.COMPILED, reason="compiled block table disabled")
+@settings(max_examples=100, deadline=None)
+@given(
+    rows=stream_rows,
+    removed_memory=st.sampled_from([0, 2, 1_000_000]),
+    max_tracked=st.sampled_from([3, 4_000_000]),
+)
+def test_the_same_transitions_with_either_block_table(
+    rows: list[tuple[int, int, int, int, int, int | None, bool]],
+    removed_memory: int,
+    max_tracked: int,
+) -> None:
+    """The collectors' residency transitions come from their block tables: with the compiled
+    table and with the numpy reference (``KVCACHE_EXPORTER_NO_EXTENSION=1``), fed the same
+    stream with ghosts expiring and tables full, every batch's transitions and every pool
+    figure are the same."""
+    names = ["e0", "e1", "e2", "e3"]
+    config = {"removed_memory": removed_memory, "max_tracked_blocks": max_tracked}
+    fast = fleet(names, **config)
+    with mock.patch.object(table_module, "COMPILED", False):
+        ref = fleet(names, **config)
+    assert fast["e0"].collector.table.compiled and not ref["e0"].collector.table.compiled
+
+    def apply(name: str, piece: list[Row]) -> None:
+        for engines in (fast, ref):
+            engines[name].apply(make_batch(piece, engines[name].collector))
+        a = fast[name].collector.residency_changes
+        b = ref[name].collector.residency_changes
+        for column in ("row", "key", "place", "delta"):
+            np.testing.assert_array_equal(getattr(a, column), getattr(b, column))
+
+    pending: dict[str, list[Row]] = defaultdict(list)
+    for i, (e, op, h, m, g, left, ends) in enumerate(rows):
+        name = names[e]
+        pending[name].append(Row(op, h * 0x9E3779B97F4A7C15 % 2**64, i * 0.1, m, g, left,
+                                 0, 16, 0))  # fmt: skip
+        if ends:
+            apply(name, pending.pop(name))
+    for name, piece in pending.items():
+        apply(name, piece)
+    x, y = snapshot(fast), snapshot(ref)
+    assert x.media == y.media and x.nbytes == y.nbytes
+    for name in ("distinct", "duplicate", "seen"):
+        np.testing.assert_array_equal(getattr(x, name), getattr(y, name))
+    for p, q in zip(x.engines, y.engines, strict=True):
+        np.testing.assert_array_equal(p.stored, q.stored)
+        np.testing.assert_array_equal(p.elsewhere, q.elsewhere)
+
+
+@pytest.mark.parametrize(
+    "compiled",
+    [
+        pytest.param(True, marks=pytest.mark.skipif(not table_module.COMPILED, reason="disabled")),
+        False,
+    ],
+)
+def test_index_survives_growth_and_deletion(compiled: bool) -> None:
+    """Many keys through the tables (rebuilds that move every slot, deleted slots reused),
+    with either block table: exact throughout."""
+    with mock.patch.object(table_module, "COMPILED", compiled):
+        engines = fleet(["a", "b"])
     ref = ReferencePool({"a": False, "b": False})
     rng = np.random.default_rng(3)
     for step in range(30):
