@@ -17,10 +17,12 @@ batch the other engines do not change, so the question is per key: the pool's co
 batch, less this engine's own holding before the batch (it held the key iff the key's first
 transition in the batch is a removal).
 
-**Memory.** The index is an open-addressing table of (hash u64, place u8, count u8) slots,
-count 0 meaning empty and 255 a deleted slot: 10 bytes a slot. It grows (and, rebuilt while
-keys churn, shrinks) to hold its keys at 20-40 % load and rebuilds once keys and deleted slots
-pass 60 %: 17-50 bytes per distinct resident key as of its last rebuild.
+**Memory.** The index is the collector's hash table (:class:`~..collector.table.KeyTable`,
+its compiled kernels where built) with a one-byte engine count: 19 bytes a slot (hash 8, place
+1, state 1, count 1, and the 8-byte ghost column its probes read, unused here). Like the
+collector's, it is rebuilt for its keys at 78 % load once keys and tombstones (keys no engine
+holds any more) pass 85 %: 22-24 bytes per distinct resident key while keys grow, more after
+keys have left since the last rebuild.
 """
 
 from __future__ import annotations
@@ -28,109 +30,36 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
 
 from ..collector import BlockLifecycleCollector
 from ..collector.places import PlaceTable
+from ..collector.table import RESIDENT, KeyTable
 from ..collector.transitions import ResidencyChanges
 from ..protocol.batch import OP_STORE, EventBatch, LabelTable, new_group_table
 
 log = logging.getLogger("kvcache_exporter.pool")
 
-MAX_ENGINES: Final = 254  # a key's engine count is one byte, with 0 and 255 reserved
+MAX_ENGINES: Final = 255  # a key's engine count is one byte
 
 _U64 = npt.NDArray[np.uint64]
 _U8 = npt.NDArray[np.uint8]
 _I64 = npt.NDArray[np.int64]
 
-_EMPTY: Final = 0
-_DELETED: Final = 255
-_PLACE_MIX: Final = np.uint64(0xC2B2AE3D27D4EB4F)
-_SLOT_MUL: Final = np.uint64(0x9E3779B97F4A7C15)
-_MAX_LOAD: Final = 0.6
-_TARGET_LOAD: Final = 0.4
-_MIN_BITS: Final = 10
 
+class KeyCounts(KeyTable):
+    """(hash, place) → how many of the pool's engines hold it (1..255): the collector's table
+    (compiled kernels where built) with a one-byte ``count`` column; a key no engine holds is
+    a tombstone."""
 
-class KeyCounts:
-    """(hash, place) → engines holding it (1..254), vectorized linear probing."""
+    def _allocate_columns(self, capacity: int) -> None:
+        self.count = np.zeros(capacity, np.uint8)
 
-    def __init__(self) -> None:
-        self._allocate(_MIN_BITS)
-
-    def _allocate(self, bits: int) -> None:
-        self.bits = bits
-        self.mask = (1 << bits) - 1
-        self.key = np.zeros(1 << bits, np.uint64)
-        self.place = np.zeros(1 << bits, np.uint8)
-        self.count = np.zeros(1 << bits, np.uint8)
-        self.live = 0
-        self.deleted = 0
-
-    @property
-    def nbytes(self) -> int:
-        return self.key.nbytes + self.place.nbytes + self.count.nbytes
-
-    def _home(self, keys: _U64, places: _U8) -> _I64:
-        mixed = (keys ^ (places.astype(np.uint64) * _PLACE_MIX)) * _SLOT_MUL
-        return (mixed >> np.uint64(64 - self.bits)).astype(np.int64)
-
-    def find(self, keys: _U64, places: _U8) -> _I64:
-        """Slot of each present key, -1 where absent."""
-        result = np.full(keys.shape[0], -1, np.int64)
-        slot = self._home(keys, places)
-        pending = np.arange(keys.shape[0])
-        while pending.size:
-            probe = slot[pending]
-            count = self.count[probe]
-            hit = (
-                (count != _EMPTY)
-                & (count != _DELETED)
-                & (self.key[probe] == keys[pending])
-                & (self.place[probe] == places[pending])
-            )
-            result[pending[hit]] = probe[hit]
-            unresolved = ~hit & (count != _EMPTY)
-            pending = pending[unresolved]
-            slot[pending] = (probe[unresolved] + 1) & self.mask
-        return result
-
-    def insert(self, keys: _U64, places: _U8, counts: _U8) -> None:
-        """Add absent, distinct keys with their counts (1..254)."""
-        n = int(keys.shape[0])
-        if self.live + self.deleted + n > _MAX_LOAD * (self.mask + 1):
-            self._rebuild(self.live + n)
-        slot = self._home(keys, places)
-        pending = np.arange(n)
-        while pending.size:
-            probe = slot[pending]
-            state = self.count[probe]
-            free = (state == _EMPTY) | (state == _DELETED)
-            claimed, first = np.unique(probe[free], return_index=True)
-            winners = pending[free][first]
-            self.deleted -= int(np.count_nonzero(self.count[claimed] == _DELETED))
-            self.key[claimed] = keys[winners]
-            self.place[claimed] = places[winners]
-            self.count[claimed] = counts[winners]
-            unresolved = np.ones(pending.size, bool)
-            unresolved[np.flatnonzero(free)[first]] = False
-            pending = pending[unresolved]
-            slot[pending] = (probe[unresolved] + 1) & self.mask
-        self.live += n
-
-    def delete(self, slots: _I64) -> None:
-        self.count[slots] = _DELETED
-        self.live -= int(slots.shape[0])
-        self.deleted += int(slots.shape[0])
-
-    def _rebuild(self, needed: int) -> None:
-        live = np.flatnonzero((self.count != _EMPTY) & (self.count != _DELETED))
-        keys, places, counts = self.key[live], self.place[live], self.count[live]
-        self._allocate(max(_MIN_BITS, int(np.ceil(np.log2(max(needed, 1) / _TARGET_LOAD)))))
-        self.insert(keys, places, counts)
+    def columns(self) -> tuple[npt.NDArray[Any], ...]:
+        return (*super().columns(), self.count)
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,7 +158,9 @@ class PoolIndex:
         table.delete(slot[present & (after == 0)])
         new = ~present & (after > 0)
         if new.any():
-            table.insert(keys[new], places[new], after[new].astype(np.uint8))
+            # Every write through `slot` is done: a rebuild may move the slots now.
+            table.reserve(int(np.count_nonzero(new)))
+            table.count[table.insert(keys[new], places[new], RESIDENT)] = after[new]
         self._cached = None
         return others
 
