@@ -1,4 +1,4 @@
-"""Pool index benchmark: its cost per block event at 8 and 64 engines, against the same run
+"""Pool index benchmark: its cost per block event at 1, 8 and 64 engines, against the same run
 without it, and its memory per distinct resident key.
 
 The bundled Mooncake trace, looped ``--loops`` times (the same hashes each pass, so later
@@ -12,7 +12,7 @@ each counting. Reported per block event: the pipelines' time in
 both runs, and the index's own time (its ``admit`` and ``follow``, timed apart); the resident
 elsewhere share; the index's bytes per distinct resident key at the end.
 
-Run: ``python bench/pool.py`` (about 3 minutes on 2 cores); ``--json FILE`` keeps figures.
+Run: ``python bench/pool.py`` (about a minute on 2 cores); ``--json FILE`` keeps figures.
 """
 
 from __future__ import annotations

@@ -82,7 +82,6 @@ class PoolSnapshot:
     distinct: _I64  # keys resident on at least one engine
     duplicate: _I64  # keys resident on two or more
     engines: tuple[PoolEngine, ...]
-    block_size: int | None
     nbytes: int
 
 
@@ -129,7 +128,6 @@ class PoolIndex:
                         PoolEngine(m.name, m.stored.copy(), m.elsewhere.copy(), m.mismatches)
                         for m in self.members
                     ),
-                    block_size=self.block_size,
                     nbytes=self.table.nbytes,
                 )
             return self._cached
