@@ -32,6 +32,7 @@ from .panels import (
     RED,
     SECONDS,
     TAGS,
+    TARGET,
     Query,
     alerts_annotation,
     bargauge_panel,
@@ -56,6 +57,10 @@ TITLE = "KV cache overview"
 
 RESTORE_RATIO = "engine_medium:kvcache_block_restore_ratio:ratio_rate5m"
 HIT_RATIO = "engine_medium:kvcache_block_hit_ratio:ratio_rate5m"
+ELSEWHERE_RATIO = "pool_medium:kvcache_pool_stores_resident_elsewhere:ratio_rate5m"
+POOL_MEDIUM = f'{TARGET}, medium=~"$medium"'
+"""Matchers for the fleet pool's series (``pool`` and ``medium``, no engine)."""
+PER_POOL = "{{pool}} {{medium}} {{instance}}"
 PER_SERIES = "{{engine}} {{medium}} {{instance}}"
 """Legend of a pool-level series (per engine and medium)."""
 PER_PLACE = "{{engine}} {{medium}} group {{group}} {{instance}}"
@@ -332,6 +337,69 @@ def adapters_row(builder: dash.Dashboard) -> dash.Dashboard:
                 maximum=1,
                 width=8,
                 no_value="no stores",
+            )
+        )
+    )
+
+
+def pools_row(builder: dash.Dashboard) -> dash.Dashboard:
+    """The fleet view (docs/pools.md): several replicas of one model in one pool."""
+    elsewhere = (
+        "sum by (pool, engine, medium) "
+        f"(rate(kvcache_pool_stores_resident_elsewhere_total{{{MEDIUM}}}[$__rate_interval]))"
+    )
+    return (
+        builder.with_row(row("Pools: what a KV-aware router would save"))
+        .with_panel(
+            timeseries_panel(
+                "Recomputation a KV-aware router could have avoided",
+                "Share of the pool's stores (new resident keys, not copies) whose block another "
+                "engine of the pool held at that moment, over 5 minutes, per pool and medium: "
+                "what a router sending each request to the replica that holds its prefix "
+                "(llm-d, Dynamo's KV router, SGLang's cache-aware router) could have saved. An "
+                "upper bound: it ignores load balance and places blocks, not whole requests "
+                "(docs/pools.md). Near 0 with round-robin replicas: the traffic shares little "
+                "across requests, a router gains nothing. Tens of percent: prefix-aware routing "
+                "pays for itself.",
+                RATIO,
+                [Query(f"{ELSEWHERE_RATIO}{{{POOL_MEDIUM}}}", PER_POOL)],
+                maximum=1,
+                width=8,
+                no_value="no stores",
+            )
+        )
+        .with_panel(
+            timeseries_panel(
+                "Stores resident elsewhere by engine",
+                "Blocks per second each engine stored while another engine of its pool held "
+                "them, per pool, engine and medium: which replicas recompute what their peers "
+                "hold.",
+                BLOCKS_PER_S,
+                [Query(elsewhere, "{{pool}} {{engine}} {{medium}}")],
+                width=8,
+            )
+        )
+        .with_panel(
+            timeseries_panel(
+                "Duplicate and distinct resident blocks in the pool",
+                "Keys resident on at least one engine of the pool (distinct) and on two or more "
+                "(duplicate), per pool and medium, summed over the selected instances. "
+                "Duplicate / distinct is the share of the pool's cached content held more than "
+                "once: memory a prefix-aware router would free for other prefixes.",
+                BLOCKS,
+                [
+                    Query(
+                        "sum by (pool, medium) "
+                        f"(kvcache_pool_distinct_resident_blocks{{{POOL_MEDIUM}}})",
+                        "distinct {{pool}} {{medium}}",
+                    ),
+                    Query(
+                        "sum by (pool, medium) "
+                        f"(kvcache_pool_duplicate_resident_blocks{{{POOL_MEDIUM}}})",
+                        "duplicate {{pool}} {{medium}}",
+                    ),
+                ],
+                width=8,
             )
         )
     )
@@ -633,6 +701,7 @@ def overview() -> model.Dashboard:
 
     builder = groups_row(builder)
     builder = adapters_row(builder)
+    builder = pools_row(builder)
 
     # --- alerts -------------------------------------------------------------------------------
     builder = (

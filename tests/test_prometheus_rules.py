@@ -229,11 +229,12 @@ def test_rules_read_only_served_metrics_or_recorded_series() -> None:
 
 
 def test_recording_rule_names_follow_the_convention() -> None:
-    """``level:metric:operation``; the level is the pool (``engine_medium``) or, for quantiles
-    only, the KV-cache group (``engine_medium_group``)."""
+    """``level:metric:operation``; the level is the pool (``engine_medium``), for quantiles
+    only the KV-cache group (``engine_medium_group``), or a fleet pool's medium
+    (``pool_medium``)."""
     for rule in rules(RULES):
         level, metric, operation = rule["record"].split(":")
-        assert level in {"engine_medium", "engine_medium_group"}, rule["record"]
+        assert level in {"engine_medium", "engine_medium_group", "pool_medium"}, rule["record"]
         assert metric.startswith("kvcache_") and operation
         if level == "engine_medium_group":
             assert operation == "histogram_quantile5m", rule["record"]

@@ -42,6 +42,12 @@ def test_report_mode() -> None:
     assert not SourceSpec.parse("v=tcp://h:5557").hit_reports
 
 
+def test_pool() -> None:
+    """``pool=NAME`` names the source's routing domain; without it, ``default``."""
+    assert SourceSpec.parse("v=tcp://h:5557,pool=llama-70b").pool == "llama-70b"
+    assert SourceSpec.parse("v=tcp://h:5557").pool == "default"
+
+
 def test_curve_options() -> None:
     client = SourceSpec.parse("e=tcp://h:5557,replay=tcp://h:5558,curve.engine-key=/k/e.key")
     assert client.curve_engine_key == "/k/e.key" and client.curve_allow is None
@@ -66,6 +72,8 @@ def test_curve_options() -> None:
         "a=tcp://h:1,x=1",
         "a=tcp://h:1,report-mode=",
         "a=tcp://h:1,report-mode=FULL",
+        "a=tcp://h:1,pool=",
+        "a=tcp://h:1,pool=two words",
         "a=tcp://h:1,curve.engine-key=",
         "a=tcp://h:1,curve.engine-key=e.key,curve.allow=dir",  # client or server, not both
         "a=inproc://x,curve.allow=dir",  # inproc has no handshake

@@ -29,7 +29,9 @@ and quantiles of the pool, compared with each other and with the pool-level what
 is a mixture weighted by how many blocks each group stores (in vLLM 0.33's hybrid stream,
 ``tests/fixtures/streams``, the full-attention group stores about six times as many as the
 sliding-window group), so it follows the biggest group and can hide a change of another; and
-the groups' distributions may differ by design.
+the groups' distributions may differ by design. ``pool_medium:…`` is one medium of a fleet
+pool (the ``pool`` label: the engines one router chooses between, docs/pools.md), engines
+summed.
 """
 
 from __future__ import annotations
@@ -118,6 +120,8 @@ POOL = "engine_medium"
 """Level of the pool-level series: per engine and medium, KV-cache groups summed."""
 PER_GROUP = "engine_medium_group"
 """Level of the per-group series: per engine, medium and KV-cache group."""
+FLEET = "pool_medium"
+"""Level of the fleet series: per pool of engines (the ``pool`` label) and medium."""
 
 
 def rate_name(metric: str) -> str:
@@ -138,6 +142,7 @@ ACCESSED = rate_name("kvcache_blocks_accessed_total")
 EVICTED = f"{POOL}:kvcache_blocks_evicted:rate5m"
 RESTORE_RATIO = f"{POOL}:kvcache_block_restore_ratio:ratio_rate5m"
 HIT_RATIO = f"{POOL}:kvcache_block_hit_ratio:ratio_rate5m"
+ELSEWHERE_RATIO = f"{FLEET}:kvcache_pool_stores_resident_elsewhere:ratio_rate5m"
 
 
 def quantile_name(histogram: str, level: str = POOL) -> str:
@@ -169,6 +174,16 @@ def recording_rules() -> list[Rule]:
             "expr": (
                 f"{ACCESSED} / ({ACCESSED} + {STORED} > 0)\nand\n"
                 "sum without (group) (kvcache_blocks_accessed_total) > 0"
+            ),
+        },
+        # Stores of keys another engine of the pool held / the pool's stores: recomputation a
+        # KV-aware router could have avoided (an upper bound, docs/pools.md).
+        {
+            "record": ELSEWHERE_RATIO,
+            "expr": (
+                "sum without (engine) "
+                "(rate(kvcache_pool_stores_resident_elsewhere_total[5m]))\n"
+                "/\n(sum without (engine) (rate(kvcache_pool_stores_total[5m])) > 0)"
             ),
         },
     ]

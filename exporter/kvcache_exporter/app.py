@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import zmq
 
 from . import __version__
+from .analysis.pool import PoolIndex
 from .checkpoint import Checkpoint, CheckpointStore, CheckpointWriter, capture, restore
 from .collector import BlockLifecycleCollector
 from .collector.apply import COMPILED as APPLY_COMPILED
@@ -55,10 +57,15 @@ class Exporter:
         self.config = config
         self.context = context or zmq.Context()
         self.engines: list[Engine] = []
+        # The pool indexes, by name: every source is in a pool (``default`` unless it names
+        # one). A pool of one engine has nothing resident elsewhere: it gets no index.
+        members = Counter(spec.pool for spec in config.sources)
+        self.pools = {name: PoolIndex(name) for name, count in members.items() if count > 1}
         for spec in config.sources:
             whatif = replace(config.whatif, capacity=spec.capacity)
             collector = replace(config.collector, hit_reports=spec.hit_reports)
-            pipeline = new_pipeline(spec.name, collector, config.monitor, whatif)
+            pool = self.pools.get(spec.pool)
+            pipeline = new_pipeline(spec.name, collector, config.monitor, whatif, pool)
             source = SubscriberSource(
                 spec,
                 self.context,
@@ -142,6 +149,9 @@ class Exporter:
             checkpoint = store.load()
             if checkpoint is not None:
                 restore([e.pipeline for e in self.engines], checkpoint, store)
+                for engine in self.engines:
+                    if engine.pipeline.pool is not None:
+                        engine.pipeline.pool.load()
             self._checkpoints = CheckpointWriter(store)
             self._next_checkpoint = time.time() + self.config.storage_interval
         if self.config.otlp is not None:

@@ -56,6 +56,7 @@ ATTRIBUTES: Final = {
     "series": "kvcache.trend.series",
     "capacity_factor": "kvcache.whatif.capacity_factor",
     "result": "kvcache.export.result",
+    "pool": "kvcache.pool",
 }
 ERROR_TYPE: Final = "error.type"  # the semantic conventions' attribute for error classes
 
@@ -110,6 +111,8 @@ E: Final = ("engine",)
 PLACE: Final = ("engine", "medium", "group")
 ADAPTER: Final = ("engine", "medium", "adapter")
 WHATIF: Final = ("engine", "medium")
+POOL_ENGINE: Final = ("pool", "engine", "medium")
+POOL_MEDIUM: Final = ("pool", "medium")
 C, G, H = Type.COUNTER, Type.GAUGE, Type.HISTOGRAM
 IC, IU, IG, IH = Instrument.COUNTER, Instrument.UPDOWN, Instrument.GAUGE, Instrument.HISTOGRAM
 _ADAPTER_NOTE: Final = "(base: none; other: beyond --collector.max-adapters)"
@@ -207,6 +210,21 @@ FAMILIES: Final[tuple[Family, ...]] = (
            "References a cache capacity_factor times as large would have served as hits "
            "(sampled, scaled; where hits are reported).",
            (*WHATIF, "capacity_factor"), "kvcache.whatif.hits", IC, "{block}"),
+    # --- the pool: several engines one router chooses between ---
+    Family("kvcache_pool_stores_total", C,
+           "Blocks an engine of the pool stored as new resident keys (not copies, not hit "
+           "reports): the base of the resident-elsewhere ratio.",
+           POOL_ENGINE, "kvcache.pool.stores", IC, "{block}"),
+    Family("kvcache_pool_stores_resident_elsewhere_total", C,
+           "Blocks an engine stored while another engine of its pool held the same key "
+           "(medium, group, hash): recomputation a KV-aware router could have avoided.",
+           POOL_ENGINE, "kvcache.pool.stores.resident_elsewhere", IC, "{block}"),
+    Family("kvcache_pool_duplicate_resident_blocks", G,
+           "Keys resident on two or more engines of the pool now.",
+           POOL_MEDIUM, "kvcache.pool.duplicate_resident_blocks", IU, "{block}"),
+    Family("kvcache_pool_distinct_resident_blocks", G,
+           "Distinct keys resident on at least one engine of the pool now.",
+           POOL_MEDIUM, "kvcache.pool.distinct_resident_blocks", IU, "{block}"),
     # --- alerts and trends ---
     Family("kvcache_alerts_total", C, "Anomaly alerts raised, by alert and severity.",
            ("engine", "alert", "severity"), "kvcache.alerts", IC, "{alert}"),
@@ -274,6 +292,13 @@ FAMILIES: Final[tuple[Family, ...]] = (
     Family("kvcache_exporter_collector_bytes", G,
            "Memory held by the engine's block state (the what-if model's included).",
            E, "kvcache.exporter.collector.memory", IU, "By"),
+    Family("kvcache_exporter_pool_mismatches_total", C,
+           "Batches of an engine kept out of its pool's index because its block size differs "
+           "from the pool's.",
+           ("pool", "engine"), "kvcache.exporter.pool.mismatches", IC, "{batch}"),
+    Family("kvcache_exporter_pool_index_bytes", G,
+           "Memory held by the pool's index of resident keys.",
+           ("pool",), "kvcache.exporter.pool.index", IU, "By"),
     Family("kvcache_exporter_otlp_exports_total", C,
            "OTLP exports, by result (present only while OTLP export is on).",
            ("result",), "kvcache.exporter.otlp.exports", IC, "{export}"),

@@ -16,6 +16,7 @@ import numpy as np
 from .analysis.history import History
 from .analysis.monitor import EngineMonitor, MonitorConfig
 from .analysis.patterns import access_patterns
+from .analysis.pool import PoolIndex, PoolMember, PoolSnapshot
 from .analysis.series import AlertLevel, CacheAlert
 from .analysis.trends import Trend
 from .analysis.whatif import WhatIfConfig, WhatIfModel, WhatIfSnapshot
@@ -49,6 +50,7 @@ class EngineView:
     trends: dict[str, Trend] = field(default_factory=dict)
     access_patterns: dict[str, Any] | None = None  # only when asked for (not per scrape)
     whatif: WhatIfSnapshot | None = None  # None: the what-if model is off
+    pool: PoolSnapshot | None = None  # the engine's pool (all its engines), if it is in one
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,8 +74,9 @@ class Pipeline:
     monitor: EngineMonitor
     apply: Callable[[EventBatch], None]
     """Apply a decoded batch: collector, then monitor samples on the engine-clock grid, then
-    the what-if model."""
+    the what-if model, then the pool index."""
     whatif: WhatIfModel | None = None  # None: --whatif.sample-ratio 0
+    pool: PoolMember | None = None  # None: not followed by a pool index
     history: History = field(default_factory=History)
     """The last minutes of per-place counters, for the status page (see :meth:`tick`)."""
 
@@ -106,6 +109,7 @@ class Pipeline:
             trends=self.monitor.trends(),
             access_patterns=patterns,
             whatif=self.whatif.snapshot() if self.whatif is not None else None,
+            pool=self.pool.pool.snapshot() if self.pool is not None else None,
         )
 
     def records(self) -> EngineRecords:
@@ -123,8 +127,10 @@ def new_pipeline(
     config: CollectorConfig,
     monitor_config: MonitorConfig | None = None,
     whatif_config: WhatIfConfig | None = None,
+    pool: PoolIndex | None = None,
 ) -> Pipeline:
-    """An engine's collector, stream, monitor and what-if model, sharing label tables."""
+    """An engine's collector, stream, monitor and what-if model, sharing label tables; with
+    ``pool``, the engine joins that pool index."""
     media = LabelTable("unknown")
     reasons = LabelTable("evicted", seed=DEFAULT_REASONS)
     groups = new_group_table()
@@ -134,8 +140,10 @@ def new_pipeline(
     monitor = EngineMonitor(name, lambda: stream.stats.batches_lost, monitor_config)
     whatif_config = whatif_config or WhatIfConfig()
     whatif = WhatIfModel(whatif_config, media) if whatif_config.enabled else None
+    member = pool.join(name, collector) if pool is not None else None
 
     def apply(batch: EventBatch) -> None:
+        following = member is not None and member.admit(batch)
         cuts = monitor.cuts(batch.ts)
         totals = collector.apply(batch, [row for row, _ in cuts])
         for (_, grid_ts), at_cut in zip(cuts, totals, strict=True):
@@ -145,11 +153,16 @@ def new_pipeline(
             copies = collector.copy_rows
             keyed = batch.take(np.flatnonzero(~copies)) if copies.any() else batch
             whatif.apply(keyed, collector.resident_keys_by_medium())
+        if member is not None and following:
+            # Same thread again: the transitions are this batch's.
+            member.follow(collector.residency_changes)
 
     def restart(ts: float) -> None:
         collector.clear(ts, REASON_RESTART)
         if whatif is not None:
             whatif.clear()
+        if member is not None:
+            member.follow(collector.residency_changes)
 
     stream = EventStream(
         name,
@@ -160,4 +173,4 @@ def new_pipeline(
         groups=groups,
         adapters=adapters,
     )
-    return Pipeline(name, collector, stream, monitor, apply, whatif)
+    return Pipeline(name, collector, stream, monitor, apply, whatif, member)

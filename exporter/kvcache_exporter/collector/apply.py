@@ -32,6 +32,7 @@ from .rounds import Runs, plan_segment
 from .snapshot import CollectorTotals
 from .state import CollectorState
 from .table import EMPTY, GHOST, RESIDENT, TOMBSTONE
+from .transitions import ResidencyChanges
 
 _U64 = npt.NDArray[np.uint64]
 _F64 = npt.NDArray[np.float64]
@@ -137,6 +138,10 @@ class _Outcome:
 class BatchApplier(CollectorState):
     """The collector's state, updated a whole :class:`EventBatch` at a time."""
 
+    # Set by a pool index that follows this engine: the last batch's (or clear's) residency
+    # transitions are then kept in ``residency_changes``.
+    record_residency = False
+
     def _reset_state(self) -> None:
         super()._reset_state()
         # A batch's removals as rounds produce them, with their rows: settled in stream order.
@@ -148,6 +153,8 @@ class BatchApplier(CollectorState):
         # Rows of the last batch that only changed a key's copy count (see copy_rows).
         self._copy_positions: list[npt.NDArray[np.int64]] = []
         self.copy_rows = np.zeros(0, bool)
+        self._residency_parts: list[ResidencyChanges] = []
+        self.residency_changes = ResidencyChanges.empty()
 
     def apply(self, batch: EventBatch, cuts: Sequence[int] = ()) -> list[CollectorTotals]:
         """Apply one batch of block operations, in stream order.
@@ -158,6 +165,7 @@ class BatchApplier(CollectorState):
         """
         if not len(batch):
             self.copy_rows = np.zeros(0, bool)
+            self.residency_changes = ResidencyChanges.empty()
             return [self._totals() for _ in cuts]
         with self.lock:
             # From here on a row's ``medium`` column holds its place id (medium and group).
@@ -182,6 +190,7 @@ class BatchApplier(CollectorState):
             for rows_done in self._copy_positions:
                 self.copy_rows[rows_done] = True
             self._copy_positions = []
+            self._settle_residency()
             outcome, self._outcome = self._outcome, None
             if outcome is None:
                 return []
@@ -192,6 +201,21 @@ class BatchApplier(CollectorState):
         with self.lock:
             self._clear(ts, self.reasons.id_of(reason), 0)
             self._settle_removals()
+            self._settle_residency()
+
+    def _note_residency(self, slots: npt.NDArray[np.int64], rows: _I64, delta: int) -> None:
+        """Keys at ``slots`` became resident (+1) or stopped being resident (-1) at ``rows``."""
+        if self.record_residency:
+            table = self.table
+            self._residency_parts.append(
+                ResidencyChanges(
+                    rows, table.key[slots], table.medium[slots], np.full(rows.size, delta, np.int8)
+                )
+            )
+
+    def _settle_residency(self) -> None:
+        self.residency_changes = ResidencyChanges.gather(self._residency_parts)
+        self._residency_parts = []
 
     def _depths(self, batch: EventBatch) -> npt.NDArray[np.int64]:
         """Each row's prefix depth, from the table as it stands before the batch."""
@@ -302,6 +326,17 @@ class BatchApplier(CollectorState):
                 "prefix_depth": ev_depth[:logged],
             }
             self._pending_evictions.append((position[rows], columns))
+        if self.record_residency:
+            became, gone = (flags & _F_RESIDENT) != 0, (flags & _F_GONE) != 0
+            rows = np.flatnonzero(became | gone)
+            self._residency_parts.append(
+                ResidencyChanges(
+                    position[rows],
+                    seg.block_hash[rows],
+                    seg.medium[rows],
+                    np.where(became[rows], 1, -1).astype(np.int8),
+                )
+            )
         outcome = self._outcome
         if outcome is not None:
             outcome.stored[position] += (flags & _F_STORED) != 0
@@ -419,6 +454,7 @@ class BatchApplier(CollectorState):
             self.restores += np.bincount(med[restore], minlength=m).astype(np.uint64)
             self._count_adapters(self.adapter_restores, med[restore], rnd.adapter[restore])
             self._count_stored(s, med[restore], obs)
+            self._note_residency(s, position[restore], 1)
             resident_after[restore] = True
             if self._outcome is not None:
                 self._outcome.stored[position[restore]] += 1
@@ -447,6 +483,7 @@ class BatchApplier(CollectorState):
             mask[rows] = True
             self._start_life(s, ts[rows], rnd, mask)
             self._count_stored(s, med[rows], sampled[rows])
+            self._note_residency(s, position[rows], 1)
             started_rows.append(rows)
             resident_after[rows] = True
         if rnd.chain is not None:
@@ -558,6 +595,7 @@ class BatchApplier(CollectorState):
         m = self.places.capacity
         self.resident_hashes -= np.bincount(md, minlength=m)
         self.tracked_per_place -= np.bincount(md[obs], minlength=m)
+        self._note_residency(s, position[mask], -1)
         self._ghost(s, t, position[mask])
         if self._outcome is not None:
             self._outcome.resident[position[mask]] -= 1
@@ -669,4 +707,5 @@ class BatchApplier(CollectorState):
             self.adapter_resident,
         ):
             counter[:] = 0
+        self._note_residency(slots, position, -1)
         self._ghost(slots, t, position)

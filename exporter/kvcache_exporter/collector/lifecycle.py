@@ -46,6 +46,12 @@ class BlockLifecycleCollector(BatchApplier):
             self.places.medium[:n], weights=self.resident_hashes[:n], minlength=self.media.capacity
         ).astype(np.int64)
 
+    def resident_keys(self) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint8]]:
+        """Hash and place id of every resident key (copies)."""
+        with self.lock:
+            slots = self.table.slots_in_state(RESIDENT)
+            return self.table.key[slots], self.table.medium[slots]
+
     @property
     def tracked(self) -> int:
         """Resident keys whose lifecycle is tracked (sampled), all places together."""

@@ -12,10 +12,12 @@ give the same table slot for slot:
 
 The capacity is any integer, not a power of two: a key's home slot is the high half of its
 64-bit slot hash times the capacity, so growth can be gentle (x1.1) and the load stays
-between 0.78 and 0.85: 37 B a slot, 44 to 48 B per tracked block.
+between 0.78 and 0.85. :class:`KeyTable` is the probing core (18 B a slot); the collector's
+:class:`BlockTable` adds a block's lifecycle columns (37 B a slot, 44 to 48 B per tracked
+block), the pool index (:mod:`..analysis.pool`) an engine count.
 
 A removed slot is a tombstone, or a *ghost* (remembered so that a later store is known as a
-restore). A ghost whose ``t_access`` is below :attr:`BlockTable.horizon` has expired: every
+restore). A ghost whose ``t_access`` is below :attr:`KeyTable.horizon` has expired: every
 operation treats it as a tombstone, and the next rebuild drops it. The collector keeps the
 ordinal of a ghost's removal there, so that raising the horizon forgets the oldest removals
 without a queue of them.
@@ -63,17 +65,16 @@ COMPILED: Final = _KERNELS is not None
 """Whether tables use the compiled kernels by default (built, and not disabled)."""
 
 
-class BlockTable:
-    """Slots hold a key (hash, medium), a state and the lifecycle columns of one block.
+class KeyTable:
+    """Slots hold a key (hash, place) and its state; subclasses add the columns they keep per
+    key.
 
-    Columns per slot: ``key`` u64, ``medium`` u8 (the key's place: medium and group, or just
-    the medium for callers with one group), ``state`` u8, ``t_store`` f64 (store time, or
-    removal time for a ghost), ``t_access`` f64 (last access; float64 like ``t_store`` so
-    that a duration landing exactly on a bucket bound is counted in that bucket; for a ghost,
-    whatever its owner keeps to compare with :attr:`horizon`), ``accesses`` u32, ``depth`` u16
-    (position in its prefix chain, 0 when unknown), ``copies`` u16 (physical blocks the engine
-    holds under the key), ``tokens`` u16 (tokens one copy holds) and ``adapter`` u8 (its LoRA
-    adapter's label id) — 37 bytes.
+    The columns every table has are the ones the probe loops read: ``key`` u64, ``medium`` u8
+    (the key's place: medium and group, or just the medium for callers with one group),
+    ``state`` u8 and ``t_access`` f64 (for a ghost, whatever its owner keeps to compare with
+    :attr:`horizon`) — 18 bytes a slot. A subclass allocates its own columns in
+    :meth:`_allocate_columns` and lists them after ``key``, ``medium`` and ``state`` in
+    :meth:`columns`; a rebuild carries them with their keys.
 
     ``compiled``: use the compiled kernels (default: :data:`COMPILED`); False is the numpy
     reference.
@@ -95,30 +96,18 @@ class BlockTable:
         self.key = np.zeros(capacity, np.uint64)
         self.medium = np.zeros(capacity, np.uint8)
         self.state = np.zeros(capacity, np.uint8)
-        self.t_store = np.zeros(capacity, np.float64)
         self.t_access = np.zeros(capacity, np.float64)
-        self.accesses = np.zeros(capacity, np.uint32)
-        self.depth = np.zeros(capacity, np.uint16)
-        self.copies = np.zeros(capacity, np.uint16)
-        self.tokens = np.zeros(capacity, np.uint16)
-        self.adapter = np.zeros(capacity, np.uint8)
+        self._allocate_columns(capacity)
         self.used = 0  # slots not EMPTY: live, tombstones and expired ghosts
         self.horizon = -np.inf  # ghosts whose t_access is below it have expired
 
+    def _allocate_columns(self, capacity: int) -> None:
+        """A subclass's own columns, zeroed, ``capacity`` slots each."""
+
     def columns(self) -> tuple[npt.NDArray[Any], ...]:
-        """Every column, the key first: what a rebuild or a checkpoint carries per slot."""
-        return (
-            self.key,
-            self.medium,
-            self.state,
-            self.t_store,
-            self.t_access,
-            self.accesses,
-            self.depth,
-            self.copies,
-            self.tokens,
-            self.adapter,
-        )
+        """Every column, ``key``, ``medium`` and ``state`` first: what a rebuild or a
+        checkpoint carries per slot."""
+        return (self.key, self.medium, self.state, self.t_access)
 
     @property
     def nbytes(self) -> int:
@@ -262,6 +251,41 @@ class BlockTable:
             for column, values in zip(self.columns()[3:], old[3:], strict=True):
                 column[slots] = values[rows]
         self.horizon = horizon
+
+
+class BlockTable(KeyTable):
+    """The collector's (and the what-if model's) table: a key's lifecycle columns beside it.
+
+    Columns per slot: ``key``, ``medium``, ``state``; ``t_store`` f64 (store time, or removal
+    time for a ghost), ``t_access`` f64 (last access; float64 like ``t_store`` so that a
+    duration landing exactly on a bucket bound is counted in that bucket; for a ghost, its
+    owner's value for :attr:`horizon`), ``accesses`` u32, ``depth`` u16 (position in its
+    prefix chain, 0 when unknown), ``copies`` u16 (physical blocks the engine holds under the
+    key), ``tokens`` u16 (tokens one copy holds) and ``adapter`` u8 (its LoRA adapter's label
+    id) — 37 bytes.
+    """
+
+    def _allocate_columns(self, capacity: int) -> None:
+        self.t_store = np.zeros(capacity, np.float64)
+        self.accesses = np.zeros(capacity, np.uint32)
+        self.depth = np.zeros(capacity, np.uint16)
+        self.copies = np.zeros(capacity, np.uint16)
+        self.tokens = np.zeros(capacity, np.uint16)
+        self.adapter = np.zeros(capacity, np.uint8)
+
+    def columns(self) -> tuple[npt.NDArray[Any], ...]:
+        return (
+            self.key,
+            self.medium,
+            self.state,
+            self.t_store,
+            self.t_access,
+            self.accesses,
+            self.depth,
+            self.copies,
+            self.tokens,
+            self.adapter,
+        )
 
 
 def _next(slots: I64Array, capacity: int) -> I64Array:

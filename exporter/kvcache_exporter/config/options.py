@@ -161,8 +161,8 @@ def build_parser(prog: str = "kvcache-exporter") -> argparse.ArgumentParser:
         action="append",
         metavar="NAME=ENDPOINT[,OPTION...]",
         help="an engine's event endpoint, with options replay=EP, topic=PREFIX, bind, "
-        "capacity[.MEDIUM]=N, curve.engine-key=FILE, curve.allow=DIR "
-        f"(repeatable; default {DEFAULT_SOURCE})",
+        "capacity[.MEDIUM]=N, curve.engine-key=FILE, curve.allow=DIR, report-mode=full, "
+        f"pool=NAME (repeatable; default {DEFAULT_SOURCE})",
     )
     parser.add_argument("--config.file", dest="config_file", metavar="FILE", help="YAML config")
     for opt in OPTIONS:

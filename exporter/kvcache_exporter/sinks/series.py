@@ -12,6 +12,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from .. import __version__
+from ..analysis.pool import PoolSnapshot
 from ..analysis.whatif import MediumWhatIf, WhatIfSnapshot, factor_label
 from ..catalog import DECODE_ERROR_REASONS, FAMILIES, OTLP_EXPORT_RESULTS, OTLP_EXPORTS
 from ..collector import CollectorSnapshot
@@ -90,6 +91,15 @@ def whatif_media(
             if medium is not None:
                 labels = (("engine", v.name), ("medium", v.collector.media[i]))
                 yield bool(accessed[i]), v.whatif, labels, medium
+
+
+def pools(views: Sequence[EngineView]) -> list[PoolSnapshot]:
+    """The engines' pools, each once, in the order of their first engine."""
+    seen: dict[str, PoolSnapshot] = {}
+    for v in views:
+        if v.pool is not None and v.pool.name not in seen:
+            seen[v.pool.name] = v.pool
+    return list(seen.values())
 
 
 def _histogram(hist: HistogramSnapshot, row: int) -> HistogramValue:
@@ -203,6 +213,22 @@ def series(views: Sequence[EngineView], otlp_exports: Mapping[str, int] | None =
             for factor, count in zip(whatif.factors, figures.hits, strict=True):
                 put("kvcache_whatif_hits_total",
                     (*w, ("capacity_factor", factor_label(factor))), int(count))  # fmt: skip
+    for pool in pools(views):
+        pl: Labels = (("pool", pool.name),)
+        seen = [i for i in range(len(pool.media)) if pool.seen[i]]
+        for i in seen:
+            pm: Labels = (*pl, ("medium", pool.media[i]))
+            put("kvcache_pool_distinct_resident_blocks", pm, int(pool.distinct[i]))
+            put("kvcache_pool_duplicate_resident_blocks", pm, int(pool.duplicate[i]))
+        for engine in pool.engines:
+            pe: Labels = (*pl, ("engine", engine.name))
+            put("kvcache_exporter_pool_mismatches_total", pe, int(engine.mismatches))
+            for i in seen:
+                labels = (*pe, ("medium", pool.media[i]))
+                put("kvcache_pool_stores_total", labels, int(engine.stored[i]))
+                put("kvcache_pool_stores_resident_elsewhere_total", labels,
+                    int(engine.elsewhere[i]))  # fmt: skip
+        put("kvcache_exporter_pool_index_bytes", pl, int(pool.nbytes))
     # Every compiled stage in use: an install built with a compiler, and not disabled.
     every = DECODER_COMPILED and TABLE_COMPILED and APPLY_COMPILED
     compiled = ("compiled", "true" if every else "false")

@@ -11,6 +11,7 @@ _NAME: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,62}$")
 _BIND_HOSTS: Final = frozenset({"*", "0.0.0.0", "::", "[::]"})
 _TRANSPORTS: Final = ("tcp://", "ipc://", "inproc://")
 REPORT_MODES: Final = ("default", "full")
+DEFAULT_POOL: Final = "default"
 
 
 class SourceSpecError(ValueError):
@@ -52,7 +53,7 @@ def _check_endpoint(endpoint: str, what: str) -> None:
 class SourceSpec:
     """One engine event stream:
     ``NAME=ENDPOINT[,replay=ENDPOINT][,topic=PREFIX][,bind][,capacity=N][,capacity.MEDIUM=N]``
-    ``[,curve.engine-key=FILE | ,curve.allow=DIR][,report-mode=full]``.
+    ``[,curve.engine-key=FILE | ,curve.allow=DIR][,report-mode=full][,pool=NAME]``.
 
     ``capacity`` is the engine's cache size in blocks for the what-if model, as (medium, N)
     pairs (medium ``""``: every medium); without it the model uses the capacity it observes.
@@ -64,6 +65,9 @@ class SourceSpec:
     ``report-mode=full`` says the engine re-sends ``BlockStored`` for prefix-cache hits (vLLM's
     per-request ``kv_cache_report_mode: full``): its stores of resident blocks are accesses.
     By default (``report-mode=default``) they are physical copies, as vLLM sends them.
+
+    ``pool`` names the routing domain the engine belongs to (replicas of one model that one
+    router chooses between); sources that name none form the pool ``default``.
     """
 
     name: str
@@ -75,6 +79,7 @@ class SourceSpec:
     curve_engine_key: str | None = None
     curve_allow: str | None = None
     hit_reports: bool = False
+    pool: str = DEFAULT_POOL
 
     @property
     def uses_curve(self) -> bool:
@@ -115,6 +120,7 @@ class SourceSpec:
         capacity: dict[str, int] = {}
         curve: dict[str, str] = {}
         hit_reports = False
+        pool = DEFAULT_POOL
         for option in options:
             key, has_value, value = option.partition("=")
             if key == "bind" and not has_value:
@@ -139,11 +145,17 @@ class SourceSpec:
                 curve[key] = value
             elif key == "report-mode" and value in REPORT_MODES:
                 hit_reports = value == "full"
+            elif key == "pool" and value:
+                if not _NAME.match(value):
+                    raise SourceSpecError(
+                        f"source {name}: pool {value!r} must match [A-Za-z_][A-Za-z0-9_.:-]*"
+                    )
+                pool = value
             else:
                 raise SourceSpecError(
                     f"source {name}: unknown option {option!r} "
                     "(replay=, topic=, bind, capacity=, capacity.MEDIUM=, "
-                    "curve.engine-key=, curve.allow=, report-mode=default|full)"
+                    "curve.engine-key=, curve.allow=, report-mode=default|full, pool=)"
                 )
         if len(curve) > 1:
             raise SourceSpecError(
@@ -162,4 +174,5 @@ class SourceSpec:
             curve_engine_key=curve.get("curve.engine-key"),
             curve_allow=curve.get("curve.allow"),
             hit_reports=hit_reports,
+            pool=pool,
         )
