@@ -13,7 +13,14 @@ from dataclasses import dataclass
 
 from .. import __version__
 from ..analysis.whatif import MediumWhatIf, WhatIfSnapshot, factor_label
-from ..catalog import DECODE_ERROR_REASONS, FAMILIES, OTLP_EXPORT_RESULTS, OTLP_EXPORTS
+from ..catalog import (
+    DECODE_ERROR_REASONS,
+    FAMILIES,
+    HTTP_REFUSED,
+    HTTP_REFUSED_REASONS,
+    OTLP_EXPORT_RESULTS,
+    OTLP_EXPORTS,
+)
 from ..collector import CollectorSnapshot
 from ..collector.histogram import HistogramSnapshot
 from ..pipeline import EngineView
@@ -106,9 +113,14 @@ LIFECYCLE_FAMILIES: tuple[tuple[str, str], ...] = (
 """The collector's histogram keys and the families they are exported as."""
 
 
-def series(views: Sequence[EngineView], otlp_exports: Mapping[str, int] | None = None) -> Series:
+def series(
+    views: Sequence[EngineView],
+    otlp_exports: Mapping[str, int] | None = None,
+    http_refused: Mapping[str, int] | None = None,
+) -> Series:
     """Every series of every family, for these engines; ``otlp_exports`` (exports by
-    result) only while OTLP export is on. Families come in catalog order."""
+    result) only while OTLP export is on, ``http_refused`` (refusals by reason) only while the
+    HTTP server runs. Families come in catalog order."""
     out: Series = {family.name: {} for family in FAMILIES}
 
     def put(family: str, labels: Labels, value: Value | None) -> None:
@@ -201,6 +213,9 @@ def series(views: Sequence[EngineView], otlp_exports: Mapping[str, int] | None =
                 put("kvcache_whatif_hits_total",
                     (*w, ("capacity_factor", factor_label(factor))), int(count))  # fmt: skip
     put("kvcache_exporter_build_info", (("version", __version__),), 1)
+    if http_refused is not None:
+        for reason in HTTP_REFUSED_REASONS:
+            put(HTTP_REFUSED, (("reason", reason),), int(http_refused.get(reason, 0)))
     if otlp_exports is not None:
         for result in OTLP_EXPORT_RESULTS:
             put(OTLP_EXPORTS, (("result", result),), int(otlp_exports.get(result, 0)))
