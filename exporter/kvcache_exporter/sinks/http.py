@@ -415,6 +415,8 @@ class MetricsHTTPServer:
             await self._requests(reader, writer, client)
         except OSError:  # the client went away, or a write stalled past the idle timeout
             pass
+        except asyncio.CancelledError:
+            pass  # stop(): end as done, not cancelled (3.11's streams log a cancelled task)
         finally:
             self._connections.discard(task)
             writer.transport.abort()
