@@ -460,6 +460,12 @@ def measure(name: str, port: int, seconds: float, args: argparse.Namespace) -> P
         else:
             latencies.append(took)
             phase.over_half_second += took > 0.5
+            if took > 0.5:
+                print(
+                    f"  slow scrape: {took:.2f} s at {seconds - (end - time.monotonic()):.2f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
         time.sleep(args.interval)
     if latencies:
         phase.p50_ms = statistics.median(latencies) * 1e3

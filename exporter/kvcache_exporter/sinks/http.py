@@ -46,6 +46,7 @@ MAX_HEADERS: Final = 100  # header lines, the blank one included (as http.client
 RENDER_THREADS: Final = 2  # routes that read the engines: CPU work under the GIL
 AUTH_THREADS: Final = 1  # bcrypt checks, apart, so a password guesser cannot delay scrapes
 LISTEN_BACKLOG: Final = 1024
+CLOSE_GRACE: Final = 1.0  # seconds a closing connection may take to send its last answer
 RESERVED_FILES: Final = 256  # file descriptors kept for the rest of the process (ZeroMQ, logs)
 _TEXT: Final = "text/plain; charset=utf-8"
 _ERROR_PAGE: Final = BaseHTTPRequestHandler.error_message_format
@@ -186,14 +187,18 @@ class _LineTooLong(Exception):
     pass
 
 
+class _Truncated(Exception):
+    """The stream ended inside a request."""
+
+
 async def _line(reader: asyncio.StreamReader, limit: int, prefix: bytes = b"") -> bytes:
-    """One line, with its newline (without, at the end of the stream), as ``readline(limit + 1)``
-    reads it; raises _LineTooLong beyond ``limit`` bytes. The reader's own limit is ``limit``:
-    ``readuntil`` gives up past ``limit + 1`` bytes."""
+    """One line, with its newline, as ``readline(limit + 1)`` reads it; raises _LineTooLong
+    beyond ``limit`` bytes, _Truncated when the stream ends first. The reader's own limit is
+    ``limit``: ``readuntil`` gives up past ``limit + 1`` bytes."""
     try:
         line = prefix + await reader.readuntil(b"\n")
-    except asyncio.IncompleteReadError as exc:
-        line = prefix + exc.partial
+    except asyncio.IncompleteReadError:
+        raise _Truncated from None
     except asyncio.LimitOverrunError:
         raise _LineTooLong from None
     if len(line) > limit:
@@ -244,14 +249,17 @@ def _parse_request_line(raw: bytes) -> tuple[str, str, str, bool] | None:
 async def read_request(
     reader: asyncio.StreamReader, limit: int, prefix: bytes = b""
 ) -> Request | None:
-    """The next request (``prefix``: its first byte, if already read), or None at the end of
-    the stream or on a blank line (the connection closes quietly). Raises Refusal where
-    ``http.server`` answers with an error page; ``limit`` bounds the request line, each header
-    line and all header lines together."""
+    """The next request (``prefix``: its first byte, if already read), or None on a blank
+    line or when the stream ends before the request does (the connection closes quietly:
+    unlike ``http.server``, a request cut off, like a slowloris client's when it leaves, is
+    not answered). Raises Refusal where ``http.server`` answers with an error page; ``limit``
+    bounds the request line, each header line and all header lines together."""
     try:
         raw = prefix if prefix == b"\n" else await _line(reader, limit, prefix)
     except _LineTooLong:
         raise Refusal("uri_too_long", error_page(414)) from None
+    except _Truncated:
+        return None
     parsed = _parse_request_line(raw)
     if parsed is None:
         return None
@@ -262,6 +270,8 @@ async def read_request(
     while True:
         try:
             line = await _line(reader, limit)
+        except _Truncated:
+            return None
         except _LineTooLong:
             explain = f"got more than {limit} bytes when reading header line"
             page = error_page(431, "Line too long", explain, version=version, head_only=head_only)
@@ -277,7 +287,7 @@ async def read_request(
         if total > limit:
             page = error_page(431, version=version, head_only=head_only)
             raise Refusal("headers_too_large", page)
-        if line in (b"\r\n", b"\n", b""):
+        if line in (b"\r\n", b"\n"):
             break
     text = b"".join(lines).decode("iso-8859-1")
     headers = email.parser.Parser(_class=HTTPMessage).parsestr(text)
@@ -412,7 +422,11 @@ class MetricsHTTPServer:
         peer = writer.get_extra_info("peername")
         client = str(peer[0]) if isinstance(peer, tuple) else ""
         try:
-            await self._requests(reader, writer, client)
+            if await self._requests(reader, writer, client):
+                writer.close()  # after what is buffered (with TLS, a close_notify)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(CLOSE_GRACE):
+                        await writer.wait_closed()
         except OSError:  # the client went away, or a write stalled past the idle timeout
             pass
         except asyncio.CancelledError:
@@ -423,10 +437,11 @@ class MetricsHTTPServer:
 
     async def _requests(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client: str
-    ) -> None:
+    ) -> bool:
         """Every request of one connection: the first (TLS handshake included) within the
         header timeout from accept, each later one within it from its first byte, with at most
-        the idle timeout before that byte."""
+        the idle timeout before that byte. True when an answer was the last thing sent (the
+        connection then closes gracefully, so the answer's tail is not lost)."""
         limits = self.limits
         loop = asyncio.get_running_loop()
         deadline = loop.time() + limits.read_header_timeout
@@ -436,11 +451,11 @@ class MetricsHTTPServer:
                     await writer.start_tls(self._tls)
             except TimeoutError:
                 self._refuse("header_timeout")
-                return
+                return False
             except OSError as exc:  # ssl.SSLError included
                 log.debug("TLS handshake failed", extra={"client": client, "error": str(exc)})
                 self._refuse("tls_handshake")
-                return
+                return False
         prefix = b""
         while True:
             try:
@@ -448,23 +463,25 @@ class MetricsHTTPServer:
                     request = await read_request(reader, limits.max_header_bytes, prefix)
             except TimeoutError:
                 self._refuse("header_timeout")
-                return
+                return False
             except Refusal as refusal:
                 self._refuse(refusal.reason)
                 log.debug(
                     "http request refused", extra={"client": client, "reason": refusal.reason}
                 )
                 await self._write(writer, refusal.page)
-                return
-            if request is None or await self._answer(request, writer, client) or request.close:
-                return
+                return True
+            if request is None:
+                return False
+            if await self._answer(request, writer, client) or request.close:
+                return True
             try:
                 async with asyncio.timeout(limits.idle_timeout):
                     prefix = await reader.read(1)
             except TimeoutError:
-                return  # a kept-alive connection that went quiet: closed, not refused
+                return False  # a kept-alive connection that went quiet: closed, not refused
             if not prefix:
-                return
+                return False
             deadline = loop.time() + limits.read_header_timeout
 
     async def _write(self, writer: asyncio.StreamWriter, data: bytes) -> None:
