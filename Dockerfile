@@ -1,9 +1,10 @@
 # kvcache-exporter container image.
 #   docker build -t kvcache-exporter:0.1.0 .
 #   docker run --rm -p 9477:9477 kvcache-exporter:0.1.0 --source vllm=tcp://HOST:5557
-# Two stages: the first builds wheels of the project and of every dependency with `pip wheel .`
-# (the same resolution as the README's `pip install .`); the second installs exactly those
-# wheels, offline, and keeps neither pip nor the wheels. tests/test_deploy.py runs both install
+# Two stages: the first builds wheels of the project (with its compiled decode stage, so it has a
+# C compiler) and of every dependency with `pip wheel .` (the same resolution as the README's
+# `pip install .`); the second installs exactly those wheels, offline, and keeps neither pip,
+# the wheels nor a compiler. tests/test_deploy.py runs both install
 # commands, as written here, on every CI run (no image can be built there) and lints this file
 # with hadolint.
 #
@@ -15,8 +16,14 @@ FROM ${PYTHON_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
+# gcc for the compiled stages, protocol/_wire.c and collector/_table.pyx (Debian 12's
+# versions; without them the wheel would quietly lack the extensions and the exporter say
+# compiled="false").
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc=4:12.2.0-3 libc6-dev=2.36-9+deb12u14 \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md setup.py ./
 COPY exporter ./exporter
 RUN python -m pip wheel --no-cache-dir --wheel-dir /wheels .
 

@@ -56,6 +56,7 @@ import zmq
 
 from kvcache_exporter.collector import DEFAULT_REASONS, BlockLifecycleCollector, CollectorConfig
 from kvcache_exporter.collector.histogram import ACCESS_COUNT_BUCKETS, RESIDENCY_BUCKETS
+from kvcache_exporter.collector.table import RESIDENT
 from kvcache_exporter.engine import (
     PrefixCacheSimulator,
     Request,
@@ -247,13 +248,16 @@ class InProcess:
     decode_nogc_s: float  # the same with the cyclic GC off (experiment)
     apply_s: float  # BlockLifecycleCollector.apply alone on the decoded batches
     pipeline_s: float  # the exporter's per-engine pipeline, all stages
+    # The same whole-pipeline run split by stage (timers around each stage's call): decode is
+    # the stream's own time (framing, seq, msgspec, columns), the rest what it hands on to.
+    stage_s: dict[str, float]
+    compiled_table: bool  # the collector's block table used the compiled kernels
     batches: int
     collector_bytes: int  # what kvcache_exporter_collector_bytes reports
     table_bytes: int  # the hash table's columns alone
     table_live: int
     table_capacity: int
-    ghost_records: int
-    ghost_bytes: int  # the queue of removal records kept to forget ghosts in order
+    ghosts: int  # remembered removed keys: table slots, one per distinct key
     resident: int
     tracked: int
     expected_counts_ok: bool
@@ -268,17 +272,25 @@ def _stream(on_batch: Callable[[EventBatch], None], labels: tuple[LabelTable, ..
     return EventStream(ENGINE, on_batch, lambda _ts: None, media, reasons)
 
 
-def engine_pipeline() -> tuple[EventStream, BlockLifecycleCollector, str]:
+Stages = list[tuple[str, object, str]]  # (stage, object, method) a pipeline calls per batch
+
+
+def engine_pipeline() -> tuple[EventStream, BlockLifecycleCollector, str, Stages]:
     """What the exporter runs per engine: ``kvcache_exporter.pipeline.new_pipeline`` (stream,
-    collector, monitor) where the package has it, else a stream feeding a collector."""
+    collector, monitor) where the package has it, else a stream feeding a collector; and the
+    stages beside the collector that its batches go through."""
     try:
         module = importlib.import_module("kvcache_exporter.pipeline")
     except ImportError:
         labels = _labels()
         collector = BlockLifecycleCollector(None, *labels)
-        return _stream(collector.apply, labels), collector, "EventStream -> collector"
+        return _stream(collector.apply, labels), collector, "EventStream -> collector", []
     built = module.new_pipeline(ENGINE, CollectorConfig())
-    return built.stream, built.collector, "kvcache_exporter.pipeline (stream, collector, monitor)"
+    stages: Stages = [("monitor", built.monitor, "cuts"), ("monitor", built.monitor, "sample")]
+    if getattr(built, "whatif", None) is not None:
+        stages.append(("what-if", built.whatif, "apply"))
+    kind = "kvcache_exporter.pipeline (stream, collector, monitor, what-if)"
+    return built.stream, built.collector, kind, stages
 
 
 def _feed(stream: EventStream, messages: list[list[bytes]]) -> None:
@@ -321,8 +333,10 @@ def run_in_process(data: Stream) -> InProcess:
     finally:
         gc.enable()
 
-    stream, collector, kind = engine_pipeline()
+    stream, collector, kind, stages = engine_pipeline()
+    stage_s = _time_stages(collector, stages)
     pipeline_s = _timed(lambda: _feed(stream, data.messages))
+    stage_s["decode"] = pipeline_s - sum(stage_s.values())
     snap = collector.snapshot()
     counted = (
         int(snap.stored.sum())
@@ -342,18 +356,42 @@ def run_in_process(data: Stream) -> InProcess:
         table_live=collector.table.live,
         table_capacity=collector.table.capacity,
         # Private, read only here: the removal records kept to forget ghosts oldest first.
-        ghost_records=collector._ghost_count,
-        ghost_bytes=sum(sum(a.nbytes for a in record) for record in collector._ghosts),
+        ghosts=collector.table.live - collector.table.slots_in_state(RESIDENT).size,
+        stage_s=stage_s,
+        compiled_table=collector.table.compiled,
         resident=int(snap.resident.sum()),
         tracked=snap.tracked,
         expected_counts_ok=counted == data.block_events,
     )
 
 
+def _time_stages(collector: BlockLifecycleCollector, stages: Stages) -> dict[str, float]:
+    """Wrap the pipeline's stages (collector apply, monitor, what-if) in timers; the dict
+    fills as the stream runs."""
+    seconds = {"apply": 0.0, "monitor": 0.0, "what-if": 0.0}
+
+    def timed(name: str, owner: object, method: str) -> None:
+        inner = getattr(owner, method)
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                seconds[name] += time.perf_counter() - t0
+
+        setattr(owner, method, wrapper)
+
+    timed("apply", collector, "apply")
+    for name, owner, method in stages:
+        timed(name, owner, method)
+    return seconds
+
+
 def profile_in_process(data: Stream, top: int) -> str:
     """cProfile of the exporter's per-engine pipeline on the frames: the ``top`` functions by
     own time (profiling slows Python code more than C code: read shares, not seconds)."""
-    stream, _, _ = engine_pipeline()
+    stream, _, _, _ = engine_pipeline()
     profiler = cProfile.Profile()
     profiler.enable()
     _feed(stream, data.messages)
@@ -1099,6 +1137,10 @@ def render(report: Report) -> Iterator[str]:
              f"({ip.apply_s:.2f} s)", ""),
             ("in-process whole pipeline", f"{n / ip.pipeline_s / 1e6:.2f} M block ev/s "
              f"({ip.pipeline_s:.2f} s; {rest:+.2f} s beyond decode + apply)", ""),
+            ("  stage split (same run)", ", ".join(
+                f"{name} {sec:.2f} s ({sec / n * 1e9:.0f} ns/ev)" for name, sec in
+                sorted(ip.stage_s.items(), key=lambda kv: -kv[1])),
+             f"table: {'compiled' if ip.compiled_table else 'numpy reference'}"),
         ]  # fmt: skip
     ex, bl = report.exporter, report.baseline
     if ex is not None:
@@ -1158,12 +1200,12 @@ def render(report: Report) -> Iterator[str]:
              f"({ex.collector_bytes / 1e6:.1f} MB / {ex.tracked:,} tracked)", "incl. ghosts")
         )  # fmt: skip
     if ip is not None:
-        other = ip.collector_bytes - ip.table_bytes - ip.ghost_bytes
+        other = ip.collector_bytes - ip.table_bytes
         rows.append(
             ("  of which (in process, same state)",
              f"table {ip.table_bytes / 1e6:.1f} MB ({ip.table_bytes / max(ip.table_live, 1):.0f}"
-             f" B x {ip.table_live:,} entries), removal queue {ip.ghost_bytes / 1e6:.1f} MB "
-             f"({ip.ghost_records:,}), other {other / 1e6:.1f} MB",
+             f" B x {ip.table_live:,} entries, {ip.ghosts:,} of them removed keys), "
+             f"other {other / 1e6:.1f} MB",
              "")
         )  # fmt: skip
     if bl is not None:

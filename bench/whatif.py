@@ -69,7 +69,6 @@ from kvcache_exporter.sinks.summary import summarize
 
 AVOIDED = (1.25, 1.5, 2.0, 4.0, 8.0)
 NO_BUDGET = 2**62
-DEFAULTS = WhatIfConfig()
 ALL = (0.25, 0.5, 0.75, 1.0, *AVOIDED)
 
 
@@ -151,7 +150,7 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
     c = args.capacity
     results: dict[str, Any] = {}
     for name, config, interleave in (
-        ("defaults", DEFAULTS, False),
+        ("defaults", args.defaults, False),
         ("R=1 grouped", fixed(1.0), False),
         ("R=1 interleaved", fixed(1.0), True),
         ("R=0.1", fixed(0.1), False),
@@ -173,7 +172,7 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
     long = list(
         repeat_requests(lambda: iter(trace), args.loops, fresh_hashes=True)
     )  # the looped trace, new hashes each loop
-    for name, config in (("defaults long", DEFAULTS), ("R=0.01 long", fixed(0.01))):
+    for name, config in (("defaults long", args.defaults), ("R=0.01 long", fixed(0.01))):
         whatif = estimate(long, c, config)
         results[name] = errors(long, c, whatif, hits=False)
         results[f"{name} sample"] = {
@@ -207,7 +206,7 @@ def cost(args: argparse.Namespace) -> dict[str, Any]:
         collector.apply(batch)
         residents.append(collector.resident.copy())  # what the model is given after each
     out["collector_ns_per_row"] = (time.perf_counter() - t0) / rows * 1e9
-    configs = {"defaults": DEFAULTS, **{f"R={r:g}": fixed(r) for r in (1.0, 0.1, 0.01)}}
+    configs = {"defaults": args.defaults, **{f"R={r:g}": fixed(r) for r in (1.0, 0.1, 0.01)}}
     for name, config in configs.items():
         times = []
         for _ in range(args.repeat):
@@ -304,7 +303,7 @@ def scale_one(name: str, config: WhatIfConfig, keys: int, args: argparse.Namespa
 def scale(args: argparse.Namespace) -> list[ScaleRun]:
     runs = []
     for keys in (int(k) for k in args.scale_keys.split(",") if k):
-        for name, config in (("defaults", DEFAULTS), ("R=0.01", fixed(0.01))):
+        for name, config in (("defaults", args.defaults), ("R=0.01", fixed(0.01))):
             runs.append(scale_one(name, config, keys, args))
             print(f"  scale {keys:,} {name}: done", file=sys.stderr)
     return runs
@@ -377,9 +376,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-block-events", type=int, default=2_000_000)
     parser.add_argument("--repeat", type=int, default=3, help="timed model runs (median)")
     parser.add_argument("--scale-keys", default="10000,1000000,100000000")
+    parser.add_argument(
+        "--budget",
+        type=int,
+        default=WhatIfConfig().max_sampled_blocks,
+        help="--whatif.max-sampled-blocks of the 'defaults' rows (the shipped default)",
+    )
     parser.add_argument("--skip", default="", help="accuracy,cost,scale")
     parser.add_argument("--json", type=Path, help="write every figure to this file")
     args = parser.parse_args(argv)
+    args.defaults = WhatIfConfig(max_sampled_blocks=args.budget)
     logs.setup("error")  # the looped trace raises the thrashing alert; not news here
     skip = set(args.skip.split(","))
     acc = None if "accuracy" in skip else accuracy(args)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kvcache_exporter.analysis.whatif import WhatIfConfig
 from kvcache_exporter.checkpoint import CheckpointStore, capture, restore
 from kvcache_exporter.collector import CollectorConfig
 from kvcache_exporter.collector.table import RESIDENT
@@ -87,6 +88,53 @@ def test_a_restored_engine_continues_exactly_where_it_stopped(tmp_path: Path) ->
     got = resumed.collector.eviction_records()
     want = whole.collector.eviction_records()
     assert np.array_equal(got.block_hash, want.block_hash)
+
+
+def test_a_whatif_whose_rate_has_fallen_continues_exactly(tmp_path: Path) -> None:
+    """A budget far below the stream's hashes: the checkpoint holds the lowered threshold,
+    the sampled hashes and their orders, and the resumed model goes on as the whole one."""
+    config = WhatIfConfig(max_sampled_blocks=1500)
+    half = len(FRAMES) // 2
+
+    def pipeline() -> Pipeline:
+        return new_pipeline("vllm", CollectorConfig(), whatif_config=config)
+
+    first = pipeline()
+    for ts, message in FRAMES[:half]:
+        first.stream.handle(message, ts)
+    first.stream.flush()
+    store = CheckpointStore(tmp_path)
+    store.save(capture([first]))
+    resumed = pipeline()
+    checkpoint = store.load()
+    assert checkpoint is not None
+    restore([resumed], checkpoint, store)
+    whole = pipeline()
+    for ts, message in FRAMES[:half]:
+        whole.stream.handle(message, ts)
+    whole.stream.flush()  # cut where the first one was: the same batches
+    for target in (resumed, whole):
+        for ts, message in FRAMES[half:]:
+            target.stream.handle(message, ts)
+        target.stream.flush()
+    assert whatif_numbers(resumed) == whatif_numbers(whole)
+    assert all(m[7] < 1.0 for m in whatif_numbers(whole).values())  # the rate fell
+
+
+def test_a_whatif_state_from_other_settings_starts_the_whatif_empty(tmp_path: Path) -> None:
+    """The collector continues; the what-if, asked other questions now, starts over."""
+    first = fed("vllm", FRAMES[: len(FRAMES) // 2])
+    store = CheckpointStore(tmp_path)
+    store.save(capture([first]))
+    other = new_pipeline(
+        "vllm", CollectorConfig(), whatif_config=WhatIfConfig(capacity_factors=(1.5, 3.0))
+    )
+    checkpoint = store.load()
+    assert checkpoint is not None
+    restore([other], checkpoint, store)
+    assert numbers(other)[2] == numbers(first)[2]  # stored counts continued
+    assert other.whatif is not None and not other.whatif.snapshot().media
+    assert store.path.exists()  # not set aside
 
 
 def test_a_hybrid_engine_continues_with_its_groups_and_copies(tmp_path: Path) -> None:

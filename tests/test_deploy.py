@@ -688,24 +688,20 @@ def check_hardened(workload: Mapping[str, Any], container: Mapping[str, Any]) ->
         assert quantity(request) <= quantity(limit), f"{where}: {key} request above limit"
 
 
-# Memory the exporter may reach, from docs/performance.md (bench/ingest.py) and a measurement of
-# the idle process (docs/deployment.md, "Resources"): the blocks hash table holds resident blocks
-# and remembered removals, 32 B a slot at load 0.3-0.6, and while it doubles the old table
-# (about 53 B an entry) lives beside the new (about 107 B an entry); the removal queue adds 17 B
-# a remembered removal.
+# Memory the exporter may reach, from docs/performance.md (bench/ingest.py, bench/table_memory.py)
+# and a measurement of the idle process (docs/deployment.md, "Resources"): the blocks hash table
+# holds resident blocks and remembered removals (one slot per distinct removed key, no queue of
+# removals), 37 B a slot at load 0.78-0.85, and while it grows the old table (about 44 B an
+# entry) lives beside the new (about 48 B an entry) and the rebuild's index arrays (about 24 B an
+# entry): 160 B an entry is kept as the bound.
 IDLE_BYTES = 45 * 2**20
 TABLE_PEAK_BYTES_PER_ENTRY = 160
-QUEUE_BYTES_PER_REMOVAL = 17
 
 
 def worst_case_memory(config: ExporterConfig) -> float:
     """The most the exporter's state can take with these flags, every engine at its bounds."""
     entries = config.collector.max_tracked_blocks + config.collector.removed_memory
-    per_engine = (
-        entries * TABLE_PEAK_BYTES_PER_ENTRY
-        + config.collector.removed_memory * QUEUE_BYTES_PER_REMOVAL
-    )
-    return IDLE_BYTES + len(config.sources) * per_engine
+    return IDLE_BYTES + len(config.sources) * entries * TABLE_PEAK_BYTES_PER_ENTRY
 
 
 def check_exporter_container(
@@ -1258,6 +1254,12 @@ def test_image_install_steps_give_a_working_exporter(image_install: Path) -> Non
         [str(script), "--version"], capture_output=True, text=True, timeout=60, check=False
     )
     assert result.returncode == 0 and result.stdout.split() == ["kvcache-exporter", __version__]
+    compiled = subprocess.run(
+        [str(image_install / "python"), "-c", "from kvcache_exporter.protocol import compiled; "
+         "print(compiled.COMPILED)"],
+        capture_output=True, text=True, timeout=60, check=False, env={},
+    )  # fmt: skip
+    assert compiled.stdout.strip() == "True", "the wheel lacks the compiled decode stage"
     bad = subprocess.run(
         [str(script), "--collector.sample-ratio=3"],
         capture_output=True,

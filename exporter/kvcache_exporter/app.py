@@ -13,8 +13,10 @@ import zmq
 from . import __version__
 from .checkpoint import Checkpoint, CheckpointStore, CheckpointWriter, capture, restore
 from .collector import BlockLifecycleCollector
+from .collector.table import COMPILED as TABLE_COMPILED
 from .config import ExporterConfig
 from .pipeline import EngineView, Pipeline, new_pipeline
+from .protocol.compiled import decode_path
 from .sinks.export import ExportRequest, render_export
 from .sinks.http import MetricsHTTPServer, Routes, parse_listen_address
 from .sinks.prometheus import MetricsPage
@@ -174,6 +176,8 @@ class Exporter:
                 "listen": f"http://{self.config.listen_address}{self.config.telemetry_path}",
                 "port": self.http.port,
                 "sources": ",".join(f"{e.name}={e.source.spec.endpoint}" for e in self.engines),
+                "decoder": decode_path(),
+                "block_table": "compiled" if TABLE_COMPILED else "reference",
             },
         )
 

@@ -228,8 +228,10 @@ FAMILIES: Final[tuple[Family, ...]] = (
     Family("kvcache_trend_direction", G, "Trend of a series: -1 down, 0 flat, 1 up.",
            ("engine", "series"), "kvcache.trend.direction", IG, ""),
     # --- the exporter itself ---
-    Family("kvcache_exporter_build_info", Type.INFO, "Always 1; the version is a label.",
-           ("version",), None, None, ""),
+    Family("kvcache_exporter_build_info", Type.INFO,
+           "Always 1; the version, and whether the compiled decoder and block table are in use, "
+           "are labels.",
+           ("version", "compiled"), None, None, ""),
     Family("kvcache_exporter_messages_total", C, "ZeroMQ messages received.",
            E, "kvcache.exporter.messages", IC, "{message}"),
     Family("kvcache_exporter_decode_errors_total", C,

@@ -37,7 +37,8 @@ from .protocol.batch import GroupSpec
 from .sources.stream import SourceStats
 
 # 2: counters per place (medium and KV-cache group), physical copies, adapters and tokens.
-FORMAT_VERSION: Final = 2
+# 3: no queue of removals; a ghost's t_access holds its removal ordinal (collector/apply.py).
+FORMAT_VERSION: Final = 3
 FILE_NAME: Final = "checkpoint.npz"
 # The what-if model's arrays: ``whatif/ENGINE/...``, apart from the collector's ``ENGINE/...``.
 # Optional: a checkpoint without them (an earlier version's) starts the what-if empty.

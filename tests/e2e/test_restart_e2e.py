@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from kvcache_exporter.analysis.whatif import WhatIfConfig
 from kvcache_exporter.engine import (
     PrefixCacheSimulator,
     Request,
@@ -26,6 +27,7 @@ from ..reference import ReferenceCollector
 from .conftest import ExporterProcess, as_map, parse_samples, select, value
 
 pytestmark = pytest.mark.e2e
+OFFLINE_WHATIF = WhatIfConfig(max_sampled_blocks=4096)
 
 
 class RecordingSink:
@@ -53,6 +55,8 @@ def test_killed_mid_stream_and_restarted_every_counter_equals_the_whole_stream(
     flags = [
         "--source", f"vllm=tcp://127.0.0.1:{port},replay=tcp://127.0.0.1:{replay}",
         "--storage.path", str(storage), "--storage.interval", "0.3",
+        # A budget the stream passes: the checkpoint holds a rate that has fallen.
+        "--whatif.max-sampled-blocks", str(OFFLINE_WHATIF.max_sampled_blocks),
     ]  # fmt: skip
     simulator = PrefixCacheSimulator(3000, 500, report_hits=True)
     with KVEventPublisher(
@@ -116,8 +120,9 @@ def test_killed_mid_stream_and_restarted_every_counter_equals_the_whole_stream(
     assert value(samples, "kvcache_exporter_unknown_removals_total", engine="vllm") == 0
 
     # The what-if model continued from the checkpoint too: its counters equal those of one
-    # uninterrupted run over the whole stream (every hash is followed here, so exactly).
-    uninterrupted = OfflinePipeline()
+    # uninterrupted run over the whole stream, cut into other batches (the rate falls at fixed
+    # counts of sampled rows, wherever the batches end).
+    uninterrupted = OfflinePipeline(whatif=OFFLINE_WHATIF)
     for seq, (ts, events) in enumerate(sink.batches):
         payload = encode_batch(ts, events, WireForm.VLLM)
         uninterrupted.feed("vllm", frames("", seq, payload), ts)
@@ -128,6 +133,7 @@ def test_killed_mid_stream_and_restarted_every_counter_equals_the_whole_stream(
     assert value(samples, "kvcache_whatif_recomputes_avoided_total", engine="vllm",
                  medium="GPU", capacity_factor="2") > 0  # fmt: skip
     assert got_whatif == want_whatif
+    assert value(samples, "kvcache_whatif_sample_ratio", engine="vllm", medium="GPU") < 1.0
 
 
 def is_whatif(key: tuple[str, frozenset[tuple[str, str]]]) -> bool:

@@ -5,8 +5,10 @@ them is applied in the rounds of :mod:`.rounds`, one vectorized pass per round. 
 resident key adds a physical copy (unless stores of resident keys are hit reports); a key's
 lifecycle ends with its last copy, and a removal's ``copies_left``, when the engine sends it,
 is authoritative. Removals are observed into the lifecycle histograms, remembered as ghosts so
-a later store is recognised as a restore, and logged in stream order once the batch is done;
-the oldest ghosts beyond ``removed_memory`` are forgotten then.
+a later store is recognised as a restore, and logged in stream order once the batch is done.
+Each ghost then gets the ordinal of its removal (in its ``t_access`` slot, unused by a ghost),
+and the table's horizon moves up to forget the ghosts whose removal is no longer among the last
+``removed_memory``: memory per distinct removed key, no queue of removals.
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ class BatchApplier(CollectorState):
     def _reset_state(self) -> None:
         super()._reset_state()
         # A batch's removals as rounds produce them, with their rows: settled in stream order.
-        self._pending_ghosts: list[tuple[npt.NDArray[np.int64], _U64, npt.NDArray[np.uint8], _F64]]
+        self._pending_ghosts: list[tuple[npt.NDArray[np.int64], _U64, npt.NDArray[np.uint8]]]
         self._pending_ghosts = []
         self._pending_evictions: list[tuple[npt.NDArray[np.int64], dict[str, npt.NDArray[Any]]]]
         self._pending_evictions = []
@@ -215,7 +217,6 @@ class BatchApplier(CollectorState):
         table = self.table
         m = self.places.capacity
         is_store = op == OP_STORE
-        table.reserve(int(np.count_nonzero(is_store)))
         slot = table.find(keys, med)
         state = table.state[np.where(slot >= 0, slot, 0)]
         state[slot < 0] = 0
@@ -301,6 +302,8 @@ class BatchApplier(CollectorState):
                 self.stored += np.bincount(med[untracked], minlength=m).astype(np.uint64)
                 self._count_adapters(self.adapter_stored, med[untracked], rnd.adapter[untracked])
                 rows = rows[: max(room, 0)]
+            # Every write through `slot` is done: a rebuild may move the slots now.
+            table.reserve(int(rows.size))
             s = table.insert(keys[rows], med[rows], RESIDENT)
             mask = np.zeros(len(rnd), bool)
             mask[rows] = True
@@ -459,14 +462,13 @@ class BatchApplier(CollectorState):
     def _ghost(
         self, slots: npt.NDArray[np.int64], ts: _F64, position: npt.NDArray[np.int64]
     ) -> None:
-        """Turn removed slots into ghosts; they are remembered in stream order once the batch
-        is applied (:meth:`_settle_removals`)."""
+        """Turn removed slots into ghosts; they get their removal ordinals in stream order once
+        the batch is applied (:meth:`_settle_removals`), and stay live until then."""
         table = self.table
         table.state[slots] = GHOST
         table.t_store[slots] = ts
-        self._pending_ghosts.append(
-            (position, table.key[slots].copy(), table.medium[slots].copy(), ts.copy())
-        )
+        table.t_access[slots] = np.inf
+        self._pending_ghosts.append((position, table.key[slots].copy(), table.medium[slots].copy()))
 
     def _settle_removals(self) -> None:
         """Log this batch's removals in stream order (rounds produce them grouped by
@@ -486,32 +488,23 @@ class BatchApplier(CollectorState):
             order = np.argsort(np.concatenate([g[0] for g in pending]), kind="stable")
             keys = np.concatenate([g[1] for g in pending])[order]
             media = np.concatenate([g[2] for g in pending])[order]
-            times = np.concatenate([g[3] for g in pending])[order]
-            self._ghosts.append((keys, media, times))
-            self._ghost_count += int(keys.shape[0])
             self._pending_ghosts = []
-        self._forget_oldest_ghosts()
+            self._number_ghosts(keys, media)
+        # A ghost is remembered while its removal is among the last `removed_memory`.
+        self.table.horizon = float(self.removals - self.config.removed_memory)
 
-    def _forget_oldest_ghosts(self) -> None:
-        """Keep at most ``removed_memory`` ghosts; runs after a whole batch, so no slot that a
-        round still holds is deleted under it."""
+    def _number_ghosts(self, keys: _U64, media: npt.NDArray[np.uint8]) -> None:
+        """Give this batch's removals (in stream order) the next removal ordinals; a key
+        still a ghost keeps its last removal's. Runs after the whole batch: the slots the
+        rounds held may have moved since, so the keys are looked up again."""
         table = self.table
-        excess = self._ghost_count - self.config.removed_memory
-        while excess > 0:
-            keys, media, times = self._ghosts[0]
-            take = min(excess, keys.shape[0])
-            if take == keys.shape[0]:
-                self._ghosts.popleft()
-            else:
-                self._ghosts[0] = (keys[take:], media[take:], times[take:])
-            found = table.find(keys[:take], media[:take])
-            ok = found >= 0
-            found, old_times = found[ok], times[:take][ok]
-            # A ghost restored and removed again since has a newer time: it stays.
-            stale = found[(table.state[found] == GHOST) & (table.t_store[found] == old_times)]
-            table.delete(stale)
-            self._ghost_count -= take
-            excess -= take
+        ordinals = self.removals + np.arange(keys.shape[0], dtype=np.float64)
+        self.removals += int(keys.shape[0])
+        slots = table.find(keys, media)
+        # Restored since (resident): no ordinal. Removed twice: the last removal's.
+        last = slots.shape[0] - 1 - np.unique(slots[::-1], return_index=True)[1]
+        last = last[(slots[last] >= 0) & (table.state[slots[last]] == GHOST)]
+        table.t_access[slots[last]] = ordinals[last]
 
     def _clear(self, ts: float, reason_id: int, row: int) -> None:
         table = self.table

@@ -117,6 +117,6 @@ class BlockLifecycleCollector(BatchApplier):
                 untracked_stores=self.untracked_stores,
                 clears=self.clears,
                 tracked=self.tracked,
-                table_bytes=self.table.nbytes + 17 * self._ghost_count + self.evictions.nbytes,
+                table_bytes=self.table.nbytes + self.evictions.nbytes,
                 histograms=hists,
             )

@@ -1,15 +1,15 @@
 """What one engine's collector holds, and its checkpoint form.
 
-The block table, the per-place counters and histograms, the FIFO of ghosts (removed keys still
-remembered) and the eviction log: the arrays :mod:`.apply` updates and :mod:`.lifecycle`
-reads. :meth:`CollectorState.state` and :meth:`~CollectorState.load_state` turn them into plain
-arrays and back, so a restart continues where the last process stopped.
+The block table (with its ghosts: removed keys still remembered, each with the ordinal of its
+removal), the per-place counters and histograms and the eviction log: the arrays :mod:`.apply`
+updates and :mod:`.lifecycle` reads. :meth:`CollectorState.state` and
+:meth:`~CollectorState.load_state` turn them into plain arrays and back, so a restart continues
+where the last process stopped.
 """
 
 from __future__ import annotations
 
 import threading
-from collections import deque
 from typing import Any, Final
 
 import numpy as np
@@ -24,7 +24,6 @@ from .snapshot import CollectorTotals
 from .table import GHOST, RESIDENT, BlockTable
 
 _U64 = npt.NDArray[np.uint64]
-_F64 = npt.NDArray[np.float64]
 _BOOL = npt.NDArray[np.bool_]
 
 HISTOGRAMS: Final = ("lifetime", "idle_before_evict", "reuse_gap", "restore_gap")
@@ -79,8 +78,7 @@ class CollectorState:
         self.accesses_before_evict = HistogramSet(self.config.access_buckets, m)
         self.prefix_depth = HistogramSet(self.config.depth_buckets, m)
         self.evictions = EvictionLog(self.config.eviction_log_size)
-        self._ghosts: deque[tuple[_U64, npt.NDArray[np.uint8], _F64]] = deque()
-        self._ghost_count = 0
+        self.removals = 0  # removals into ghosts so far: the next ghost's ordinal
 
     def _sampled(self, keys: _U64) -> _BOOL:
         if self._threshold is None:
@@ -146,8 +144,7 @@ class CollectorState:
         """Everything needed to continue after a restart, as plain arrays (copies)."""
         with self.lock:
             table = self.table
-            live = np.flatnonzero((table.state == RESIDENT) | (table.state == GHOST))
-            ghosts = list(self._ghosts)
+            live = table.live_slots()
             records = self.evictions.records()
             arrays: dict[str, npt.NDArray[Any]] = {
                 f"table.{name}": column[live]
@@ -156,16 +153,17 @@ class CollectorState:
             arrays.update({name: getattr(self, name).copy() for name in self._COUNTERS})
             arrays["places"] = np.array(self.places.pairs(), np.uint8).reshape(-1, 2)
             arrays["scalars"] = np.array(
-                [self.unknown_removals, self.unknown_accesses, self.untracked_stores, self.clears],
+                [
+                    self.unknown_removals,
+                    self.unknown_accesses,
+                    self.untracked_stores,
+                    self.clears,
+                    self.removals,
+                    # Below every ordinal (-1) until a batch has set it: no ghost expired yet.
+                    max(table.horizon, -1.0),
+                ],
                 np.int64,
             )
-            arrays["ghosts.key"] = np.concatenate(
-                [g[0] for g in ghosts] or [np.zeros(0, np.uint64)]
-            )
-            arrays["ghosts.medium"] = np.concatenate(
-                [g[1] for g in ghosts] or [np.zeros(0, np.uint8)]
-            )
-            arrays["ghosts.ts"] = np.concatenate([g[2] for g in ghosts] or [np.zeros(0)])
             for name, hist in self._all_histograms().items():
                 arrays[f"hist.{name}.counts"] = hist.counts.copy()
                 arrays[f"hist.{name}.sums"] = hist.sums.copy()
@@ -194,6 +192,8 @@ class CollectorState:
                 self.unknown_accesses,
                 self.untracked_stores,
                 self.clears,
+                self.removals,
+                horizon,
             ) = (int(v) for v in arrays["scalars"])
             keys, places = arrays["table.key"], arrays["table.medium"]
             states = arrays["table.state"]
@@ -204,10 +204,7 @@ class CollectorState:
                 slots = table.insert(keys[rows], places[rows], state)
                 for name, column in zip(self._TABLE_COLUMNS[3:], table.columns()[3:], strict=True):
                     column[slots] = arrays[f"table.{name}"][rows]
-            ghost_keys = arrays["ghosts.key"]
-            if ghost_keys.size:
-                self._ghosts.append((ghost_keys, arrays["ghosts.medium"], arrays["ghosts.ts"]))
-                self._ghost_count = int(ghost_keys.size)
+            table.horizon = float(horizon)
             evictions = {
                 name.removeprefix("evictions."): values
                 for name, values in arrays.items()

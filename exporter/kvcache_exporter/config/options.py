@@ -136,7 +136,7 @@ OPTIONS: Final = (
     Option("--whatif.max-sampled-blocks", at_least(MIN_SAMPLED_BLOCKS),
            DEFAULT_MAX_SAMPLED_BLOCKS,
            "most block hashes the what-if follows per engine and medium, resident and "
-           "removed: beyond it the sampling rate falls (about 200 bytes each)", "N"),
+           "removed: beyond it the sampling rate falls (about 100 bytes each)", "N"),
     Option("--whatif.max-ghosts", positive_int, DEFAULT_MAX_GHOSTS,
            "most sampled removed blocks the what-if remembers per engine and medium", "N"),
     Option("--whatif.capacity-factors", capacity_factors, DEFAULT_FACTORS,

@@ -106,7 +106,7 @@ def block_tokens(
         size = np.array(sizes, dtype=np.int64)
     except (TypeError, OverflowError):  # some store without a block size (or a bad one)
         size = np.array([b if isinstance(b, int) and 0 < b < 2**31 else 0 for b in sizes])
-    size = np.where(size > 0, size, -(-sent // np.maximum(n, 1)))
+    size = np.where((size > 0) & (size < 2**31), size, -(-sent // np.maximum(n, 1)))
     offset = np.arange(int(n.sum()), dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)
     row_size = np.repeat(size, n)
     held = np.clip(np.repeat(sent, n) - offset * row_size, 0, row_size)

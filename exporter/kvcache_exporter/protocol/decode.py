@@ -11,6 +11,7 @@ many small messages coalesce into one batch.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import chain
 from operator import attrgetter
@@ -278,19 +279,20 @@ class PayloadDecoder:
         if per_op[OP_STORE]:
             rows = np.flatnonzero(op_ev == OP_STORE).tolist()
             spec_list = list(map(_get_spec, map(events.__getitem__, rows)))
-            specs: set[tuple[Any, ...]]
+            specs: dict[tuple[Any, ...], None]  # distinct, in stream order: the last one wins
             try:
-                specs = set(spec_list)
+                specs = dict.fromkeys(spec_list)
             except TypeError:  # a list or map where a group, kind or window belongs
-                specs = {
+                specs = dict.fromkeys(
                     tuple(v if _is_label_value(v) else OTHER_LABEL for v in spec)
                     for spec in spec_list
-                }
-            if specs != {(None, None, None)}:
+                )
+            if specs.keys() != {(None, None, None)}:
                 self._learn_groups(specs)
 
-    def _learn_groups(self, specs: set[tuple[Any, ...]]) -> None:
-        """Remember what each group's stores say it is (a handful of distinct specs a flush)."""
+    def _learn_groups(self, specs: Iterable[tuple[Any, ...]]) -> None:
+        """Remember what each group's stores say it is (a handful of distinct specs a flush,
+        in the order they first appear: of two specs for one group, the later one wins)."""
         for group, kind, window in specs:
             if kind is None and window is None:
                 continue

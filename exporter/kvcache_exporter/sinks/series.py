@@ -23,8 +23,10 @@ from ..catalog import (
 )
 from ..collector import CollectorSnapshot
 from ..collector.histogram import HistogramSnapshot
+from ..collector.table import COMPILED as TABLE_COMPILED
 from ..pipeline import EngineView
 from ..protocol.batch import GroupSpec
+from ..protocol.compiled import COMPILED as DECODER_COMPILED
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,7 +214,9 @@ def series(
             for factor, count in zip(whatif.factors, figures.hits, strict=True):
                 put("kvcache_whatif_hits_total",
                     (*w, ("capacity_factor", factor_label(factor))), int(count))  # fmt: skip
-    put("kvcache_exporter_build_info", (("version", __version__),), 1)
+    # Both compiled stages in use: an install built with a compiler, and not disabled.
+    compiled = ("compiled", "true" if DECODER_COMPILED and TABLE_COMPILED else "false")
+    put("kvcache_exporter_build_info", (("version", __version__), compiled), 1)
     if http_refused is not None:
         for reason in HTTP_REFUSED_REASONS:
             put(HTTP_REFUSED, (("reason", reason),), int(http_refused.get(reason, 0)))

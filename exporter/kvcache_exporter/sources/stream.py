@@ -14,7 +14,8 @@ from typing import Final
 
 from ..catalog import HANDSHAKE_FAILURE_REASONS
 from ..protocol.batch import EventBatch, LabelTable
-from ..protocol.decode import DecodeError, DecodeLimits, PayloadDecoder
+from ..protocol.compiled import new_payload_decoder
+from ..protocol.decode import DecodeError, DecodeLimits
 from ..protocol.framing import Message, parse_live
 from .sequence import SequenceTracker, Verdict
 
@@ -84,7 +85,7 @@ class EventStream:
     ) -> None:
         self.name = name
         self.stats = SourceStats()
-        self.decoder = PayloadDecoder(media, reasons, limits, groups, adapters)
+        self.decoder = new_payload_decoder(media, reasons, limits, groups, adapters)
         self.sequence = SequenceTracker()
         self._on_batch = on_batch
         self._on_restart = on_restart

@@ -67,12 +67,6 @@ class WhatIfConfig:
         return self.sample_ratio > 0.0
 
     @property
-    def sampled_after_lowering(self) -> int:
-        """Sampled keys a medium keeps when the budget lowers its rate: 7/8 of the budget, so
-        the rate is lowered once per many new keys, not at every one."""
-        return self.max_sampled_blocks - self.max_sampled_blocks // 8
-
-    @property
     def ghost_horizon(self) -> float:
         """How deep, in capacities, ghosts are remembered. A restore from deeper than the
         largest distance bucket and the largest factor counts at no factor (only in the

@@ -14,17 +14,19 @@ reference, plus itself) says which *smaller* caches would have hit too: a full h
 **Cost.** Spatial sampling, as SHARDS does (Waldspurger et al., FAST '15): only hashes whose
 sampling hash falls under a threshold (the rate R) are modelled, and counts of ghosts or of
 distinct blocks among them are scaled by 1/R. The sample has a fixed size (fixed-size SHARDS,
-§4.3): each medium starts at the configured rate (every key, by default) and, when its sampled
-keys (resident and ghosts) would pass ``max_sampled_blocks``, the threshold is lowered to the
-sampling hash that keeps 7/8 of them, and the keys at or above it are dropped. A small cache is
-followed exactly, a large one in fixed memory. Each sampled reference stands for the
-references since the previous sampled one on its medium (its *weight*), so weighted counts add
-up to the exact number of references at every moment and ``rate(avoided) / rate(stored)``
-normalises itself over any window: SHARDS' count adjustment, applied per reference instead of
-once per histogram, which needs no rescaling when R falls. Every row costs a hash and a few
-numpy passes; only sampled rows reach the table, and a batch is applied with numpy passes, not
-per row (see :func:`.orders.earlier_greater`). Ghosts deeper than the figures look
-(``ghost_horizon`` capacities) or beyond ``max_ghosts`` are forgotten, the oldest first.
+§4.3): each medium starts at the configured rate (every key, by default); at fixed counts of
+sampled rows (:meth:`WhatIfModel._boundary`), when its sampled keys (resident and ghosts) come
+near ``max_sampled_blocks``, the threshold is lowered to a sampling hash that keeps fewer, and
+the keys at or above it are dropped. A small cache is followed exactly, a large one in fixed
+memory, and the numbers do not depend on how the stream is cut into batches. Each sampled
+reference stands for the references since the previous sampled one on its medium (its
+*weight*), so weighted counts add up to the exact number of references at every moment and
+``rate(avoided) / rate(stored)`` normalises itself over any window: SHARDS' count adjustment,
+applied per reference instead of once per histogram, which needs no rescaling when R falls.
+Every row costs a hash and a few numpy passes; only sampled rows reach the table, and a batch
+is applied with numpy passes, not per row (see :func:`.orders.earlier_greater`). Ghosts deeper
+than the figures look (``ghost_horizon`` capacities) or beyond ``max_ghosts`` are forgotten at
+the boundaries, the oldest first.
 
 **Grouped orderings.** Engines publish a step's removals before its stores (vLLM does, and so
 does the embedded simulator): a restore then sees ghosts that were evicted to make room for it
@@ -49,7 +51,7 @@ from ...protocol.batch import OP_CLEAR, OP_REMOVE, OP_STORE, EventBatch, LabelTa
 from .config import WhatIfConfig
 from .orders import Order, earlier_greater
 from .snapshot import MediumWhatIf, WhatIfSnapshot
-from .tier import MediumState, ghost_limit, ghost_limits, whatif_hash
+from .tier import MediumState, ghost_limits, whatif_hash
 
 _U64 = npt.NDArray[np.uint64]
 _I64 = npt.NDArray[np.int64]
@@ -58,9 +60,9 @@ _BOOL = npt.NDArray[np.bool_]
 
 _GROUP_MIX: Final = np.uint64(0xD6E8FEB86659FD93)
 _ABSENT: Final = 0  # a table state meaning "not in the table" (EMPTY there)
-# Sampled rows wait in a buffer and are applied this many at a time (or when read, or before a
-# clear): at a low sample ratio a batch holds a few dozen of them, and the fixed cost of the
-# passes that apply them would otherwise dominate.
+# Sampled rows wait in a buffer and are applied at most this many at a time (at each boundary,
+# or when read, or before a clear): at a low sample ratio a batch holds a few dozen of them, and
+# the fixed cost of the passes that apply them would otherwise dominate.
 CHUNK_ROWS: Final = 4096
 # The table columns the model uses (a ghost's position in ``t_store``, the last reference's in
 # ``t_access``): what a checkpoint holds per sampled key.
@@ -108,7 +110,9 @@ class WhatIfModel:
         tier = self._tiers.get(medium_id)
         if tier is None:
             configured = self.config.capacity_of(self.media.names[medium_id])
-            tier = self._tiers[medium_id] = MediumState(self.config, configured, self._threshold)
+            tier = self._tiers[medium_id] = MediumState(
+                self.config, configured, self._threshold, self.chunk
+            )
         return tier
 
     @staticmethod
@@ -174,67 +178,71 @@ class WhatIfModel:
     def _apply_medium(
         self, medium_id: int, op: npt.NDArray[np.uint8], keys: _U64, ts: _F64, tier: MediumState
     ) -> None:
-        """One medium's rows, in stream order, no clear among them."""
-        self._keep_within_budget(medium_id, tier, keys)
+        """One medium's rows, in stream order, no clear among them: the sampled ones are
+        buffered, with their weights, step corrections and the capacity at their time. Every
+        ``chunk`` sampled rows of the medium is a boundary (:meth:`_boundary`), which may
+        lower the threshold for the rows after it."""
+        n = int(op.shape[0])
         is_remove = op == OP_REMOVE
+        is_store = op == OP_STORE
         is_ref = ~is_remove  # stores and accesses reference a block; removals do not
-        sampled = self._sampled(keys, tier)
         refs_through = np.cumsum(is_ref)
-        sel = np.flatnonzero(sampled)
-        sampled_refs = sel[is_ref[sel]]
-        through = refs_through[sampled_refs]
-        ref_weight = np.diff(through, prepend=0)
-        if ref_weight.size:
-            ref_weight[0] += tier.pending
-            tier.pending = int(refs_through[-1] - through[-1])
-        else:
-            tier.pending += int(refs_through[-1])
-        capacity = np.full(sel.shape[0], tier.capacity, np.int64)
+        capacity = np.full(n, tier.capacity, np.int64)
         if tier.next_capacity != tier.capacity and is_remove.any():
-            capacity[sel >= int(np.argmax(is_remove))] = tier.next_capacity
-            tier.capacity = tier.next_capacity
-        if not sel.size:
-            return
-        correction = _unmatched(is_remove, op == OP_STORE, ts, sel)
-        weight = np.zeros(sel.shape[0], np.int64)
-        weight[is_ref[sel]] = ref_weight
-        tier.buffer.append((op[sel], keys[sel], correction, weight, capacity))
-        tier.buffered += int(sel.shape[0])
-        if tier.buffered >= self.chunk_rows:
-            self._flush(medium_id, tier)
+            capacity[int(np.argmax(is_remove)) :] = tier.next_capacity  # from its first eviction
+        last_ref, carry, start = 0, tier.pending, 0
+        while start < n:
+            candidates = start + np.flatnonzero(self._sampled(keys[start:], tier))
+            at_boundary = candidates.size >= tier.until_boundary
+            rows = candidates[: tier.until_boundary]
+            if rows.size:
+                ref_rows = rows[is_ref[rows]]
+                ref_weight = np.diff(refs_through[ref_rows], prepend=last_ref)
+                if ref_weight.size:
+                    ref_weight[0] += carry
+                    carry, last_ref = 0, int(refs_through[ref_rows[-1]])
+                weight = np.zeros(rows.shape[0], np.int64)
+                weight[is_ref[rows]] = ref_weight
+                correction = _unmatched(is_remove, is_store, ts, rows)
+                tier.buffer.append((op[rows], keys[rows], correction, weight, capacity[rows]))
+                tier.buffered += int(rows.shape[0])
+                tier.until_boundary -= int(rows.shape[0])
+            if not at_boundary:
+                break
+            tier.capacity = int(capacity[rows[-1]])
+            self._boundary(medium_id, tier)
+            start = int(rows[-1]) + 1
+        if n:
+            tier.capacity = int(capacity[-1])
+            tier.pending = carry + int(refs_through[-1]) - last_ref
 
-    def _keep_within_budget(self, medium_id: int, tier: MediumState, keys: _U64) -> None:
-        """Lower the medium's sampling threshold before these rows if its sampled keys and
-        theirs would pass the budget: to the sampling hash that keeps 7/8 of them, dropping
-        the table's keys at or above it. Decided on exact counts (the buffered rows are
-        applied first when the budget may be reached), so batching does not change it."""
-        budget = self.config.max_sampled_blocks
-        candidates = keys[self._sampled(keys, tier)]
-        new = self._count_new(medium_id, candidates)
-        if tier.sampled + tier.buffered_new + new > budget:  # may pass: count exactly
-            self._flush(medium_id, tier)
-            new = self._count_new(medium_id, candidates)
-            if tier.sampled + new > budget:
-                slots = self._slots_of(medium_id)
-                keys_now = np.union1d(self.table.key[slots], candidates)
-                hashes = np.sort(whatif_hash(keys_now))
-                tier.threshold = hashes[self.config.sampled_after_lowering]
-                self._drop(tier, slots[whatif_hash(self.table.key[slots]) >= tier.threshold])
-                new = self._count_new(medium_id, candidates[self._sampled(candidates, tier)])
-        tier.buffered_new += new
+    @property
+    def chunk(self) -> int:
+        """Sampled rows between boundaries: at most ``chunk_rows``, and an eighth of the
+        budget, so that the keys one chunk can add fit in the room a boundary leaves."""
+        return max(1, min(self.chunk_rows, self.config.max_sampled_blocks // 8))
 
-    def _count_new(self, medium_id: int, keys: _U64) -> int:
-        """Distinct keys among these the table does not hold for the medium."""
-        if not keys.size:
-            return 0
-        absent = keys[self.table.find(keys, np.full(keys.shape[0], medium_id, np.uint8)) < 0]
-        return int(np.unique(absent).size)
+    def _boundary(self, medium_id: int, tier: MediumState) -> None:
+        """Apply the buffered rows, forget the oldest ghosts, and judge the budget: with more
+        than ``budget - chunk`` keys, lower the threshold to the sampling hash that keeps
+        ``budget - chunk - budget / 8`` of them and drop the keys at or above it. So the next
+        chunk cannot take the medium past the budget, and the rate falls once per many new
+        keys. Boundaries sit at fixed counts of sampled rows: the same rows, however the
+        stream is cut into batches or buffered."""
+        self._flush(medium_id, tier)
+        self._forget_oldest(tier, medium_id)
+        budget, chunk = self.config.max_sampled_blocks, self.chunk
+        if tier.sampled > budget - chunk:
+            slots = self._slots_of(medium_id)
+            hashes = whatif_hash(self.table.key[slots])
+            tier.threshold = np.sort(hashes)[budget - chunk - budget // 8]
+            self._drop(tier, slots[hashes >= tier.threshold])
+        tier.until_boundary = chunk
 
     def _slots_of(self, medium_id: int) -> _I64:
         """The table's slots holding the medium's keys (resident or ghost)."""
         table = self.table
-        live = (table.state == RESIDENT) | (table.state == GHOST)
-        return np.flatnonzero(live & (table.medium == medium_id))
+        return np.flatnonzero(table.live_mask() & (table.medium == medium_id))
 
     def _drop(self, tier: MediumState, slots: _I64) -> None:
         """Forget these keys of the tier: their ghost and reference marks, their slots."""
@@ -252,14 +260,14 @@ class WhatIfModel:
             self._flush(medium_id, tier)
 
     def _flush(self, medium_id: int, tier: MediumState) -> None:
-        """Apply a medium's buffered sampled rows, then forget its oldest ghosts."""
+        """Apply a medium's buffered sampled rows (a read does, so that it sees them; what
+        is forgotten and the budget wait for the next boundary)."""
         if not tier.buffered:
             return
         columns = tuple(np.concatenate(parts) for parts in zip(*tier.buffer, strict=True))
-        tier.buffer, tier.buffered, tier.buffered_new = [], 0, 0
+        tier.buffer, tier.buffered = [], 0
         op, keys, correction, weight, capacity = columns
         self._apply_sampled(medium_id, op, keys, correction, weight, capacity, tier)
-        self._forget_oldest(tier, medium_id)
 
     def _apply_sampled(
         self,
@@ -333,7 +341,7 @@ class WhatIfModel:
             fresh = first_new + removals_before[restored] - np.maximum(at, first_new)
             rank = live_old + fresh - died_since
             # A ghost deeper than the medium keeps counts as forgotten, whether or not it has
-            # been yet (that happens at a flush): the figures must not depend on batching.
+            # been yet (that happens at a boundary): the figures must not depend on when.
             remembered = rank <= ghost_limits(self.config, capacity[restored], ratio)
             restored, rank = restored[remembered], rank[remembered]
             extra = np.maximum((rank - 1) / ratio + 1.0 - correction[restored], 1.0)
@@ -410,7 +418,7 @@ class WhatIfModel:
         if old is not None:
             table = self.table
             column = table.t_store if ghost else table.t_access
-            live = (table.state == GHOST) if ghost else np.isin(table.state, (RESIDENT, GHOST))
+            live = (table.state == GHOST) if ghost else table.live_mask()
             mine = (table.medium == medium_id) & live & (column >= 0)
             column[mine] = np.searchsorted(old, column[mine].astype(np.int64))
         return order.append(alive, keys) - expected
@@ -419,7 +427,8 @@ class WhatIfModel:
         """Keep at most ``max_ghosts`` ghosts of a medium, and none deeper than the ghost
         horizon: the oldest go (their restores will count as first stores, which only
         matters for ranks beyond what is kept)."""
-        excess = tier.ghosts.live - ghost_limit(self.config, tier.capacity, tier.ratio)
+        limit = ghost_limits(self.config, np.array([tier.capacity], np.int64), tier.ratio)
+        excess = tier.ghosts.live - int(limit[0])
         if excess <= 0:
             return
         keys = tier.ghosts.keys[tier.ghosts.oldest(excess)]
@@ -433,7 +442,7 @@ class WhatIfModel:
         with self.lock:
             self._flush_all()
             table = self.table
-            live = np.flatnonzero((table.state == RESIDENT) | (table.state == GHOST))
+            live = table.live_slots()
             arrays: dict[str, npt.NDArray[Any]] = {
                 f"table.{name}": getattr(table, name)[live].copy() for name in _TABLE_COLUMNS
             }
@@ -451,7 +460,7 @@ class WhatIfModel:
             raise ValueError("what-if settings changed since the checkpoint")
         tiers: dict[int, MediumState] = {}
         for medium, scalars in meta["media"].items():
-            tier = MediumState(self.config, None, self._threshold)
+            tier = MediumState(self.config, None, self._threshold, self.chunk)
             prefix = f"medium.{medium}."
             tier.load_state(
                 {k.removeprefix(prefix): v for k, v in arrays.items() if k.startswith(prefix)},

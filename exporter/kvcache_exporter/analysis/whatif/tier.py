@@ -7,7 +7,6 @@ sampled keys spread over the table (the same function for both would crowd one c
 
 from __future__ import annotations
 
-import math
 from typing import Any, Final
 
 import numpy as np
@@ -24,6 +23,10 @@ _BOOL = npt.NDArray[np.bool_]
 _FMIX1: Final = np.uint64(0xFF51AFD7ED558CCD)
 _FMIX2: Final = np.uint64(0xC4CEB9FE1A85EC53)
 _SEED: Final = np.uint64(0x5851F42D4C957F2D)
+# The distance histogram's sum is kept in integer units of 2**-16 blocks: a float sum depends on
+# how the rows were cut into chunks (reads flush whatever is buffered), an integer sum does not,
+# so a live exporter and an analysis of its recording publish the same value.
+SUM_UNITS_PER_BLOCK: Final = 2.0**16
 
 
 def whatif_hash(keys: _U64) -> _U64:
@@ -37,16 +40,10 @@ def whatif_hash(keys: _U64) -> _U64:
     return result
 
 
-def ghost_limit(config: WhatIfConfig, capacity: int, ratio: float) -> int:
-    """The sampled ghosts a medium keeps: ``max_ghosts``, and while the capacity is known
-    no more than reach ``ghost_horizon`` capacities deep at the sampling rate."""
-    if not capacity:
-        return config.max_ghosts
-    return min(config.max_ghosts, math.ceil(config.ghost_horizon * capacity * ratio) + 1)
-
-
 def ghost_limits(config: WhatIfConfig, capacity: _I64, ratio: float) -> _I64:
-    """:func:`ghost_limit` for each of an array of capacities."""
+    """The sampled ghosts a medium keeps, at each of these capacities: ``max_ghosts``, and
+    where the capacity is known no more than reach ``ghost_horizon`` capacities deep at the
+    sampling rate."""
     reach = np.ceil(config.ghost_horizon * capacity * ratio).astype(np.int64) + 1
     limits: _I64 = np.where(capacity > 0, np.minimum(reach, config.max_ghosts), config.max_ghosts)
     return limits
@@ -57,7 +54,11 @@ class MediumState:
     counters."""
 
     def __init__(
-        self, config: WhatIfConfig, configured: int | None, threshold: np.uint64 | None
+        self,
+        config: WhatIfConfig,
+        configured: int | None,
+        threshold: np.uint64 | None,
+        chunk: int,
     ) -> None:
         self.ghosts = Order(with_keys=True)
         self.recency: Order | None = None  # from the first hit on: stack distances of hits
@@ -73,17 +74,22 @@ class MediumState:
         self.hits = np.zeros(len(config.capacity_factors), np.int64)
         self.bounds: _F64 | None = None
         self.counts = np.zeros(len(config.distance_buckets) + 1, np.int64)
-        self.sum = 0.0
+        self.sum_units = 0  # see SUM_UNITS_PER_BLOCK
         self.stores = 0
         self.restores = 0
         self.sampled_hits = 0
         # Sampled rows not applied yet: op, key, step correction, weight, capacity at the time.
         self.buffer: list[tuple[npt.NDArray[np.uint8], _U64, _I64, _I64, _I64]] = []
         self.buffered = 0
-        self.buffered_new = 0  # at most this many keys the buffered rows add to the table
+        self.until_boundary = chunk  # sampled rows until the next boundary
         self.factors = np.asarray(config.capacity_factors, np.float64)
         self.avoided_factors = np.asarray(config.avoided_factors, np.float64)
         self.distance_buckets = np.asarray(config.distance_buckets, np.float64)
+
+    @property
+    def sum(self) -> float:
+        """The distance histogram's sum, in blocks."""
+        return self.sum_units / SUM_UNITS_PER_BLOCK
 
     @property
     def ratio(self) -> float:
@@ -116,7 +122,8 @@ class MediumState:
             self.counts += np.bincount(bucket, weights=weight, minlength=self.counts.size).astype(
                 np.int64
             )
-            self.sum += float(extra @ weight)
+            units = np.rint(extra * weight * SUM_UNITS_PER_BLOCK).astype(np.int64)
+            self.sum_units += sum(units.tolist())  # Python ints: exact, never overflow
 
     def count_hits(self, hit: _BOOL, weight: _I64) -> None:
         """A hit counts at every factor from 1 up (a larger LRU cache holds what this one
@@ -183,7 +190,8 @@ class MediumState:
             "pending": self.pending,
             "threshold": None if self.threshold is None else int(self.threshold),
             "sampled": self.sampled,
-            "sum": self.sum,
+            "until_boundary": self.until_boundary,
+            "sum_units": self.sum_units,
             "stores": self.stores,
             "restores": self.restores,
             "sampled_hits": self.sampled_hits,
@@ -207,7 +215,8 @@ class MediumState:
         self.next_capacity = int(scalars["next_capacity"])
         self.pending = int(scalars["pending"])
         self.sampled = int(scalars["sampled"])
-        self.sum = float(scalars["sum"])
+        self.until_boundary = int(scalars["until_boundary"])
+        self.sum_units = int(scalars["sum_units"])
         self.stores = int(scalars["stores"])
         self.restores = int(scalars["restores"])
         self.sampled_hits = int(scalars["sampled_hits"])
