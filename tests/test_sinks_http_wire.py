@@ -257,6 +257,30 @@ def test_requests_over_max_requests_get_a_fast_503_and_are_counted() -> None:
         server.stop()
 
 
+def test_a_client_that_does_not_read_its_answer_is_cut_at_the_idle_timeout_and_counted() -> None:
+    """A slow reader holds a --web.max-requests slot and the answer in memory: at most the idle
+    timeout, then the connection is dropped and counted."""
+
+    def large(_accept: str | None) -> tuple[bytes, str]:
+        return b"x" * (16 << 20), "text/plain; version=0.0.4; charset=utf-8"
+
+    server = serve(HTTPLimits(idle_timeout=0.5), render=large)
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", server.port))
+            sock.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")  # and never read
+            wait_until(lambda: server._in_flight == 1)
+            started = time.monotonic()
+            wait_until(lambda: server.refusals()["write_timeout"] == 1)
+            assert time.monotonic() - started < 2.0
+            wait_until(lambda: server._in_flight == 0 and not server._connections)
+        assert sum(server.refusals().values()) == 1
+        assert exchange(server.port, b"GET /healthz HTTP/1.1\r\n\r\n").endswith(b"ok\n")
+    finally:
+        server.stop()
+
+
 def test_header_limits_answer_414_and_431_and_are_counted() -> None:
     server = serve(HTTPLimits(max_header_bytes=2048))
     try:

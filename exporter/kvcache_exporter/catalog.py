@@ -80,6 +80,7 @@ HTTP_REFUSED_REASONS: Final = (
     "tls_handshake",  # the TLS handshake failed (plain HTTP, no trusted client certificate)
     "uri_too_long",  # request line over --web.max-header-bytes: 414
     "headers_too_large",  # header lines over --web.max-header-bytes, or over 100: 431
+    "write_timeout",  # an answer the client did not read within --web.idle-timeout
     "bad_request",  # a request line http.server refuses (400, 505), a method other than GET/HEAD
     "unauthorized",  # basic auth: 401
 )

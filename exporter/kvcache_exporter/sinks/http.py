@@ -485,10 +485,15 @@ class MetricsHTTPServer:
             deadline = loop.time() + limits.read_header_timeout
 
     async def _write(self, writer: asyncio.StreamWriter, data: bytes) -> None:
-        """Send, waiting at most the idle timeout for a client that does not read."""
+        """Send, waiting at most the idle timeout for a client that does not read; beyond it
+        the TimeoutError (an OSError) ends the connection, counted as ``write_timeout``."""
         writer.write(data)
-        async with asyncio.timeout(self.limits.idle_timeout):
-            await writer.drain()
+        try:
+            async with asyncio.timeout(self.limits.idle_timeout):
+                await writer.drain()
+        except TimeoutError:
+            self._refuse("write_timeout")
+            raise
 
     async def _answer(self, request: Request, writer: asyncio.StreamWriter, client: str) -> bool:
         """Answer one request; True when the connection must close after it."""
