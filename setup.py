@@ -1,7 +1,8 @@
 """Optional compiled extensions; the metadata is in pyproject.toml.
 
 - ``kvcache_exporter.protocol._wire`` (C): the decode stage, msgpack payloads to columns;
-- ``kvcache_exporter.collector._table`` (Cython): the block table's probe, insert and rebuild.
+- ``kvcache_exporter.collector._table`` (Cython): the block table's probe and insert;
+- ``kvcache_exporter.collector._apply`` (Cython): the collector's apply of a batch, row by row.
 
 Each has a reference beside it (msgspec, numpy), so an install without a C compiler, or
 without Cython, still works: a failed build is reported and skipped, never fatal.
@@ -21,6 +22,11 @@ WIRE = Extension(
 )
 TABLE = Extension(
     "kvcache_exporter.collector._table", ["exporter/kvcache_exporter/collector/_table.pyx"]
+)
+APPLY = Extension(
+    "kvcache_exporter.collector._apply",
+    ["exporter/kvcache_exporter/collector/_apply.pyx"],
+    extra_compile_args=["-O3"],
 )
 
 
@@ -51,9 +57,10 @@ def _extensions() -> list[Extension]:
     try:
         from Cython.Build import cythonize
     except ImportError:  # Cython is a build requirement; without it, only the C extension
-        print("WARNING: Cython not found; building without the block table", file=sys.stderr)
+        print("WARNING: Cython not found; building without the compiled collector", file=sys.stderr)
         return [WIRE]
-    return [WIRE, *cythonize([TABLE], compiler_directives={"language_level": "3"}, quiet=True)]
+    compiled = cythonize([TABLE, APPLY], compiler_directives={"language_level": "3"}, quiet=True)
+    return [WIRE, *compiled]
 
 
 setup(ext_modules=_extensions(), cmdclass={"build_ext": OptionalBuildExt})

@@ -73,6 +73,7 @@ def _legacy_landing(telemetry_path: str) -> bytes:
             ("/healthz", "liveness"),
             ("/readyz", "readiness: 200 once every source is connected"),
             ("/api/v1/summary", "collector summary (JSON)"),
+            ("/api/v1/status", "what the status page shows (JSON)"),
             ("/api/v1/export?format=csv", "recent block lifecycles (JSON or CSV)"),
         )
     )
@@ -127,6 +128,9 @@ class _LegacyHandler(BaseHTTPRequestHandler):
         try:
             if path == routes.telemetry_path:
                 body, content_type = routes.metrics(self.headers.get("Accept"))
+                self._send(200, body, content_type)
+            elif path in routes.pages:
+                body, content_type = routes.pages[path](parse_qs(query, keep_blank_values=True))
                 self._send(200, body, content_type)
             elif path == "/":
                 self._send(200, _legacy_landing(routes.telemetry_path), "text/html; charset=utf-8")

@@ -9,12 +9,12 @@ import socket
 import pytest
 
 
-def require_binary(name: str) -> str:
+def require_binary(name: str, package: str = "prometheus") -> str:
     """The path of a real tool the test needs. Missing is a skip on a developer machine but a
     failure in CI, where .ci/run installs it, so a broken install never passes silently."""
     path = shutil.which(name)
     if path is None:
-        message = f"{name} not installed (Debian package 'prometheus'; .ci/run installs it)"
+        message = f"{name} not installed (Debian package {package!r}; .ci/run installs it)"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)

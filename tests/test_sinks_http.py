@@ -79,6 +79,33 @@ def test_routes(server: MetricsHTTPServer) -> None:
     assert fetch(server, "/nope")[0] == 404
 
 
+def test_pages_replace_the_landing_page_and_add_routes() -> None:
+    seen: list[dict[str, list[str]]] = []
+
+    def page(query: dict[str, list[str]]) -> tuple[bytes, str]:
+        seen.append(query)
+        return b"<p>status</p>", "text/html; charset=utf-8"
+
+    routes = Routes(
+        telemetry_path="/metrics",
+        metrics=lambda _: (b"", "text/plain"),
+        ready=lambda: (True, "ready"),
+        summary=lambda: {},
+        export=export,
+        pages={"/": page, "/api/v1/status": lambda _: (b"{}", "application/json")},
+    )
+    srv = MetricsHTTPServer(("127.0.0.1", 0), routes)
+    srv.start()
+    try:
+        status, headers, body = fetch(srv, "/?x=1")
+        assert status == 200 and body == b"<p>status</p>" and seen == [{"x": ["1"]}]
+        assert headers["Content-Type"].startswith("text/html")
+        status, headers, body = fetch(srv, "/api/v1/status")
+        assert (status, body, headers["Content-Type"]) == (200, b"{}", "application/json")
+    finally:
+        srv.stop()
+
+
 def test_gzip_when_asked(server: MetricsHTTPServer) -> None:
     status, headers, body = fetch(server, "/metrics", **{"Accept-Encoding": "gzip"})
     assert status == 200 and headers["Content-Encoding"] == "gzip"

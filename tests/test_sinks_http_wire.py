@@ -39,6 +39,7 @@ def routes(render: Callable[[str | None], tuple[bytes, str]] | None = None) -> R
         ready=lambda: (False, "waiting for sources: vllm"),
         summary=lambda: {"engines": [{"engine": "vllm"}]},
         export=export,
+        pages={"/api/v1/status": lambda query: (f"{query}".encode(), "application/json")},
     )
 
 
@@ -63,6 +64,7 @@ REQUESTS = [
     b"GET / HTTP/1.1\r\n\r\nGET /healthz HTTP/1.1\r\n\r\nGET /readyz HTTP/1.1\r\n\r\n",
     b"GET /api/v1/summary HTTP/1.0\r\n\r\n",
     b"GET /api/v1/export?bad=1 HTTP/1.1\r\n\r\n",
+    b"GET /api/v1/status?x=1 HTTP/1.1\r\n\r\n",
     b"GET /api/v1/export HTTP/1.1\r\nConnection: close\r\n\r\nGET / HTTP/1.1\r\n\r\n",
     b"GET /nope HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /healthz HTTP/1.0\r\n\r\n",
     b"GET //metrics HTTP/1.1\r\n\r\n",

@@ -13,13 +13,15 @@ import zmq
 from . import __version__
 from .checkpoint import Checkpoint, CheckpointStore, CheckpointWriter, capture, restore
 from .collector import BlockLifecycleCollector
+from .collector.apply import COMPILED as APPLY_COMPILED
 from .collector.table import COMPILED as TABLE_COMPILED
 from .config import ExporterConfig
 from .pipeline import EngineView, Pipeline, new_pipeline
 from .protocol.compiled import decode_path
 from .sinks.export import ExportRequest, render_export
-from .sinks.http import MetricsHTTPServer, Routes, parse_listen_address
+from .sinks.http import MetricsHTTPServer, Routes, links_html, parse_listen_address
 from .sinks.prometheus import MetricsPage
+from .sinks.status import EngineStatus, StatusPage
 from .sinks.summary import summarize
 from .sources.authenticator import PublisherAuthenticator
 from .sources.subscriber import IngestLoop, SubscriberSource
@@ -73,11 +75,19 @@ class Exporter:
         self._checkpoints: CheckpointWriter | None = None
         self._next_checkpoint = 0.0
         self.metrics_page = MetricsPage(self.views, self.otlp_exports, self.http_refusals)
+        self.status_page = StatusPage(self.statuses, links_html(config.telemetry_path))
 
     # --- what the sinks read ---------------------------------------------------------------
     def views(self) -> list[EngineView]:
         """One snapshot per engine: what ``/metrics`` and OTLP both export."""
         return [engine.pipeline.view() for engine in self.engines]
+
+    def statuses(self) -> list[EngineStatus]:
+        """Each engine's view and history: what the status page shows."""
+        return [
+            EngineStatus(e.pipeline.view(), e.pipeline.history.window(), e.pipeline.history.nbytes)
+            for e in self.engines
+        ]
 
     def otlp_exports(self) -> dict[str, int] | None:
         """OTLP exports by result while OTLP export is on."""
@@ -115,6 +125,7 @@ class Exporter:
         """Once a second on the ingest thread, between bursts (no batch half applied)."""
         for engine in self.engines:
             engine.pipeline.monitor.tick(now, engine.source.stats.last_arrival)
+            engine.pipeline.tick(now)
         if self._checkpoints is not None and now >= self._next_checkpoint:
             checkpoint = self._checkpoint_now()
             if checkpoint is not None:
@@ -156,6 +167,7 @@ class Exporter:
             ready=self.readiness,
             summary=self.summary,
             export=self.export,
+            pages={"/": self.status_page.html, "/api/v1/status": self.status_page.json},
         )
         self.http = MetricsHTTPServer(
             parse_listen_address(self.config.listen_address),
@@ -178,6 +190,7 @@ class Exporter:
                 "sources": ",".join(f"{e.name}={e.source.spec.endpoint}" for e in self.engines),
                 "decoder": decode_path(),
                 "block_table": "compiled" if TABLE_COMPILED else "reference",
+                "apply": "compiled" if APPLY_COMPILED else "reference",
             },
         )
 

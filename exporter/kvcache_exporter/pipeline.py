@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from .analysis.history import History
 from .analysis.monitor import EngineMonitor, MonitorConfig
 from .analysis.patterns import access_patterns
 from .analysis.series import AlertLevel, CacheAlert
@@ -73,6 +74,12 @@ class Pipeline:
     """Apply a decoded batch: collector, then monitor samples on the engine-clock grid, then
     the what-if model."""
     whatif: WhatIfModel | None = None  # None: --whatif.sample-ratio 0
+    history: History = field(default_factory=History)
+    """The last minutes of per-place counters, for the status page (see :meth:`tick`)."""
+
+    def tick(self, now_wall: float) -> None:
+        """Once a second on the ingest thread, between batches: sample the history."""
+        self.history.record(now_wall, self.collector.place_counts())
 
     def view(self, with_patterns: bool = False, hot_threshold: int = 4) -> EngineView:
         """What the sinks read: collector snapshot, stream counters, alerts and trends (and,

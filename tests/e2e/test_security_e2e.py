@@ -51,7 +51,7 @@ def test_basic_auth_guards_every_endpoint(
         except OSError:
             assert exporter.alive() and time.monotonic() < deadline, exporter.log_text()
             time.sleep(0.05)
-    for path in ("/metrics", "/", "/healthz", "/api/v1/summary"):
+    for path in ("/metrics", "/", "/healthz", "/api/v1/summary", "/api/v1/status"):
         assert status(exporter.url + path, None) == 401, path
         assert status(exporter.url + path, "prometheus:wrong") == 401, path
         assert status(exporter.url + path, "prometheus:scrape-me") == 200, path

@@ -11,25 +11,7 @@ for slot. ``find`` is a plain sequential probe: its result does not depend on th
 from libc.stdint cimport int64_t, uint8_t, uint64_t
 from libc.stdlib cimport free, malloc
 
-cdef extern from *:
-    """
-    #include <stdint.h>
-    /* The reference's home slot: a multiplicative hash of the key with its place mixed in,
-       mapped onto [0, capacity) by the high half of a 64 x 64-bit product. */
-    static inline uint64_t kv_home(uint64_t key, uint8_t place, uint64_t capacity) {
-        uint64_t mixed = (key ^ ((uint64_t)place * 0xC2B2AE3D27D4EB4FULL))
-                         * 0x9E3779B97F4A7C15ULL;
-        return (uint64_t)(((unsigned __int128)mixed * capacity) >> 64);
-    }
-    """
-    uint64_t kv_home(uint64_t key, uint8_t place, uint64_t capacity) nogil
-
-cdef enum:
-    EMPTY = 0
-    RESIDENT = 1
-    GHOST = 2
-    TOMBSTONE = 3
-
+include "_slot_hash.pxi"
 
 def find(
     const uint64_t[::1] key,

@@ -1,38 +1,77 @@
-"""Applying batches: how each row of a round changes one engine's collector state.
+"""Applying batches: how each row changes one engine's collector state.
 
 A batch is split at its ``AllBlocksCleared`` rows (they touch every key); each segment between
-them is applied in the rounds of :mod:`.rounds`, one vectorized pass per round. A store of a
-resident key adds a physical copy (unless stores of resident keys are hit reports); a key's
-lifecycle ends with its last copy, and a removal's ``copies_left``, when the engine sends it,
-is authoritative. Removals are observed into the lifecycle histograms, remembered as ghosts so
-a later store is recognised as a restore, and logged in stream order once the batch is done.
-Each ghost then gets the ordinal of its removal (in its ``t_access`` slot, unused by a ghost),
-and the table's horizon moves up to forget the ghosts whose removal is no longer among the last
-``removed_memory``: memory per distinct removed key, no queue of removals.
+them is applied by the compiled loop of ``_apply.pyx`` (row by row, in stream order) where it
+is built, else in the rounds of :mod:`.rounds`, one vectorized pass per round: the reference.
+A store of a resident key adds a physical copy (unless stores of resident keys are hit
+reports); a key's lifecycle ends with its last copy, and a removal's ``copies_left``, when the
+engine sends it, is authoritative. Removals are observed into the lifecycle histograms,
+remembered as ghosts so a later store is recognised as a restore, and logged in stream order.
+Each ghost gets the ordinal of its removal (in its ``t_access`` slot, unused by a ghost: the
+compiled loop at once, the rounds once the batch is done, the same ordinals), and after each
+batch the table's horizon moves up to forget the ghosts whose removal is no longer among the
+last ``removed_memory``: memory per distinct removed key, no queue of removals.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any
+from types import ModuleType
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
 
 from ..protocol.batch import NO_COPY_COUNT, OP_ACCESS, OP_CLEAR, OP_REMOVE, OP_STORE, EventBatch
+from ..protocol.extensions import extensions_disabled
 from .config import REASON_CLEARED
 from .histogram import HistogramSet
 from .prefix import resolve_depths
 from .rounds import Runs, plan_segment
 from .snapshot import CollectorTotals
 from .state import CollectorState
-from .table import GHOST, RESIDENT
+from .table import EMPTY, GHOST, RESIDENT, TOMBSTONE
 
 _U64 = npt.NDArray[np.uint64]
 _F64 = npt.NDArray[np.float64]
 _BOOL = npt.NDArray[np.bool_]
 _I64 = npt.NDArray[np.int64]
+
+
+# What the compiled loop says each row did (bits of its per-row flags).
+_F_COPY: Final = 1  # a copy came or went, the key's life goes on
+_F_STORED: Final = 2
+_F_RESTORED: Final = 4
+_F_RESIDENT: Final = 8  # the key became resident
+_F_GONE: Final = 16  # the key's last copy went
+
+
+def _load_kernel() -> ModuleType | None:
+    """The compiled segment apply, when built, enabled, and agreeing on the codes."""
+    if extensions_disabled():
+        return None
+    try:
+        from . import _apply
+    except ImportError:
+        return None
+    agreed = (
+        _apply.OP_CODES == (OP_STORE, OP_REMOVE, OP_ACCESS, NO_COPY_COUNT)
+        and _apply.FLAGS == (_F_COPY, _F_STORED, _F_RESTORED, _F_RESIDENT, _F_GONE)
+        and _apply.STATES == (EMPTY, RESIDENT, GHOST, TOMBSTONE)
+    )
+    return _apply if agreed else None
+
+
+_KERNEL: Final = _load_kernel()
+COMPILED: Final = _KERNEL is not None
+"""Whether collectors with a compiled block table apply segments in the compiled loop."""
+
+
+def _distinct_pairs(keys: _U64, places: npt.NDArray[np.uint8]) -> int:
+    order = np.lexsort((keys, places))
+    k, p = keys[order], places[order]
+    return int(k.size and 1 + np.count_nonzero((k[1:] != k[:-1]) | (p[1:] != p[:-1])))
 
 
 class _Outcome:
@@ -124,7 +163,7 @@ class BatchApplier(CollectorState):
             # From here on a row's ``medium`` column holds its place id (medium and group).
             batch = replace(batch, medium=self.places.ids(batch.medium, batch.group))
             self._outcome = _Outcome(len(batch), self._totals()) if cuts else None
-            depth = resolve_depths(batch, self._known_depth)
+            depth = self._depths(batch)
             position = np.arange(len(batch))
             clears = np.flatnonzero(batch.op == OP_CLEAR)
             start = 0
@@ -132,6 +171,8 @@ class BatchApplier(CollectorState):
                 rows = slice(start, row)
                 self._apply_segment(batch.take(rows), depth[rows], position[rows])
                 self._clear(float(batch.ts[row]), self.reasons.id_of(REASON_CLEARED), row)
+                if self._compiled_apply:
+                    self._number_pending_ghosts()  # the compiled loop numbers its own at once
                 self.clears += 1
                 start = row + 1
             rows = slice(start, len(batch))
@@ -152,6 +193,21 @@ class BatchApplier(CollectorState):
             self._clear(ts, self.reasons.id_of(reason), 0)
             self._settle_removals()
 
+    def _depths(self, batch: EventBatch) -> npt.NDArray[np.int64]:
+        """Each row's prefix depth, from the table as it stands before the batch."""
+        chain = batch.chain
+        if not self._compiled_apply or chain is None:
+            return resolve_depths(batch, self._known_depth)
+        assert _KERNEL is not None
+        depth = np.empty(len(batch), np.int64)
+        table, c = self.table, np.ascontiguousarray
+        _KERNEL.resolve_depths(
+            c(batch.op), c(batch.block_hash), c(chain.parent), c(chain.has_parent).view(np.uint8),
+            c(chain.offset), table.key, table.medium, table.state, table.t_access, table.depth,
+            table.horizon, len(self.places), depth,
+        )  # fmt: skip
+        return depth
+
     def _known_depth(self, hashes: _U64) -> npt.NDArray[np.int64]:
         """The prefix depth the table holds for each hash, in whatever place (0: none)."""
         best = np.zeros(hashes.shape[0], np.int64)
@@ -164,14 +220,94 @@ class BatchApplier(CollectorState):
     def _apply_segment(
         self, seg: EventBatch, depth: npt.NDArray[np.int64], position: npt.NDArray[np.int64]
     ) -> None:
-        """Apply rows with no clear among them: round by round, then the collapsed hits."""
+        """Apply rows with no clear among them: in the compiled loop, or round by round and
+        then the collapsed hits."""
         if not len(seg):
+            return
+        if self._compiled_apply:
+            self._apply_segment_compiled(seg, depth, position)
             return
         plan = plan_segment(seg, self.config.hit_reports)
         for rows in plan.rounds:
             rnd = seg if isinstance(rows, slice) else seg.take(rows)
             self._apply_round(rnd, depth[rows], position[rows], plan.runs, rows)
         self._apply_followers(seg, plan.followers, plan.previous, plan.runs, position)
+
+    @property
+    def _compiled_apply(self) -> bool:
+        return _KERNEL is not None and self.table.compiled
+
+    def _apply_segment_compiled(
+        self, seg: EventBatch, depth: npt.NDArray[np.int64], position: npt.NDArray[np.int64]
+    ) -> None:
+        """The segment in one call of the compiled loop (rows in stream order), then what it
+        says each row did, as the rounds would have left it."""
+        assert _KERNEL is not None
+        table = self.table
+        # Room for every distinct key absent now that the segment stores (an upper bound of
+        # its new keys): no rebuild can happen inside the loop. Counted only near a rebuild.
+        stores = seg.op == OP_STORE
+        if not table.has_room(int(np.count_nonzero(stores))):
+            keys, places = seg.block_hash[stores], seg.medium[stores]
+            absent = table.find(keys, places) < 0
+            table.reserve(_distinct_pairs(keys[absent], places[absent]))
+        n = len(seg)
+        flags = np.empty(n, np.uint8)
+        life_bucket = np.empty(n, np.int16)
+        ev_row = np.empty(n, np.int64)
+        ev_stored, ev_last = np.empty(n, np.float64), np.empty(n, np.float64)
+        ev_accesses, ev_depth = np.empty(n, np.uint32), np.empty(n, np.uint16)
+        hist = self.hist
+        c = np.ascontiguousarray
+        unknown_accesses, unknown_removals, untracked, ghosts, claimed, logged = (
+            _KERNEL.apply_segment(
+                c(seg.op), c(seg.block_hash), c(seg.ts), c(seg.medium), c(seg.reason),
+                c(seg.adapter), c(seg.tokens), c(seg.copies_left), c(depth),
+                self._sampled(seg.block_hash).view(np.uint8),
+                self.config.hit_reports, seg.chain is not None, self.config.max_tracked_blocks,
+                int(self.resident_hashes.sum()), float(self.removals),
+                *table.columns(), table.horizon,
+                self.places.medium, self.stored, self.accessed, self.restores, self.resident,
+                self.resident_hashes, self.resident_tokens, self.tracked_per_place,
+                self.removed, self.adapter_stored, self.adapter_restores, self.adapter_resident,
+                hist["lifetime"].edges,
+                hist["lifetime"].counts, hist["lifetime"].sums,
+                hist["idle_before_evict"].counts, hist["idle_before_evict"].sums,
+                hist["reuse_gap"].counts, hist["reuse_gap"].sums,
+                hist["restore_gap"].counts, hist["restore_gap"].sums,
+                self.accesses_before_evict.edges,
+                self.accesses_before_evict.counts, self.accesses_before_evict.sums,
+                self.prefix_depth.edges, self.prefix_depth.counts, self.prefix_depth.sums,
+                flags, life_bucket, ev_row, ev_stored, ev_last, ev_accesses, ev_depth,
+            )
+        )  # fmt: skip
+        table.used += claimed
+        self.removals += ghosts
+        self.unknown_accesses += unknown_accesses
+        self.unknown_removals += unknown_removals
+        self.untracked_stores += untracked
+        self._copy_positions.append(position[(flags & _F_COPY) != 0])
+        if logged:
+            rows = ev_row[:logged]
+            columns: dict[str, npt.NDArray[Any]] = {
+                "block_hash": seg.block_hash[rows],
+                "medium": seg.medium[rows],
+                "reason": seg.reason[rows],
+                "stored_at": ev_stored[:logged],
+                "last_access_at": ev_last[:logged],
+                "removed_at": seg.ts[rows],
+                "accesses": ev_accesses[:logged],
+                "prefix_depth": ev_depth[:logged],
+            }
+            self._pending_evictions.append((position[rows], columns))
+        outcome = self._outcome
+        if outcome is not None:
+            outcome.stored[position] += (flags & _F_STORED) != 0
+            outcome.restored[position] += (flags & _F_RESTORED) != 0
+            outcome.resident[position] += ((flags & _F_RESIDENT) != 0).astype(np.int64)
+            outcome.resident[position] -= ((flags & _F_GONE) != 0).astype(np.int64)
+            observed = np.flatnonzero(life_bucket >= 0)
+            outcome.add_lifetimes(position[observed], life_bucket[observed].astype(np.int64))
 
     def _apply_followers(
         self,
@@ -473,16 +609,22 @@ class BatchApplier(CollectorState):
     def _settle_removals(self) -> None:
         """Log this batch's removals in stream order (rounds produce them grouped by
         occurrence), then forget the oldest ghosts beyond ``removed_memory``."""
-        if self._pending_evictions:
-            order = np.argsort(
-                np.concatenate([pos for pos, _ in self._pending_evictions]), kind="stable"
-            )
+        pending = self._pending_evictions
+        if len(pending) == 1:  # one segment of the compiled loop: in stream order already
+            self.evictions.append(**pending[0][1])
+        elif pending:
+            order = np.argsort(np.concatenate([pos for pos, _ in pending]), kind="stable")
             columns = {
-                name: np.concatenate([cols[name] for _, cols in self._pending_evictions])[order]
-                for name in self._pending_evictions[0][1]
+                name: np.concatenate([cols[name] for _, cols in pending])[order]
+                for name in pending[0][1]
             }
             self.evictions.append(**columns)
-            self._pending_evictions = []
+        self._pending_evictions = []
+        self._number_pending_ghosts()
+        # A ghost is remembered while its removal is among the last `removed_memory`.
+        self.table.horizon = float(self.removals - self.config.removed_memory)
+
+    def _number_pending_ghosts(self) -> None:
         if self._pending_ghosts:
             pending = self._pending_ghosts
             order = np.argsort(np.concatenate([g[0] for g in pending]), kind="stable")
@@ -490,8 +632,6 @@ class BatchApplier(CollectorState):
             media = np.concatenate([g[2] for g in pending])[order]
             self._pending_ghosts = []
             self._number_ghosts(keys, media)
-        # A ghost is remembered while its removal is among the last `removed_memory`.
-        self.table.horizon = float(self.removals - self.config.removed_memory)
 
     def _number_ghosts(self, keys: _U64, media: npt.NDArray[np.uint8]) -> None:
         """Give this batch's removals (in stream order) the next removal ordinals; a key

@@ -44,7 +44,7 @@ class HistogramSet:
 
     def __init__(self, bounds: Sequence[float], labels: int) -> None:
         self.bounds = validate_buckets(bounds)
-        self._edges = np.asarray(self.bounds, np.float64)
+        self.edges = np.asarray(self.bounds, np.float64)  # the bounds as one contiguous array
         self._width = len(self.bounds) + 1
         self.labels = labels
         self.counts = np.zeros((labels, self._width), np.uint64)
@@ -52,12 +52,12 @@ class HistogramSet:
 
     def bucket_of(self, values: npt.NDArray[np.floating]) -> npt.NDArray[np.int64]:
         """The bucket index each value falls in (le semantics; the last is +Inf)."""
-        return np.searchsorted(self._edges, values, side="left").astype(np.int64)
+        return np.searchsorted(self.edges, values, side="left").astype(np.int64)
 
     def observe(self, label_ids: npt.NDArray[np.uint8], values: npt.NDArray[np.floating]) -> None:
         if not values.size:
             return
-        bucket = np.searchsorted(self._edges, values, side="left")  # first bound >= value: le
+        bucket = np.searchsorted(self.edges, values, side="left")  # first bound >= value: le
         flat = label_ids.astype(np.int64) * self._width + bucket
         counts = np.bincount(flat, minlength=self.labels * self._width)
         self.counts += counts.reshape(self.labels, self._width).astype(np.uint64)

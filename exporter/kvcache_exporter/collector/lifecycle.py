@@ -68,6 +68,20 @@ class BlockLifecycleCollector(BatchApplier):
         with self.lock:
             return self._totals()
 
+    def place_counts(self) -> npt.NDArray[np.int64]:
+        """Per place (columns, by place id): blocks stored, removed (every reason), restored
+        and resident (rows, in that order). A cheap read, for the status page's history."""
+        with self.lock:
+            n = len(self.places)
+            return np.stack(
+                [
+                    self.stored[:n].astype(np.int64),
+                    self.removed[:n].sum(axis=1).astype(np.int64),
+                    self.restores[:n].astype(np.int64),
+                    self.resident[:n],
+                ]
+            )
+
     def eviction_records(self) -> EvictionRecords:
         """The most recent removals of tracked blocks, oldest first (a copy)."""
         with self.lock:

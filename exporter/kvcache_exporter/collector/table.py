@@ -227,10 +227,14 @@ class BlockTable:
             slot[pending] = _next(probe[unresolved], self.capacity)
         return result
 
+    def has_room(self, count: int) -> bool:
+        """Whether ``count`` more keys fit without a rebuild."""
+        return self.used + count <= _MAX_LOAD * self.capacity
+
     def reserve(self, count: int) -> bool:
         """Make room for ``count`` more keys. True when that rebuilt the table, moving every
         slot (slots found before are then stale)."""
-        if self.used + count <= _MAX_LOAD * self.capacity:
+        if self.has_room(count):
             return False
         self._rebuild(count)
         return True

@@ -104,8 +104,13 @@ def run(argv: Sequence[str]) -> int:
         target=driver.run, args=(requests,), kwargs={"stop": stop}, name="engine", daemon=True
     )
     host, _ = parse_listen_address(args.listen)
-    url = f"http://{host or '127.0.0.1'}:{exporter.http.port}/metrics"
-    print(f"kvcache-exporter demo: metrics at {url}  (Ctrl-C to stop)", flush=True)
+    base = f"http://{host or '127.0.0.1'}:{exporter.http.port}"
+    # The status page first: the cache in pictures, with nothing else installed.
+    print(
+        f"kvcache-exporter demo: status page at {base}/  metrics at {base}/metrics  "
+        "(Ctrl-C to stop)",
+        flush=True,
+    )
     thread.start()
     started = time.monotonic()
     before, last = engine.collector.snapshot(), started

@@ -2,8 +2,9 @@
 
 One asyncio event loop, on its own thread, holds every connection: an idle or slow client costs
 a few kilobytes, never a thread. What takes time runs on small pools of worker threads — the
-routes that read the engines (``/metrics``, ``/readyz``, ``/api/v1/*``) on two, bcrypt checks
-on one — so it never holds up accepting, reading or timing out other connections.
+routes that read the engines (``/metrics``, ``/readyz``, ``/api/v1/*`` and the pages the app
+registers, the status page at ``/`` among them) on two, bcrypt checks on one — so it never holds
+up accepting, reading or timing out other connections.
 :class:`HTTPLimits` bounds what a client may cost, and every refusal is counted (by
 ``HTTP_REFUSED_REASONS``).
 
@@ -25,9 +26,9 @@ import resource
 import socket
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.utils import formatdate
 from http import HTTPStatus
 from http.client import HTTPMessage
@@ -51,7 +52,7 @@ RESERVED_FILES: Final = 256  # file descriptors kept for the rest of the process
 _TEXT: Final = "text/plain; charset=utf-8"
 _ERROR_PAGE: Final = BaseHTTPRequestHandler.error_message_format
 _ERROR_CONTENT_TYPE: Final = BaseHTTPRequestHandler.error_content_type
-_WORKER_PATHS: Final = ("/readyz", "/api/v1/summary", "/api/v1/export")  # and telemetry_path
+_WORKER_PATHS: Final = ("/readyz", "/api/v1/summary", "/api/v1/export")  # + telemetry, pages
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +75,10 @@ class Routes:
     ready: Callable[[], tuple[bool, str]]
     summary: Callable[[], dict[str, Any]]
     export: Callable[[dict[str, list[str]]], tuple[bytes, str]]
+    # Further pages: path → (query → body, content type); "/" here replaces the landing page.
+    pages: Mapping[str, Callable[[dict[str, list[str]]], tuple[bytes, str]]] = field(
+        default_factory=dict
+    )
 
 
 def parse_listen_address(address: str) -> tuple[str, int]:
@@ -85,22 +90,28 @@ def parse_listen_address(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _landing(telemetry_path: str) -> bytes:
-    links = "".join(
+def links_html(telemetry_path: str) -> str:
+    """The list of endpoints, as HTML: the landing page, and the status page's foot."""
+    items = "".join(
         f'<li><a href="{path}">{path}</a> — {text}</li>'
         for path, text in (
             (telemetry_path, "Prometheus metrics"),
             ("/healthz", "liveness"),
             ("/readyz", "readiness: 200 once every source is connected"),
             ("/api/v1/summary", "collector summary (JSON)"),
+            ("/api/v1/status", "what the status page shows (JSON)"),
             ("/api/v1/export?format=csv", "recent block lifecycles (JSON or CSV)"),
         )
     )
+    return f"<ul>{items}</ul>"
+
+
+def _landing(telemetry_path: str) -> bytes:
     return (
         "<!doctype html><html><head><title>kvcache-exporter</title></head><body>"
         f"<h1>kvcache-exporter {__version__}</h1>"
         "<p>KV-cache block lifecycle metrics for LLM inference engines.</p>"
-        f"<ul>{links}</ul></body></html>"
+        f"{links_html(telemetry_path)}</body></html>"
     ).encode()
 
 
@@ -508,7 +519,9 @@ class MetricsHTTPServer:
         auth = self.web.basic_auth
         header = request.headers.get("Authorization")
         known = auth.remembered(header) if auth is not None else True
-        on_worker = path in (self.routes.telemetry_path, *_WORKER_PATHS)
+        on_worker = (
+            path == self.routes.telemetry_path or path in self.routes.pages or path in _WORKER_PATHS
+        )
         # A request that needs a thread (a route reading the engines, a bcrypt check) holds a
         # slot until its answer is written: --web.max-requests bounds threads' queues and the
         # answers held in memory for clients that read slowly.
@@ -552,7 +565,7 @@ class MetricsHTTPServer:
 
     def _inline(self, request: Request, path: str) -> bytes:
         """The answers that need no thread: the landing page, liveness, not found."""
-        if path == "/":
+        if path == "/":  # unless a page registered for "/" replaces it (then on a worker)
             return response(
                 request, 200, _landing(self.routes.telemetry_path), "text/html; charset=utf-8"
             )
@@ -566,6 +579,9 @@ class MetricsHTTPServer:
         try:
             if path == routes.telemetry_path:
                 body, content_type = routes.metrics(request.headers.get("Accept"))
+                return response(request, 200, body, content_type)
+            if path in routes.pages:
+                body, content_type = routes.pages[path](parse_qs(query, keep_blank_values=True))
                 return response(request, 200, body, content_type)
             if path == "/readyz":
                 ready, detail = routes.ready()

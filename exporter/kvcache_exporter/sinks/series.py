@@ -22,6 +22,7 @@ from ..catalog import (
     OTLP_EXPORTS,
 )
 from ..collector import CollectorSnapshot
+from ..collector.apply import COMPILED as APPLY_COMPILED
 from ..collector.histogram import HistogramSnapshot
 from ..collector.table import COMPILED as TABLE_COMPILED
 from ..pipeline import EngineView
@@ -214,8 +215,9 @@ def series(
             for factor, count in zip(whatif.factors, figures.hits, strict=True):
                 put("kvcache_whatif_hits_total",
                     (*w, ("capacity_factor", factor_label(factor))), int(count))  # fmt: skip
-    # Both compiled stages in use: an install built with a compiler, and not disabled.
-    compiled = ("compiled", "true" if DECODER_COMPILED and TABLE_COMPILED else "false")
+    # Every compiled stage in use: an install built with a compiler, and not disabled.
+    every = DECODER_COMPILED and TABLE_COMPILED and APPLY_COMPILED
+    compiled = ("compiled", "true" if every else "false")
     put("kvcache_exporter_build_info", (("version", __version__), compiled), 1)
     if http_refused is not None:
         for reason in HTTP_REFUSED_REASONS:
