@@ -186,9 +186,6 @@ def build_stream(args: argparse.Namespace) -> Stream:
 # same setting applied around the in-process measurement. They exist to measure a proposed
 # change before anyone makes it; a run with patches says so in its table.
 PATCHES: Final[dict[str, str]] = {
-    # TCP_NODELAY on the HTTP handler: headers and body no longer wait on a delayed ACK.
-    "nodelay": "from kvcache_exporter.sinks import http; "
-    "http._Handler.disable_nagle_algorithm = True",
     # Flush the decoder after this many pending events instead of 65,536.
     "flush": "from kvcache_exporter.sources import stream; stream.FLUSH_EVENTS = {value}",
     # Move start-up objects out of the GC's sight.
@@ -199,7 +196,7 @@ PATCHES: Final[dict[str, str]] = {
 
 
 def parse_patches(text: str) -> list[tuple[str, str]]:
-    """``nodelay,flush=4096,gc-threshold=100000`` -> [(name, value)], checked against PATCHES."""
+    """``flush=4096,gc-threshold=100000`` -> [(name, value)], checked against PATCHES."""
     out = []
     for item in filter(None, text.split(",")):
         name, _, value = item.partition("=")
@@ -1275,7 +1272,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[],
         metavar="LIST",
         help="EXPERIMENT: monkeypatch the exporter as it starts, e.g. "
-        "nodelay,flush=4096,gc-freeze,gc-threshold=100000 (see PATCHES)",
+        "flush=4096,gc-freeze,gc-threshold=100000 (see PATCHES)",
     )
     p.add_argument(
         "--exporter-arg",

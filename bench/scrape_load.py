@@ -8,6 +8,11 @@ can. Prints scrape latency percentiles and the ingest rate, and checks that noth
 
     python bench/scrape_load.py                      # 50 scrapers for 30 s
     python bench/scrape_load.py --scrapers 10 --seconds 10
+    python bench/scrape_load.py --max-requests 40    # the default limit: 503s beyond it
+
+The exporter runs with ``--web.max-requests`` one above the scrapers (theirs and the pacing
+scrape), so that every scrape is served and timed; with ``--max-requests`` below that, the
+503s the limit answers with are counted apart from errors.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import zmq
@@ -40,7 +46,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def scraper(port: int, stop: threading.Event, latencies: list[float], errors: list[str]) -> None:
+def scraper(
+    port: int, stop: threading.Event, latencies: list[float], errors: list[str], refused: list[int]
+) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     while not stop.is_set():
         started = time.perf_counter()
@@ -48,6 +56,9 @@ def scraper(port: int, stop: threading.Event, latencies: list[float], errors: li
             conn.request("GET", "/metrics")
             response = conn.getresponse()
             response.read()
+            if response.status == 503:  # over --web.max-requests: refused at once, not timed
+                refused.append(1)
+                continue
             if response.status != 200:
                 errors.append(f"status {response.status}")
         except (OSError, http.client.HTTPException) as exc:
@@ -60,10 +71,18 @@ def scraper(port: int, stop: threading.Event, latencies: list[float], errors: li
 
 
 def metric(port: int, name: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
-        for line in response.read().decode().splitlines():
-            if line.startswith(name + "{") or line.startswith(name + " "):
-                return float(line.rpartition(" ")[2])
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as page:
+                text = page.read().decode()
+            break
+        except urllib.error.HTTPError as exc:
+            if exc.code != 503:  # 503: over --web.max-requests, try again
+                raise
+            time.sleep(0.01)
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            return float(line.rpartition(" ")[2])
     return 0.0
 
 
@@ -71,12 +90,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scrapers", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument(
+        "--max-requests", type=int, default=None,
+        help="the exporter's --web.max-requests (default: one above --scrapers)",
+    )  # fmt: skip
     args = parser.parse_args()
+    max_requests = args.scrapers + 1 if args.max_requests is None else args.max_requests
 
     port, http_port = free_port(), free_port()
     exporter = subprocess.Popen(
         [sys.executable, "-m", "kvcache_exporter.cli", "--source", f"load=tcp://127.0.0.1:{port}",
-         "--web.listen-address", f"127.0.0.1:{http_port}", "--log.level", "error"],
+         "--web.listen-address", f"127.0.0.1:{http_port}", "--log.level", "error",
+         "--web.max-requests", str(max_requests)],
         env={k: v for k, v in os.environ.items() if not k.startswith("KVCACHE_EXPORTER_")},
     )  # fmt: skip
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
@@ -93,8 +118,9 @@ def main() -> int:
         stop = threading.Event()
         latencies: list[float] = []
         errors: list[str] = []
+        refused: list[int] = []
         threads = [
-            threading.Thread(target=scraper, args=(http_port, stop, latencies, errors))
+            threading.Thread(target=scraper, args=(http_port, stop, latencies, errors, refused))
             for _ in range(args.scrapers)
         ]
         for thread in threads:
@@ -134,7 +160,8 @@ def main() -> int:
 
     print(f"scrapers               {args.scrapers} for {elapsed:.1f} s")
     print(f"scrapes                {len(latencies):,} ({len(latencies) / elapsed:,.0f}/s), "
-          f"errors {len(errors)}")  # fmt: skip
+          f"errors {len(errors)}, 503 over --web.max-requests {max_requests}: "
+          f"{len(refused):,}")  # fmt: skip
     worst, mean = latencies[-1] * 1000, statistics.mean(latencies) * 1000
     print(f"latency ms p50/p90/p99 {pct(0.5):.1f} / {pct(0.9):.1f} / {pct(0.99):.1f} "
           f"(max {worst:.1f}, mean {mean:.1f})")  # fmt: skip

@@ -81,7 +81,7 @@ class Exporter:
         self.otlp: OTLPSink | None = None
         self._checkpoints: CheckpointWriter | None = None
         self._next_checkpoint = 0.0
-        self.metrics_page = MetricsPage(self.views, self.otlp_exports)
+        self.metrics_page = MetricsPage(self.views, self.otlp_exports, self.http_refusals)
         self.status_page = StatusPage(self.statuses, links_html(config.telemetry_path))
 
     # --- what the sinks read ---------------------------------------------------------------
@@ -100,6 +100,11 @@ class Exporter:
         """OTLP exports by result while OTLP export is on."""
         otlp = self.otlp
         return otlp.exports() if otlp is not None else None
+
+    def http_refusals(self) -> dict[str, int] | None:
+        """Refused HTTP connections and requests by reason while the server runs."""
+        http = self.http
+        return http.refusals() if http is not None else None
 
     def metrics(self, accept: str | None) -> tuple[bytes, str]:
         """A ``/metrics`` body in the format ``accept`` asks for, and its content type."""
@@ -160,7 +165,7 @@ class Exporter:
             from .sinks.otlp import OTLPSink
 
             try:
-                self.otlp = OTLPSink(self.config.otlp, self.views)
+                self.otlp = OTLPSink(self.config.otlp, self.views, http_refused=self.http_refusals)
             except Exception as exc:  # e.g. an unreadable OTEL_EXPORTER_OTLP_CERTIFICATE
                 raise OSError(f"OTLP exporter: {exc}") from exc
         self.authenticator.start()
@@ -175,7 +180,10 @@ class Exporter:
             pages={"/": self.status_page.html, "/api/v1/status": self.status_page.json},
         )
         self.http = MetricsHTTPServer(
-            parse_listen_address(self.config.listen_address), routes, self.config.web
+            parse_listen_address(self.config.listen_address),
+            routes,
+            self.config.web,
+            self.config.http_limits,
         )
         self.http.start()
         loop = IngestLoop([engine.source for engine in self.engines], on_tick=self._tick)

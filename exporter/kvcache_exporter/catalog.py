@@ -74,6 +74,17 @@ DECODE_ERROR_REASONS: Final = (
 )
 HANDSHAKE_FAILURE_REASONS: Final = ("auth", "protocol", "closed")
 OTLP_EXPORT_RESULTS: Final = ("success", "failure")
+HTTP_REFUSED_REASONS: Final = (
+    "max_connections",  # over --web.max-connections: closed at once
+    "max_requests",  # over --web.max-requests: 503
+    "header_timeout",  # request (TLS handshake included) not read in --web.read-header-timeout
+    "tls_handshake",  # the TLS handshake failed (plain HTTP, no trusted client certificate)
+    "uri_too_long",  # request line over --web.max-header-bytes: 414
+    "headers_too_large",  # header lines over --web.max-header-bytes, or over 100: 431
+    "write_timeout",  # an answer the client did not read within --web.idle-timeout
+    "bad_request",  # a request line http.server refuses (400, 505), a method other than GET/HEAD
+    "unauthorized",  # basic auth: 401
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,9 +310,15 @@ FAMILIES: Final[tuple[Family, ...]] = (
     Family("kvcache_exporter_pool_index_bytes", G,
            "Memory held by the pool's index of resident keys.",
            ("pool",), "kvcache.exporter.pool.index", IU, "By"),
+    Family("kvcache_exporter_http_refused_total", C,
+           "Connections and requests the HTTP server refused, by reason (present only while "
+           "it serves).",
+           ("reason",), "kvcache.exporter.http.refused", IC, "{refusal}",
+           attribute_overrides=_ERROR),
     Family("kvcache_exporter_otlp_exports_total", C,
            "OTLP exports, by result (present only while OTLP export is on).",
            ("result",), "kvcache.exporter.otlp.exports", IC, "{export}"),
 )  # fmt: skip
 BY_NAME: Final = {family.name: family for family in FAMILIES}
 OTLP_EXPORTS: Final = "kvcache_exporter_otlp_exports_total"
+HTTP_REFUSED: Final = "kvcache_exporter_http_refused_total"

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.e2e
 CLI = [sys.executable, "-m", "kvcache_exporter.cli"]
 # Series that depend on wall-clock arrival or the live socket, not on the stream.
 # Live only: the connection, the clock, memory, and the process's own series.
-LIVE_ONLY = ("source_up", "event_lag", "collector_bytes", "process_", "python_")
+LIVE_ONLY = ("source_up", "event_lag", "collector_bytes", "http_refused", "process_", "python_")
 
 
 def start(*args: str) -> subprocess.Popen[str]:

@@ -22,6 +22,7 @@ import yaml
 
 from ..analysis.whatif import WhatIfConfig
 from ..collector import CollectorConfig
+from ..sinks.http import HTTPLimits
 from ..sinks.webconfig import WebConfigError, load_web_config
 from ..sources.spec import SourceSpec, SourceSpecError
 from .checks import check_writable, curve_roles
@@ -150,6 +151,13 @@ def load(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Expor
         listen_address=values["web.listen-address"],
         telemetry_path=values["web.telemetry-path"],
         web=web_config,
+        http_limits=HTTPLimits(
+            max_requests=values["web.max-requests"],
+            max_connections=values["web.max-connections"],
+            read_header_timeout=values["web.read-header-timeout"],
+            idle_timeout=values["web.idle-timeout"],
+            max_header_bytes=values["web.max-header-bytes"],
+        ),
         otlp=otlp_config(values, env),
         collector=CollectorConfig(
             sample_ratio=values["collector.sample-ratio"],

@@ -25,6 +25,7 @@ from ..analysis.whatif import (
 )
 from ..collector.histogram import ACCESS_COUNT_BUCKETS, RESIDENCY_BUCKETS
 from ..protocol.batch import DEFAULT_MAX_ADAPTERS
+from ..sinks.http import HTTPLimits
 from ..sinks.otlp_config import OTLP_COMPRESSIONS, OTLP_PROTOCOLS, OTLP_TEMPORALITIES
 from .settings import ConfigError
 from .values import (
@@ -49,6 +50,7 @@ from .values import (
 )
 
 ENV_PREFIX: Final = "KVCACHE_EXPORTER_"
+_HTTP: Final = HTTPLimits()
 DEFAULT_SOURCE: Final = "engine=tcp://127.0.0.1:5557"
 LOG_LEVELS: Final = ("debug", "info", "warn", "error")
 LOG_FORMATS: Final = ("logfmt", "json")
@@ -79,6 +81,20 @@ OPTIONS: Final = (
     Option("--web.telemetry-path", url_path, "/metrics", "path of the metrics page", "PATH"),
     Option("--web.config.file", existing_file, None,
            "exporter-toolkit web config (TLS, basic auth)", "FILE"),
+    Option("--web.max-requests", non_negative_int, _HTTP.max_requests,
+           "most requests served at once by worker threads (metrics, readiness, API); "
+           "beyond it a 503 at once; 0: no limit", "N"),
+    Option("--web.max-connections", positive_int, _HTTP.max_connections,
+           "most open HTTP connections; new ones beyond it are closed at once", "N"),
+    Option("--web.read-header-timeout", seconds, _HTTP.read_header_timeout,
+           "seconds a request line and headers (and a TLS handshake) may take to arrive",
+           "SECONDS"),
+    Option("--web.idle-timeout", seconds, _HTTP.idle_timeout,
+           "seconds a kept-alive connection may wait for its next request, or a response "
+           "for its client to read", "SECONDS"),
+    Option("--web.max-header-bytes", at_least(1024), _HTTP.max_header_bytes,
+           "longest request line (414 beyond), and most bytes of header lines (431 beyond)",
+           "BYTES"),
     Option("--otlp.endpoint", otlp_endpoint, None,
            "OTLP collector endpoint, e.g. http://127.0.0.1:4317 (off when unset; default "
            "OTEL_EXPORTER_OTLP_[METRICS_]ENDPOINT)", "URL"),

@@ -9,6 +9,7 @@ from ..analysis.monitor import MonitorConfig
 from ..analysis.whatif import WhatIfConfig
 from ..collector import CollectorConfig
 from ..curve import CurveRole
+from ..sinks.http import HTTPLimits
 from ..sinks.otlp_config import OTLPConfig
 from ..sinks.webconfig import WebConfig
 from ..sources.spec import SourceSpec
@@ -26,6 +27,7 @@ class ExporterConfig:
     listen_address: str = ":9477"
     telemetry_path: str = "/metrics"
     web: WebConfig | None = None
+    http_limits: HTTPLimits = field(default_factory=HTTPLimits)
     otlp: OTLPConfig | None = None  # None: OTLP export is off
     collector: CollectorConfig = field(default_factory=CollectorConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)

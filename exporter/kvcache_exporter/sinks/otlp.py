@@ -237,9 +237,11 @@ class OTLPSink:
         *,
         exporter: MetricExporter | None = None,
         resource: Resource | None = None,
+        http_refused: Callable[[], Mapping[str, int] | None] = lambda: None,
     ) -> None:
         self.config = config
         self._views = views
+        self._http_refused = http_refused
         self._sdk_logs = _SDKLogs.install()
         self._exporter = exporter if exporter is not None else make_exporter(config)
         self.resource = resource if resource is not None else build_resource()
@@ -345,7 +347,7 @@ class OTLPSink:
             current: Series | None = None
             error: str | None = None
             try:
-                current = series(self._views(), self.exports())
+                current = series(self._views(), self.exports(), self._http_refused())
                 result = self._exporter.export(
                     self.metrics_data(current, now_ns), timeout_millis=self.timeout * 1000
                 )

@@ -31,6 +31,7 @@ from .textformat import PageWriter, TextFormat, bound_label
 
 Views = Callable[[], Sequence[EngineView]]
 OTLPExports = Callable[[], Mapping[str, int] | None]
+HTTPRefusals = Callable[[], Mapping[str, int] | None]
 
 # Escapings under which the catalog's names (all in the legacy character set) are written
 # unchanged; the others rewrite every name with an underscore.
@@ -68,13 +69,19 @@ def _add_histogram(
 class SnapshotCollector(Collector):
     """Yields the catalog's families from fresh engine snapshots at every scrape."""
 
-    def __init__(self, views: Views, otlp_exports: OTLPExports | None = None) -> None:
+    def __init__(
+        self,
+        views: Views,
+        otlp_exports: OTLPExports | None = None,
+        http_refused: HTTPRefusals | None = None,
+    ) -> None:
         self._views = views
         self._otlp_exports = otlp_exports or (lambda: None)
+        self._http_refused = http_refused or (lambda: None)
 
     def series(self) -> Series:
         """Every series of the catalog's families, now."""
-        return series(self._views(), self._otlp_exports())
+        return series(self._views(), self._otlp_exports(), self._http_refused())
 
     def collect(self) -> Iterator[Metric]:
         return metric_families(self.series())
@@ -106,8 +113,13 @@ class MetricsPage:
     """What ``/metrics`` serves: the engines' families, then the exporter's own
     ``process_*`` and ``python_*`` series."""
 
-    def __init__(self, views: Views, otlp_exports: OTLPExports | None = None) -> None:
-        self._families = SnapshotCollector(views, otlp_exports)
+    def __init__(
+        self,
+        views: Views,
+        otlp_exports: OTLPExports | None = None,
+        http_refused: HTTPRefusals | None = None,
+    ) -> None:
+        self._families = SnapshotCollector(views, otlp_exports, http_refused)
         self._process = _process_registry()
         self._writer = PageWriter()
         # Everything in one registry, for the library's encoders where the writer does not go.

@@ -14,7 +14,14 @@ from dataclasses import dataclass
 from .. import __version__
 from ..analysis.pool import PoolSnapshot
 from ..analysis.whatif import MediumWhatIf, WhatIfSnapshot, factor_label
-from ..catalog import DECODE_ERROR_REASONS, FAMILIES, OTLP_EXPORT_RESULTS, OTLP_EXPORTS
+from ..catalog import (
+    DECODE_ERROR_REASONS,
+    FAMILIES,
+    HTTP_REFUSED,
+    HTTP_REFUSED_REASONS,
+    OTLP_EXPORT_RESULTS,
+    OTLP_EXPORTS,
+)
 from ..collector import CollectorSnapshot
 from ..collector.apply import COMPILED as APPLY_COMPILED
 from ..collector.histogram import HistogramSnapshot
@@ -119,9 +126,14 @@ LIFECYCLE_FAMILIES: tuple[tuple[str, str], ...] = (
 """The collector's histogram keys and the families they are exported as."""
 
 
-def series(views: Sequence[EngineView], otlp_exports: Mapping[str, int] | None = None) -> Series:
+def series(
+    views: Sequence[EngineView],
+    otlp_exports: Mapping[str, int] | None = None,
+    http_refused: Mapping[str, int] | None = None,
+) -> Series:
     """Every series of every family, for these engines; ``otlp_exports`` (exports by
-    result) only while OTLP export is on. Families come in catalog order."""
+    result) only while OTLP export is on, ``http_refused`` (refusals by reason) only while the
+    HTTP server runs. Families come in catalog order."""
     out: Series = {family.name: {} for family in FAMILIES}
 
     def put(family: str, labels: Labels, value: Value | None) -> None:
@@ -233,6 +245,9 @@ def series(views: Sequence[EngineView], otlp_exports: Mapping[str, int] | None =
     every = DECODER_COMPILED and TABLE_COMPILED and APPLY_COMPILED
     compiled = ("compiled", "true" if every else "false")
     put("kvcache_exporter_build_info", (("version", __version__), compiled), 1)
+    if http_refused is not None:
+        for reason in HTTP_REFUSED_REASONS:
+            put(HTTP_REFUSED, (("reason", reason),), int(http_refused.get(reason, 0)))
     if otlp_exports is not None:
         for result in OTLP_EXPORT_RESULTS:
             put(OTLP_EXPORTS, (("result", result),), int(otlp_exports.get(result, 0)))

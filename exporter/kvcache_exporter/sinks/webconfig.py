@@ -90,18 +90,37 @@ class BasicAuth:
     _key: bytes = field(default_factory=lambda: os.urandom(32))
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def check(self, header: str | None) -> bool:
+    def _credentials(self, header: str | None) -> tuple[bytes, str, bytes] | None:
+        """(remembering token, password, bcrypt hash) for a Basic header naming a known
+        user, else None."""
         if not header or not header.startswith("Basic "):
-            return False
+            return None
         try:
             decoded = base64.b64decode(header[6:], validate=True).decode()
         except (binascii.Error, UnicodeDecodeError):
-            return False
+            return None
         user, sep, password = decoded.partition(":")
         expected = self.users.get(user)
         if not sep or expected is None:
-            return False
+            return None
         token = hmac.new(self._key, decoded.encode(), hashlib.sha256).digest()
+        return token, password, expected
+
+    def remembered(self, header: str | None) -> bool | None:
+        """What is known without bcrypt: True for credentials that passed before, False for
+        a header that cannot pass (not Basic, unknown user), None when only :meth:`check`
+        can tell."""
+        credentials = self._credentials(header)
+        if credentials is None:
+            return False
+        with self._lock:
+            return True if credentials[0] in self._verified else None
+
+    def check(self, header: str | None) -> bool:
+        credentials = self._credentials(header)
+        if credentials is None:
+            return False
+        token, password, expected = credentials
         with self._lock:
             if token in self._verified:
                 return True
