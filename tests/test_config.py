@@ -69,6 +69,11 @@ def test_max_adapters_from_flag_and_env() -> None:
         (["--source", "a=tcp://x"], {}, "port"),
         (["--source", "a=tcp://x:1,frob"], {}, "unknown option"),
         (["--source", "a=tcp://x:1", "--source", "a=tcp://y:1"], {}, "given twice"),
+        (
+            [arg for i in range(256) for arg in ("--source", f"e{i}=tcp://x:{i + 1}")],
+            {},
+            "pool 'default' has 256 sources, at most 255",
+        ),
         (["--no-such-flag"], {}, "unrecognized arguments"),
         ([], {"KVCACHE_EXPORTER_COLLECTOR_MAX_TRACKED_BLOCKS": "-3"}, "MAX_TRACKED_BLOCKS"),
         (["--config.file", "/nonexistent.yaml"], {}, "--config.file /nonexistent.yaml"),

@@ -40,10 +40,11 @@ from ..collector.places import PlaceTable
 from ..collector.table import RESIDENT, KeyTable
 from ..collector.transitions import ResidencyChanges
 from ..protocol.batch import OP_STORE, EventBatch, LabelTable, new_group_table
+from ..sources.spec import MAX_POOL_ENGINES
 
 log = logging.getLogger("kvcache_exporter.pool")
 
-MAX_ENGINES: Final = 255  # a key's engine count is one byte
+MAX_ENGINES: Final = MAX_POOL_ENGINES  # a key's engine count is one byte
 
 _U64 = npt.NDArray[np.uint64]
 _U8 = npt.NDArray[np.uint8]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from ..analysis.whatif import WhatIfConfig
 from ..collector import CollectorConfig
 from ..sinks.http import HTTPLimits
 from ..sinks.webconfig import WebConfigError, load_web_config
-from ..sources.spec import SourceSpec, SourceSpecError
+from ..sources.spec import MAX_POOL_ENGINES, SourceSpec, SourceSpecError
 from .checks import check_writable, curve_roles
 from .options import DEFAULT_SOURCE, ENV_PREFIX, OPTIONS, build_parser
 from .otlp_env import otlp_config
@@ -132,6 +133,12 @@ def load(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Expor
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ConfigError(f"{where}: source name {duplicates[0]!r} given twice")
+    for pool, count in sorted(Counter(s.pool for s in sources).items()):
+        if count > MAX_POOL_ENGINES:
+            raise ConfigError(
+                f"{where}: pool {pool!r} has {count} sources, at most {MAX_POOL_ENGINES} "
+                "(run one exporter per model pool)"
+            )
     curve = curve_roles(sources, values["source.curve.key-file"])
     storage_path = values["storage.path"]
     if storage_path is not None:

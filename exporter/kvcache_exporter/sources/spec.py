@@ -12,6 +12,7 @@ _BIND_HOSTS: Final = frozenset({"*", "0.0.0.0", "::", "[::]"})
 _TRANSPORTS: Final = ("tcp://", "ipc://", "inproc://")
 REPORT_MODES: Final = ("default", "full")
 DEFAULT_POOL: Final = "default"
+MAX_POOL_ENGINES: Final = 255  # the pool index counts a key's engines in one byte
 
 
 class SourceSpecError(ValueError):
