@@ -86,6 +86,8 @@ def apply_segment(
     const int32_t[::1] copies_left,
     const int64_t[::1] depth,
     const uint8_t[::1] sampled,
+    Py_ssize_t start,
+    int64_t room,
     bint hit_reports,
     bint has_chain,
     int64_t max_tracked,
@@ -140,16 +142,21 @@ def apply_segment(
     double[::1] ev_last,
     uint32_t[::1] ev_accesses,
     uint16_t[::1] ev_depth,
+    Py_ssize_t logged,
 ):
-    """Apply the rows; returns (unknown accesses, unknown removals, untracked stores, ghosts
-    numbered, empty slots claimed, evictions logged)."""
+    """Apply the rows from ``start`` on, claiming at most ``room`` empty slots: the loop stops
+    before a row that would claim one more (the caller grows the table and calls again from
+    there). Returns (the row it stopped at, or the row count; unknown accesses, unknown
+    removals, untracked stores, ghosts numbered, empty slots claimed; evictions logged so
+    far, counting the ``logged`` before this call)."""
     cdef Py_ssize_t n = op.shape[0]
     cdef Py_ssize_t i
     cdef uint64_t capacity = t_key.shape[0]
     cdef uint64_t s, k
     cdef int64_t slot, free_slot, left, count
     cdef int64_t unknown_accesses = 0, unknown_removals = 0, untracked = 0
-    cdef int64_t ghosts = 0, claimed_empty = 0, evictions = 0
+    cdef int64_t ghosts = 0, claimed_empty = 0
+    cdef Py_ssize_t evictions = logged, stop = n
     cdef uint8_t p, m, st, o, a, smp
     cdef double t
     cdef Hist lifetime = hist_of(duration_edges, lifetime_counts, lifetime_sums)
@@ -158,11 +165,11 @@ def apply_segment(
     cdef Hist restore = hist_of(duration_edges, restore_counts, restore_sums)
     cdef Hist abe = hist_of(access_edges, abe_counts, abe_sums)
     cdef Hist depth_hist = hist_of(depth_edges, depth_counts, depth_sums)
-    for i in range(n):
+    for i in range(start, n):
         flags[i] = 0
         life_bucket[i] = -1
     with nogil:
-        for i in range(n):
+        for i in range(start, n):
             k = keys[i]
             p = place[i]
             t = ts[i]
@@ -228,6 +235,10 @@ def apply_segment(
                 else:
                     slot = free_slot
                     if t_state[slot] == EMPTY:
+                        if claimed_empty == room:  # the table must grow first
+                            flags[i] = 0
+                            stop = i
+                            break
                         claimed_empty += 1
                     t_key[slot] = k
                     t_medium[slot] = p
@@ -294,7 +305,7 @@ def apply_segment(
                 t_access[slot] = first_ordinal + ghosts
                 ghosts += 1
                 flags[i] = F_GONE
-    return unknown_accesses, unknown_removals, untracked, ghosts, claimed_empty, evictions
+    return stop, unknown_accesses, unknown_removals, untracked, ghosts, claimed_empty, evictions
 
 
 def resolve_depths(

@@ -264,17 +264,11 @@ class BatchApplier(CollectorState):
     def _apply_segment_compiled(
         self, seg: EventBatch, depth: npt.NDArray[np.int64], position: npt.NDArray[np.int64]
     ) -> None:
-        """The segment in one call of the compiled loop (rows in stream order), then what it
-        says each row did, as the rounds would have left it."""
+        """The segment in the compiled loop (rows in stream order; one call, or one more each
+        time the table has to grow), then what it says each row did, as the rounds would have
+        left it."""
         assert _KERNEL is not None
         table = self.table
-        # Room for every distinct key absent now that the segment stores (an upper bound of
-        # its new keys): no rebuild can happen inside the loop. Counted only near a rebuild.
-        stores = seg.op == OP_STORE
-        if not table.has_room(int(np.count_nonzero(stores))):
-            keys, places = seg.block_hash[stores], seg.medium[stores]
-            absent = table.find(keys, places) < 0
-            table.reserve(_distinct_pairs(keys[absent], places[absent]))
         n = len(seg)
         flags = np.empty(n, np.uint8)
         life_bucket = np.empty(n, np.int16)
@@ -283,35 +277,52 @@ class BatchApplier(CollectorState):
         ev_accesses, ev_depth = np.empty(n, np.uint32), np.empty(n, np.uint16)
         hist = self.hist
         c = np.ascontiguousarray
-        unknown_accesses, unknown_removals, untracked, ghosts, claimed, logged = (
-            _KERNEL.apply_segment(
-                c(seg.op), c(seg.block_hash), c(seg.ts), c(seg.medium), c(seg.reason),
-                c(seg.adapter), c(seg.tokens), c(seg.copies_left), c(depth),
-                self._sampled(seg.block_hash).view(np.uint8),
-                self.config.hit_reports, seg.chain is not None, self.config.max_tracked_blocks,
-                int(self.resident_hashes.sum()), float(self.removals),
-                table.key, table.medium, table.state, table.t_store, table.t_access,
-                table.accesses, table.depth, table.copies, table.tokens, table.adapter,
-                table.horizon,
-                self.places.medium, self.stored, self.accessed, self.restores, self.resident,
-                self.resident_hashes, self.resident_tokens, self.tracked_per_place,
-                self.removed, self.adapter_stored, self.adapter_restores, self.adapter_resident,
-                hist["lifetime"].edges,
-                hist["lifetime"].counts, hist["lifetime"].sums,
-                hist["idle_before_evict"].counts, hist["idle_before_evict"].sums,
-                hist["reuse_gap"].counts, hist["reuse_gap"].sums,
-                hist["restore_gap"].counts, hist["restore_gap"].sums,
-                self.accesses_before_evict.edges,
-                self.accesses_before_evict.counts, self.accesses_before_evict.sums,
-                self.prefix_depth.edges, self.prefix_depth.counts, self.prefix_depth.sums,
-                flags, life_bucket, ev_row, ev_stored, ev_last, ev_accesses, ev_depth,
-            )
+        rows_in = (
+            c(seg.op), c(seg.block_hash), c(seg.ts), c(seg.medium), c(seg.reason),
+            c(seg.adapter), c(seg.tokens), c(seg.copies_left), c(depth),
+            self._sampled(seg.block_hash).view(np.uint8),
         )  # fmt: skip
-        table.used += claimed
-        self.removals += ghosts
-        self.unknown_accesses += unknown_accesses
-        self.unknown_removals += unknown_removals
-        self.untracked_stores += untracked
+        start = logged = 0
+        while True:
+            stop, unknown_accesses, unknown_removals, untracked, ghosts, claimed, logged = (
+                _KERNEL.apply_segment(
+                    *rows_in, start, table.room(),
+                    self.config.hit_reports, seg.chain is not None,
+                    self.config.max_tracked_blocks, int(self.resident_hashes.sum()),
+                    float(self.removals),
+                    table.key, table.medium, table.state, table.t_store, table.t_access,
+                    table.accesses, table.depth, table.copies, table.tokens, table.adapter,
+                    table.horizon,
+                    self.places.medium, self.stored, self.accessed, self.restores,
+                    self.resident, self.resident_hashes, self.resident_tokens,
+                    self.tracked_per_place, self.removed, self.adapter_stored,
+                    self.adapter_restores, self.adapter_resident,
+                    hist["lifetime"].edges,
+                    hist["lifetime"].counts, hist["lifetime"].sums,
+                    hist["idle_before_evict"].counts, hist["idle_before_evict"].sums,
+                    hist["reuse_gap"].counts, hist["reuse_gap"].sums,
+                    hist["restore_gap"].counts, hist["restore_gap"].sums,
+                    self.accesses_before_evict.edges,
+                    self.accesses_before_evict.counts, self.accesses_before_evict.sums,
+                    self.prefix_depth.edges, self.prefix_depth.counts, self.prefix_depth.sums,
+                    flags, life_bucket, ev_row, ev_stored, ev_last, ev_accesses, ev_depth,
+                    logged,
+                )
+            )  # fmt: skip
+            table.used += claimed
+            self.removals += ghosts
+            self.unknown_accesses += unknown_accesses
+            self.unknown_removals += unknown_removals
+            self.untracked_stores += untracked
+            if stop == n:
+                break
+            # Out of room: grow for every distinct key the rest stores that is absent now (an
+            # upper bound of its new keys; the row it stopped at is one), and go on from there.
+            rest = np.flatnonzero(seg.op[stop:] == OP_STORE) + stop
+            keys, places = seg.block_hash[rest], seg.medium[rest]
+            absent = table.find(keys, places) < 0
+            table.reserve(_distinct_pairs(keys[absent], places[absent]))
+            start = stop
         self._copy_positions.append(position[(flags & _F_COPY) != 0])
         if logged:
             rows = ev_row[:logged]
@@ -339,10 +350,11 @@ class BatchApplier(CollectorState):
             )
         outcome = self._outcome
         if outcome is not None:
-            outcome.stored[position] += (flags & _F_STORED) != 0
-            outcome.restored[position] += (flags & _F_RESTORED) != 0
-            outcome.resident[position] += ((flags & _F_RESIDENT) != 0).astype(np.int64)
-            outcome.resident[position] -= ((flags & _F_GONE) != 0).astype(np.int64)
+            rows_of = slice(int(position[0]), int(position[-1]) + 1)  # a segment: contiguous
+            outcome.stored[rows_of] += (flags & _F_STORED) != 0
+            outcome.restored[rows_of] += (flags & _F_RESTORED) != 0
+            outcome.resident[rows_of] += (flags & _F_RESIDENT) != 0
+            outcome.resident[rows_of] -= (flags & _F_GONE) != 0
             observed = np.flatnonzero(life_bucket >= 0)
             outcome.add_lifetimes(position[observed], life_bucket[observed].astype(np.int64))
 

@@ -216,14 +216,14 @@ class KeyTable:
             slot[pending] = _next(probe[unresolved], self.capacity)
         return result
 
-    def has_room(self, count: int) -> bool:
-        """Whether ``count`` more keys fit without a rebuild."""
-        return self.used + count <= _MAX_LOAD * self.capacity
+    def room(self) -> int:
+        """Empty slots that may still be claimed before a rebuild is due."""
+        return max(0, int(_MAX_LOAD * self.capacity) - self.used)
 
     def reserve(self, count: int) -> bool:
         """Make room for ``count`` more keys. True when that rebuilt the table, moving every
         slot (slots found before are then stale)."""
-        if self.has_room(count):
+        if self.used + count <= _MAX_LOAD * self.capacity:
             return False
         self._rebuild(count)
         return True
