@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import gc
+import gzip
 import http.client
 import importlib
 import io
@@ -38,6 +39,7 @@ import pstats
 import re
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -177,6 +179,44 @@ def build_stream(args: argparse.Namespace) -> Stream:
         requests=run.requests,
         hit_ratio=simulator.stats.hit_ratio,
         engine_seconds=(run.last_ts or 0.0) - (run.first_ts or 0.0),
+        build_s=time.perf_counter() - started,
+    )
+
+
+def recorded_stream(path: Path) -> Stream:
+    """A recorded engine stream instead of the simulated one: ``path`` holds gzip of
+    ``[length: u32 big-endian][bytes]`` frames, three per ZeroMQ message ``[topic, seq,
+    payload]`` (``tests/fixtures/streams/*.frames.gz``, made by vLLM 0.33's own cache manager),
+    sent as recorded."""
+    started = time.perf_counter()
+    data = gzip.decompress(path.read_bytes())
+    parts, at = [], 0
+    while at < len(data):
+        (length,) = struct.unpack_from(">I", data, at)
+        parts.append(data[at + 4 : at + 4 + length])
+        at += 4 + length
+    messages = [parts[i : i + 3] for i in range(0, len(parts), 3)]
+    by_type = {"BlockStored": 0, "BlockRemoved": 0, "BlockAccessed": 0}
+    events, first_ts, last_ts = 0, None, 0.0
+    for _, _, payload in messages:
+        ts, batch = msgspec.msgpack.decode(payload)[:2]
+        first_ts = ts if first_ts is None else first_ts
+        last_ts = ts
+        events += len(batch)
+        for event in batch:
+            kind = event["type"] if isinstance(event, dict) else event[0]
+            hashes = event.get("block_hashes") if isinstance(event, dict) else event[1]
+            if kind in by_type:
+                by_type[kind] += len(hashes or ())
+    return Stream(
+        messages=messages,
+        block_events=sum(by_type.values()),
+        by_type=by_type,
+        events=events,
+        payload_bytes=sum(len(m[2]) for m in messages),
+        requests=0,
+        hit_ratio=float("nan"),
+        engine_seconds=last_ts - (first_ts or 0.0),
         build_s=time.perf_counter() - started,
     )
 
@@ -1296,6 +1336,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="N",
         help="also print the top N functions of a cProfile of the per-engine pipeline",
     )
+    p.add_argument(
+        "--frames",
+        type=Path,
+        help="a recorded stream (e.g. tests/fixtures/streams/vllm-0.33.0-hybrid.frames.gz) "
+        "instead of the simulated trace; --min-block-events and the trace options are ignored",
+    )
     p.add_argument("--json", type=Path, help="write every figure to this file")
     # The baseline's own process (internal).
     p.add_argument("--baseline-worker", action="store_true", help=argparse.SUPPRESS)
@@ -1314,7 +1360,7 @@ def main(argv: list[str] | None = None) -> int:
         baseline_worker(args)
         return 0
     skip = set(filter(None, args.skip.split(",")))
-    data = build_stream(args)
+    data = recorded_stream(args.frames) if args.frames else build_stream(args)
     report = Report(
         machine=machine_info(),
         config={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
