@@ -1261,6 +1261,13 @@ def render(report: Report) -> Iterator[str]:
         yield f"{name:<{width}}  {value:<{vwidth}}  {target}".rstrip()
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument(
@@ -1299,7 +1306,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=3,
         help="exporter and baseline runs (alternated); the median is reported",
     )
-    p.add_argument("--scrapes", type=int, default=20, help="timed /metrics scrapes")
+    p.add_argument(
+        "--scrapes", type=_at_least_one, default=20, help="timed /metrics scrapes (>= 1)"
+    )
     p.add_argument(
         "--removed-memory",
         type=int,
