@@ -46,7 +46,13 @@ from typing import Any
 import yaml
 
 from kvcache_exporter.catalog import FAMILIES, Buckets
-from kvcache_exporter.thresholds import THRASH_CRITICAL_RATIO, THRASH_RATIO
+from kvcache_exporter.thresholds import (
+    LIFETIME_COLLAPSE_RATIO,
+    STORM_FACTOR,
+    STORM_MIN_RATE,
+    THRASH_CRITICAL_RATIO,
+    THRASH_RATIO,
+)
 
 HERE = Path(__file__).resolve().parent
 
@@ -90,12 +96,12 @@ class Config:
     """Thrashing is not judged within this long after a clear or an engine restart: storing
     again what a reset removed counts as restores, but it is not thrashing."""
 
-    storm_factor: float = 4.0
-    storm_min_rate: float = 50.0
+    storm_factor: float = STORM_FACTOR
+    storm_min_rate: float = STORM_MIN_RATE
     storm_baseline: str = "1h"
     storm_for: str = "5m"
 
-    collapse_factor: float = 0.25
+    collapse_factor: float = LIFETIME_COLLAPSE_RATIO
     collapse_baseline: str = "1h"
     collapse_for: str = "10m"
 

@@ -1,5 +1,6 @@
 """Alert thresholds that the exporter's own detector, the Prometheus alerting rules and the
-Grafana dashboards share, so that all three call the same pool thrashing.
+Grafana dashboards share, so that all three call the same pool thrashing, eviction storm and
+lifetime collapse.
 
 The detector (:class:`~kvcache_exporter.analysis.anomaly.AnomalyConfig`), the rule generator
 (``deploy/prometheus/generate.py``) and the dashboard generator (``grafana/``) take their
@@ -16,3 +17,11 @@ THRASH_RATIO: Final = 0.3
 ``KVCacheThrashing``'s warning level, orange on the dashboards."""
 THRASH_CRITICAL_RATIO: Final = 0.6
 """Restores / stores of the critical level, red on the dashboards."""
+STORM_FACTOR: Final = 4.0
+"""An eviction storm: the short-window eviction rate at least this multiple of its baseline
+(the ``eviction_storm`` alert's warning level and ``KVCacheEvictionStorm``)."""
+STORM_MIN_RATE: Final = 50.0
+"""Evictions/s a storm must also reach: a 10x jump from 1/s is not a storm."""
+LIFETIME_COLLAPSE_RATIO: Final = 0.25
+"""Median block lifetime at most this fraction of its baseline: lifetimes have collapsed (the
+``short_residency`` alert's warning level and ``KVCacheResidencyCollapse``)."""

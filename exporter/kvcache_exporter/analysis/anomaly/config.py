@@ -12,7 +12,13 @@ import math
 from dataclasses import dataclass, fields
 from typing import Final
 
-from ...thresholds import THRASH_CRITICAL_RATIO, THRASH_RATIO
+from ...thresholds import (
+    LIFETIME_COLLAPSE_RATIO,
+    STORM_FACTOR,
+    STORM_MIN_RATE,
+    THRASH_CRITICAL_RATIO,
+    THRASH_RATIO,
+)
 from ..series import AlertLevel
 
 EVICTION_STORM: Final = "eviction_storm"
@@ -56,11 +62,11 @@ class AnomalyConfig:
     """Baseline window, ending where the short window starts."""
     storm_min_baseline_seconds: float = 60.0
     """Baseline time (counted from the first eviction) needed before a storm can be raised."""
-    storm_factor: float = 4.0
+    storm_factor: float = STORM_FACTOR
     """WARNING when the short-window rate is at least this multiple of the baseline rate."""
     storm_critical_factor: float = 10.0
     """CRITICAL multiple."""
-    storm_min_rate: float = 50.0
+    storm_min_rate: float = STORM_MIN_RATE
     """Blocks/s the short-window rate must also reach: a 10x jump from 1/s is not a storm."""
     storm_baseline_floor: float = 1.0
     """Blocks/s; a lower baseline rate counts as this, so a zero baseline gives a finite factor."""
@@ -80,7 +86,7 @@ class AnomalyConfig:
     """Short window of the median lifetime."""
     residency_baseline_seconds: float = 600.0
     """Baseline window of the median lifetime, ending where the short window starts."""
-    residency_ratio: float = 0.25
+    residency_ratio: float = LIFETIME_COLLAPSE_RATIO
     """WARNING when short median / baseline median is at most this."""
     residency_critical_ratio: float = 0.1
     """CRITICAL ratio."""
