@@ -27,7 +27,7 @@ from ..collector.histogram import ACCESS_COUNT_BUCKETS, RESIDENCY_BUCKETS
 from ..protocol.batch import DEFAULT_MAX_ADAPTERS
 from ..sinks.http import HTTPLimits
 from ..sinks.otlp_config import OTLP_COMPRESSIONS, OTLP_PROTOCOLS, OTLP_TEMPORALITIES
-from .settings import ConfigError
+from .settings import ConfigError, ExporterConfig
 from .values import (
     adapter_count,
     any_text,
@@ -75,10 +75,13 @@ class Option:
         return ENV_PREFIX + re.sub(r"[.-]", "_", self.key).upper()
 
 
+_EXPORTER: Final = ExporterConfig(sources=())  # its defaults are the flags' defaults
+
 OPTIONS: Final = (
-    Option("--web.listen-address", listen_address, ":9477", "address to serve HTTP on",
-           "[HOST]:PORT"),
-    Option("--web.telemetry-path", url_path, "/metrics", "path of the metrics page", "PATH"),
+    Option("--web.listen-address", listen_address, _EXPORTER.listen_address,
+           "address to serve HTTP on", "[HOST]:PORT"),
+    Option("--web.telemetry-path", url_path, _EXPORTER.telemetry_path,
+           "path of the metrics page", "PATH"),
     Option("--web.config.file", existing_file, None,
            "exporter-toolkit web config (TLS, basic auth)", "FILE"),
     Option("--web.max-requests", non_negative_int, _HTTP.max_requests,
@@ -144,7 +147,7 @@ OPTIONS: Final = (
            "recomputation avoided; all for the hit-ratio curve)", "F1,F2,..."),
     Option("--whatif.distance-buckets", capacity_multiples, DEFAULT_DISTANCE_BUCKETS,
            "reuse-distance bucket bounds, as multiples of the capacity", "M1,M2,..."),
-    Option("--source.receive-hwm", positive_int, 200_000,
+    Option("--source.receive-hwm", positive_int, _EXPORTER.receive_hwm,
            "ZeroMQ receive high-water mark per source, in messages", "N"),
     Option("--source.curve.key-file", existing_file, None,
            "the exporter's CURVE key pair (a ZeroMQ secret certificate, NAME.key_secret) for "
@@ -152,9 +155,12 @@ OPTIONS: Final = (
     Option("--storage.path", any_text, None,
            "folder for periodic checkpoints; restarts continue from them (off when unset)",
            "DIR"),
-    Option("--storage.interval", seconds, 30.0, "seconds between checkpoints", "SECONDS"),
-    Option("--log.level", choice(LOG_LEVELS), "info", "debug, info, warn or error", "LEVEL"),
-    Option("--log.format", choice(LOG_FORMATS), "logfmt", "logfmt or json", "FORMAT"),
+    Option("--storage.interval", seconds, _EXPORTER.storage_interval,
+           "seconds between checkpoints", "SECONDS"),
+    Option("--log.level", choice(LOG_LEVELS), _EXPORTER.log_level,
+           "debug, info, warn or error", "LEVEL"),
+    Option("--log.format", choice(LOG_FORMATS), _EXPORTER.log_format,
+           "logfmt or json", "FORMAT"),
 )  # fmt: skip
 
 
