@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import gzip
 import http.client
 import json
@@ -340,10 +341,17 @@ class LoadProcess:
     """The load in a child process (so its CPU and GIL are not the scraper's)."""
 
     def __init__(
-        self, port: int, idle: int, slow: int, drip: float, reopen: bool, tls: dict[str, str]
+        self,
+        port: int,
+        idle: int,
+        slow: int,
+        drip: float,
+        reopen: bool,
+        tls: dict[str, str],
+        cpus: str = "",
     ) -> None:
         argv = [sys.executable, str(HERE), "load", "--port", str(port), "--idle", str(idle),
-                "--slow", str(slow), "--drip", str(drip)]  # fmt: skip
+                "--slow", str(slow), "--drip", str(drip), "--cpus", cpus]  # fmt: skip
         if reopen:
             argv.append("--reopen")
         for key, value in tls.items():
@@ -401,7 +409,70 @@ def page_renderer(series: int) -> Any:
     return render
 
 
+def pin(cpus: str) -> None:
+    """Run this process (and the threads it starts from now on) on ``cpus`` ("0", "0,1")."""
+    if cpus:
+        os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
+
+
+class LoopProbe:
+    """What keeps the server's event loop busy: every loop iteration over ``slow`` seconds
+    (its wall-clock start, duration, and the callbacks it ran), and the lag of a 5 ms sleeper
+    (how late the loop got to a ready timer). Installed from the loop's own thread."""
+
+    def __init__(self, slow: float = 0.02) -> None:
+        self.slow = slow
+        self.iterations: list[tuple[float, float, int]] = []  # (time.time(), seconds, handles)
+        self.lags: list[tuple[float, float]] = []  # (time.time(), seconds late), > slow
+        self.busy = 0.0  # seconds in iterations over ``slow``
+        self.collections: list[tuple[float, int, float, int]] = []  # (time, gen, s, objects)
+        self._gc_started = 0.0
+
+    def install(self, loop: asyncio.AbstractEventLoop) -> None:
+        run_once = loop._run_once  # type: ignore[attr-defined]
+        ready = loop._ready  # type: ignore[attr-defined]
+
+        def timed() -> None:
+            started = time.perf_counter()
+            run_once()
+            took = time.perf_counter() - started
+            if took > self.slow:
+                self.busy += took
+                self.iterations.append((time.time() - took, took, len(ready)))
+
+        loop._run_once = timed  # type: ignore[attr-defined]
+        loop.create_task(self._sleeper())
+        gc.callbacks.append(self._gc)
+
+    def _gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        elif info["generation"] == 2 or time.perf_counter() - self._gc_started > 0.005:
+            took = time.perf_counter() - self._gc_started
+            self.collections.append((time.time(), info["generation"], took, info["collected"]))
+
+    async def _sleeper(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            expected = loop.time() + 0.005
+            await asyncio.sleep(0.005)
+            late = loop.time() - expected
+            if late > self.slow:
+                self.lags.append((time.time(), late))
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "iterations_over": len(self.iterations),
+            "busy_s": round(self.busy, 3),
+            "worst": sorted(self.iterations, key=lambda it: -it[1])[:10],
+            "lags": self.lags,
+            "iterations": self.iterations,
+            "collections": self.collections,
+        }
+
+
 def serve_main(args: argparse.Namespace) -> int:
+    pin(args.cpus)
     raise_open_files(args.files)
     routes = Routes(
         telemetry_path="/metrics",
@@ -413,12 +484,18 @@ def serve_main(args: argparse.Namespace) -> int:
     cls: Any = MetricsHTTPServer if args.impl == "asyncio" else LegacyServer
     server = cls(("127.0.0.1", 0), routes)
     server.start()
+    probe = LoopProbe() if args.probe else None
+    if probe is not None:
+        loop = server._loop
+        loop.call_soon_threadsafe(probe.install, loop)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     report("serving", port=server.port)
     while not stop.wait(0.5):
         pass
     server.stop()
+    if probe is not None:
+        Path(args.probe).write_text(json.dumps(probe.summary()))
     return 0
 
 
@@ -449,6 +526,7 @@ class Phase:
     p50_ms: float = 0.0
     p99_ms: float = 0.0
     max_ms: float = 0.0
+    slow: list[tuple[float, float]] = field(default_factory=list)  # (time.time(), s) > 0.2 s
 
 
 def measure(name: str, port: int, seconds: float, args: argparse.Namespace) -> Phase:
@@ -457,12 +535,15 @@ def measure(name: str, port: int, seconds: float, args: argparse.Namespace) -> P
     phase = Phase(name)
     end = time.monotonic() + seconds
     while time.monotonic() < end:
+        started = time.time()
         took = scrape(port, args.timeout)
         phase.scrapes += 1
         if took is None:
             phase.failed += 1
         else:
             latencies.append(took)
+            if took > 0.2:
+                phase.slow.append((started, round(took, 3)))
             phase.over_half_second += took > 0.5
             if took > 0.5:
                 print(
@@ -493,15 +574,17 @@ class ServerRun:
     impl: str
     phases: list[Phase] = field(default_factory=list)
     hold_threads: int = 0
+    hold_started: float = 0.0  # time.time()
     hold_rss_mb: float = 0.0
     stop_seconds: float = 0.0
 
 
 def run_server(impl: str, args: argparse.Namespace) -> ServerRun:
     files = args.idle + args.slow + 1024
+    probe = f"{args.probe}.{impl}.json" if args.probe else ""
     server = subprocess.Popen(
         [sys.executable, str(HERE), "serve", "--impl", impl, "--series", str(args.series),
-         "--files", str(files)],
+         "--files", str(files), "--cpus", args.cpus_server, "--probe", probe],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert server.stdout is not None
@@ -510,8 +593,11 @@ def run_server(impl: str, args: argparse.Namespace) -> ServerRun:
     print(f"--- {impl}", file=sys.stderr, flush=True)
     try:
         run.phases.append(measure("baseline", port, args.baseline, args))
-        load = LoadProcess(port, args.idle, args.slow, args.drip, reopen=True, tls={})
+        load = LoadProcess(
+            port, args.idle, args.slow, args.drip, reopen=True, tls={}, cpus=args.cpus_load
+        )
         try:
+            run.hold_started = time.time()
             hold = measure("hold", port, args.hold, args)
             status = process_status(server.pid)
             run.hold_threads, run.hold_rss_mb = status["Threads"], status["VmRSS"] / 1024
@@ -519,7 +605,9 @@ def run_server(impl: str, args: argparse.Namespace) -> ServerRun:
         finally:
             load.close()
         run.phases.append(measure("after", port, args.after, args))
-        load = LoadProcess(port, args.idle, args.slow, args.drip, reopen=True, tls={})
+        load = LoadProcess(
+            port, args.idle, args.slow, args.drip, reopen=True, tls={}, cpus=args.cpus_load
+        )
         try:
             started = time.monotonic()
             server.send_signal(signal.SIGTERM)
@@ -556,6 +644,7 @@ def print_table(runs: list[ServerRun], args: argparse.Namespace) -> None:
 
 
 def bench_main(args: argparse.Namespace) -> int:
+    pin(args.cpus_scraper)
     raise_open_files(args.idle + args.slow + 1024)
     runs = [run_server(impl, args) for impl in args.servers.split(",")]
     print_table(runs, args)
@@ -567,10 +656,11 @@ def bench_main(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     sub = parser.add_subparsers(dest="command")
     load = sub.add_parser("load", help="hold idle and slowloris connections (stdin: drop, quit)")
     load.add_argument("--port", type=int, required=True)
+    load.add_argument("--cpus", default="", help="CPUs to run on (taskset -c)")
     load.add_argument("--tls-ca", default="")
     load.add_argument("--tls-cert", default="")
     load.add_argument("--tls-key", default="")
@@ -578,6 +668,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--impl", choices=("asyncio", "threading"), required=True)
     serve.add_argument("--series", type=int, default=3000)
     serve.add_argument("--files", type=int, default=8192)
+    serve.add_argument("--cpus", default="", help="CPUs to run on (taskset -c)")
+    serve.add_argument("--probe", default="", help="write the event loop's busy spells here")
     for p in (parser, load):
         p.add_argument("--idle", type=int, default=5000)
         p.add_argument("--slow", type=int, default=200)
@@ -591,8 +683,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval", type=float, default=0.1)
     parser.add_argument("--timeout", type=float, default=30.0)
     parser.add_argument("--json", default="")
+    parser.add_argument("--cpus-server", default="", help="CPUs of the server (taskset -c)")
+    parser.add_argument("--cpus-load", default="", help="CPUs of the load process")
+    parser.add_argument("--cpus-scraper", default="", help="CPUs of this process, the scraper")
+    parser.add_argument(
+        "--probe", default="", help="PATH: each server's event-loop busy spells to PATH.IMPL.json"
+    )
     args = parser.parse_args(argv)
     if args.command == "load":
+        pin(args.cpus)
         return asyncio.run(load_main(args))
     if args.command == "serve":
         return serve_main(args)
