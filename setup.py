@@ -2,7 +2,8 @@
 
 - ``kvcache_exporter.protocol._wire`` (C): the decode stage, msgpack payloads to columns;
 - ``kvcache_exporter.collector._table`` (Cython): the block table's probe and insert;
-- ``kvcache_exporter.collector._apply`` (Cython): the collector's apply of a batch, row by row.
+- ``kvcache_exporter.collector._apply`` (Cython): the collector's apply of a batch, row by row;
+- ``kvcache_exporter.analysis.whatif._chunk`` (Cython): the what-if model's ranks and distances.
 
 Each has a reference beside it (msgspec, numpy), so an install without a C compiler, or
 without Cython, still works: a failed build is reported and skipped, never fatal.
@@ -22,6 +23,11 @@ WIRE = Extension(
 )
 TABLE = Extension(
     "kvcache_exporter.collector._table", ["exporter/kvcache_exporter/collector/_table.pyx"]
+)
+CHUNK = Extension(
+    "kvcache_exporter.analysis.whatif._chunk",
+    ["exporter/kvcache_exporter/analysis/whatif/_chunk.pyx"],
+    extra_compile_args=["-O3"],
 )
 APPLY = Extension(
     "kvcache_exporter.collector._apply",
@@ -59,7 +65,9 @@ def _extensions() -> list[Extension]:
     except ImportError:  # Cython is a build requirement; without it, only the C extension
         print("WARNING: Cython not found; building without the compiled collector", file=sys.stderr)
         return [WIRE]
-    compiled = cythonize([TABLE, APPLY], compiler_directives={"language_level": "3"}, quiet=True)
+    compiled = cythonize(
+        [TABLE, APPLY, CHUNK], compiler_directives={"language_level": "3"}, quiet=True
+    )
     return [WIRE, *compiled]
 
 

@@ -19,6 +19,7 @@ from contextlib import redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -27,6 +28,7 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvcache_exporter.analysis.whatif import WhatIfConfig, WhatIfModel, whatif_hash
+from kvcache_exporter.analysis.whatif import model as whatif_model
 from kvcache_exporter.analysis.whatif.orders import earlier_greater
 from kvcache_exporter.collector import BlockLifecycleCollector, CollectorConfig, sample_hash
 from kvcache_exporter.commands import analyze
@@ -410,6 +412,35 @@ def test_reads_between_batches_do_not_change_any_figure(seed: int) -> None:
     read, _ = run_both(config, batches, chunk_rows=None, read_every=1 + seed % 3)
     assert figures(quiet) == figures(read)
     assert any(f[-1] and f[-1][0] > 0 for f in figures(quiet).values())
+
+
+@pytest.mark.skipif(not whatif_model.COMPILED, reason="compiled what-if chunk disabled")
+@pytest.mark.parametrize("seed", range(8))
+def test_the_compiled_chunk_equals_the_numpy_passes(seed: int) -> None:
+    """The same stream through the compiled loop and through the numpy passes (falling rates,
+    forgotten ghosts, clears, reads between batches, tiny and large chunks): every figure, the
+    distance sum included, and the sampled keys' state."""
+    rng = np.random.default_rng(500 + seed)
+    config = WhatIfConfig(
+        sample_ratio=(1.0, 0.5)[seed % 2],
+        max_sampled_blocks=int(rng.integers(64, 400)),
+        max_ghosts=(20, 100_000)[seed % 2],
+        capacity=((("CPU", 40),), ())[seed % 2],
+    )
+    batches = list(random_batches(rng, 30, int(rng.integers(10, 600)), 1500, clears=seed < 3))
+    chunk = (None, 1, 7)[seed % 3]
+    fast, _ = run_both(config, batches, chunk_rows=chunk, read_every=seed % 3)
+    with mock.patch.object(whatif_model, "_KERNEL", None):
+        slow, _ = run_both(config, batches, chunk_rows=chunk, read_every=seed % 3)
+        assert not slow._compiled
+        want, (b, meta_b) = figures(slow), slow.state()
+    assert fast._compiled
+    assert figures(fast) == want
+    a, meta_a = fast.state()
+    assert meta_a["media"].keys() == meta_b["media"].keys()
+    key = lambda arrays: np.lexsort((arrays["table.key"], arrays["table.medium"]))  # noqa: E731
+    for name in ("table.key", "table.medium", "table.state"):
+        np.testing.assert_array_equal(a[name][key(a)], b[name][key(b)], err_msg=name)
 
 
 @pytest.mark.parametrize("seed", range(4))

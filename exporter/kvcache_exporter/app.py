@@ -13,6 +13,7 @@ import zmq
 
 from . import __version__
 from .analysis.pool import PoolIndex
+from .analysis.whatif.model import COMPILED as WHATIF_COMPILED
 from .checkpoint import Checkpoint, CheckpointStore, CheckpointWriter, capture, restore
 from .collector import BlockLifecycleCollector
 from .collector.apply import COMPILED as APPLY_COMPILED
@@ -201,6 +202,7 @@ class Exporter:
                 "decoder": decode_path(),
                 "block_table": "compiled" if TABLE_COMPILED else "reference",
                 "apply": "compiled" if APPLY_COMPILED else "reference",
+                "whatif": "compiled" if WHATIF_COMPILED else "reference",
             },
         )
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from .. import __version__
 from ..analysis.pool import PoolSnapshot
 from ..analysis.whatif import MediumWhatIf, WhatIfSnapshot, factor_label
+from ..analysis.whatif.model import COMPILED as WHATIF_COMPILED
 from ..catalog import (
     DECODE_ERROR_REASONS,
     FAMILIES,
@@ -242,7 +243,7 @@ def series(
                     int(engine.elsewhere[i]))  # fmt: skip
         put("kvcache_exporter_pool_index_bytes", pl, int(pool.nbytes))
     # Every compiled stage in use: an install built with a compiler, and not disabled.
-    every = DECODER_COMPILED and TABLE_COMPILED and APPLY_COMPILED
+    every = DECODER_COMPILED and TABLE_COMPILED and APPLY_COMPILED and WHATIF_COMPILED
     compiled = ("compiled", "true" if every else "false")
     put("kvcache_exporter_build_info", (("version", __version__), compiled), 1)
     if http_refused is not None:

@@ -40,14 +40,16 @@ The sampling hash and each medium's state are in :mod:`.tier`.
 from __future__ import annotations
 
 import threading
+from types import ModuleType
 from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
 
 from ...collector.histogram import HistogramSnapshot
-from ...collector.table import GHOST, RESIDENT, BlockTable
+from ...collector.table import EMPTY, GHOST, RESIDENT, TOMBSTONE, BlockTable
 from ...protocol.batch import OP_CLEAR, OP_REMOVE, OP_STORE, EventBatch, LabelTable
+from ...protocol.extensions import extensions_disabled
 from .config import WhatIfConfig
 from .orders import Order, earlier_greater
 from .snapshot import MediumWhatIf, WhatIfSnapshot
@@ -81,6 +83,30 @@ def _unmatched(is_remove: _BOOL, is_store: _BOOL, ts: _F64, rows: _I64) -> _I64:
     return unmatched
 
 
+def _load_kernel() -> ModuleType | None:
+    """The compiled chunk, when built, enabled, and agreeing on the codes."""
+    if extensions_disabled():
+        return None
+    try:
+        from . import _chunk
+    except ImportError:
+        return None
+    agreed = (
+        _chunk.OP_CODES == (OP_STORE, OP_REMOVE)
+        and _chunk.STATES == (EMPTY, RESIDENT, GHOST, TOMBSTONE)
+        and _chunk.STOPPED_FOR == (_STOPPED_FOR_SLOT, _STOPPED_FOR_RECENCY)
+    )
+    return _chunk if agreed else None
+
+
+_STOPPED_FOR_SLOT: Final = 1
+_STOPPED_FOR_RECENCY: Final = 2
+_KERNEL: Final = _load_kernel()
+COMPILED: Final = _KERNEL is not None
+"""Whether models with a compiled table apply their chunks in the compiled loop."""
+_NO_ORDER: Final = Order(with_keys=False)  # what the loop is given before references are followed
+
+
 class WhatIfModel:
     """Ghost ranks of restores and stack distances of hits, per medium of one engine.
 
@@ -105,6 +131,10 @@ class WhatIfModel:
             else np.uint64(min(int(config.sample_ratio * 2.0**64), 2**64 - 1))
         )  # each medium's to begin with
         self.chunk_rows = CHUNK_ROWS  # sampled rows buffered per medium (tests lower it)
+
+    @property
+    def _compiled(self) -> bool:
+        return _KERNEL is not None and self.table.compiled
 
     def _tier(self, medium_id: int) -> MediumState:
         tier = self._tiers.get(medium_id)
@@ -267,7 +297,75 @@ class WhatIfModel:
         columns = tuple(np.concatenate(parts) for parts in zip(*tier.buffer, strict=True))
         tier.buffer, tier.buffered = [], 0
         op, keys, correction, weight, capacity = columns
-        self._apply_sampled(medium_id, op, keys, correction, weight, capacity, tier)
+        apply = self._apply_sampled_compiled if self._compiled else self._apply_sampled
+        apply(medium_id, op, keys, correction, weight, capacity, tier)
+
+    def _apply_sampled_compiled(
+        self,
+        medium_id: int,
+        op: npt.NDArray[np.uint8],
+        keys: _U64,
+        correction: _I64,
+        weight: _I64,
+        capacity: _I64,
+        tier: MediumState,
+    ) -> None:
+        """The chunk in the compiled loop (``_chunk.pyx``: ranks and distances row by row),
+        then the same vectorized counting as :meth:`_apply_sampled`."""
+        assert _KERNEL is not None
+        m = int(op.shape[0])
+        table, ghosts = self.table, tier.ghosts
+        removals = int(np.count_nonzero(op == OP_REMOVE))
+        self._make_room(ghosts, removals, medium_id, ghost=True)
+        if tier.recency is not None:
+            self._make_room(tier.recency, m - removals, medium_id, ghost=False)
+        rank = np.empty(m, np.int64)
+        hit = np.empty(m, np.int8)
+        others = np.empty(m, np.int64)
+        op, keys = np.ascontiguousarray(op), np.ascontiguousarray(keys)
+        start = 0
+        while True:
+            recency = tier.recency or _NO_ORDER
+            stop, why, g_end, g_live, r_end, r_live, added, claimed, stores = (
+                _KERNEL.apply_chunk(
+                    op, keys, start, medium_id,
+                    table.key, table.medium, table.state, table.t_store, table.t_access,
+                    table.horizon, table.room(),
+                    ghosts.alive.view(np.uint8), ghosts.keys, ghosts.tree.tree, ghosts.end,
+                    tier.recency is not None,
+                    recency.alive.view(np.uint8), recency.tree.tree, recency.end,
+                    rank, hit, others,
+                )
+            )  # fmt: skip
+            ghosts.end, ghosts.live = g_end, ghosts.live + g_live
+            if tier.recency is not None:
+                tier.recency.end, tier.recency.live = r_end, tier.recency.live + r_live
+            tier.sampled += added
+            table.used += claimed
+            tier.stores += stores
+            if stop == m:
+                break
+            if why == _STOPPED_FOR_SLOT:  # room for every distinct key the rest brings
+                rest = keys[stop:]
+                absent = rest[table.find(rest, np.full(rest.shape[0], medium_id, np.uint8)) < 0]
+                table.reserve(int(np.unique(absent).shape[0]))
+            else:  # the first hit: references are followed from here on
+                tier.recency = Order(with_keys=False)
+                references = int(np.count_nonzero(op[stop:] != OP_REMOVE))
+                self._make_room(tier.recency, references, medium_id, ghost=False)
+            start = stop
+        ratio = tier.ratio
+        restored = np.flatnonzero(rank > 0)
+        if restored.size:
+            # A ghost deeper than the medium keeps counts as forgotten (see _apply_sampled).
+            remembered = rank[restored] <= ghost_limits(self.config, capacity[restored], ratio)
+            restored = restored[remembered]
+            extra = np.maximum((rank[restored] - 1) / ratio + 1.0 - correction[restored], 1.0)
+            tier.count_restores(extra, weight[restored], capacity[restored])
+        known = np.flatnonzero(others >= 0)
+        tier.count_known_distances(others[known], weight[known], capacity[known])
+        tier.count_hits(hit.view(np.bool_), weight)
+        tier.restores += int(restored.size)
 
     def _apply_sampled(
         self,
@@ -414,14 +512,19 @@ class WhatIfModel:
         positions moved."""
         expected = order.end
         order.kill(killed)
-        old = order.make_room(int(alive.shape[0]))
+        self._make_room(order, int(alive.shape[0]), medium_id, ghost)
+        return order.append(alive, keys) - expected
+
+    def _make_room(self, order: Order, count: int, medium_id: int, ghost: bool) -> None:
+        """Room for ``count`` more marks; when the order compacts, the table's positions of
+        this medium (ghosts' in ``t_store``, references' in ``t_access``) move with it."""
+        old = order.make_room(count)
         if old is not None:
             table = self.table
             column = table.t_store if ghost else table.t_access
             live = (table.state == GHOST) if ghost else table.live_mask()
             mine = (table.medium == medium_id) & live & (column >= 0)
             column[mine] = np.searchsorted(old, column[mine].astype(np.int64))
-        return order.append(alive, keys) - expected
 
     def _forget_oldest(self, tier: MediumState, medium_id: int) -> None:
         """Keep at most ``max_ghosts`` ghosts of a medium, and none deeper than the ghost

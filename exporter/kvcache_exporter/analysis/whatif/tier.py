@@ -162,11 +162,20 @@ class MediumState:
         old = known & (previous < first_ref)
         before_chunk = np.zeros(followed.size, np.int64)
         before_chunk[old] = recency.between(previous[old] + 1, first_ref)
-        others = before_chunk[known] + in_chunk[known]
-        distance = others / self.ratio + 1.0
         rows = followed[known]
-        fits = distance[None, :] <= self.factors[below, None] * capacity[rows][None, :]
-        self.hits[below] += fits.astype(np.int64) @ weight[rows]
+        self.count_known_distances(
+            before_chunk[known] + in_chunk[known], weight[rows], capacity[rows]
+        )
+
+    def count_known_distances(self, others: _I64, weight: _I64, capacity: _I64) -> None:
+        """Hits at the factors below 1, from the sampled keys referenced since each hit's
+        previous reference (``others``), with their weights and capacities."""
+        below = self.factors < 1.0
+        if not below.any() or not others.size:
+            return
+        distance = others / self.ratio + 1.0
+        fits = distance[None, :] <= self.factors[below, None] * capacity[None, :]
+        self.hits[below] += fits.astype(np.int64) @ weight
 
     # --- checkpoints -------------------------------------------------------------------------
     def state(self) -> tuple[dict[str, npt.NDArray[Any]], dict[str, Any]]:
