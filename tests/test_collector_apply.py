@@ -263,7 +263,9 @@ def test_recorded_streams_give_the_same_numbers_either_way(name: str) -> None:
     for key, value in want.items():
         if key[0].endswith("_sum"):
             assert got[key] == pytest.approx(value, rel=1e-12), key
-        elif key[0] == "kvcache_exporter_collector_bytes":  # the table grew at other moments
-            assert got[key] == pytest.approx(value, rel=0.05), key
+        elif key[0] == "kvcache_exporter_collector_bytes":
+            # The tables grew at other moments: no more memory than the reference's, give or
+            # take a growth step.
+            assert got[key] <= value * 1.05, key
         else:
             assert got[key] == value, key

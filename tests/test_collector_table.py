@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvcache_exporter.analysis.whatif import model as whatif_model
 from kvcache_exporter.collector import BlockLifecycleCollector, CollectorConfig
 from kvcache_exporter.collector import apply as apply_module
 from kvcache_exporter.collector import table as table_module
@@ -149,10 +150,13 @@ def reference_tables() -> Iterator[None]:
 
 @contextmanager
 def rounds_only() -> Iterator[None]:
-    """Every collector applies in vectorized rounds, whatever its table: the collector-level
-    tests here compare tables; the compiled loop is held to the rounds in
-    test_collector_apply.py."""
-    with mock.patch.object(apply_module, "_KERNEL", None):
+    """Every collector applies in vectorized rounds and every what-if model in numpy passes,
+    whatever its table: the collector-level tests here compare tables; the compiled loops are
+    held to the rounds and the passes in test_collector_apply.py and test_analysis_whatif.py."""
+    with (
+        mock.patch.object(apply_module, "_KERNEL", None),
+        mock.patch.object(whatif_model, "_KERNEL", None),
+    ):
         yield
 
 
