@@ -152,7 +152,7 @@ def apply_segment(
     cdef Py_ssize_t n = op.shape[0]
     cdef Py_ssize_t i
     cdef uint64_t capacity = t_key.shape[0]
-    cdef uint64_t s, k
+    cdef uint64_t k
     cdef int64_t slot, free_slot, left, count
     cdef int64_t unknown_accesses = 0, unknown_removals = 0, untracked = 0
     cdef int64_t ghosts = 0, claimed_empty = 0
@@ -177,27 +177,8 @@ def apply_segment(
             smp = sampled[i]
             m = place_medium[p]
             # One probe: the key's live slot, or the first free slot on its path.
-            s = kv_home(k, p, capacity)
-            slot = -1
-            free_slot = -1
-            while True:
-                st = t_state[s]
-                if st == EMPTY:
-                    if free_slot < 0:
-                        free_slot = <int64_t>s
-                    break
-                if t_key[s] == k and t_medium[s] == p and (
-                    st == RESIDENT or (st == GHOST and t_access[s] >= horizon)
-                ):
-                    slot = <int64_t>s
-                    break
-                if free_slot < 0 and (
-                    st == TOMBSTONE or (st == GHOST and t_access[s] < horizon)
-                ):
-                    free_slot = <int64_t>s
-                s += 1
-                if s == capacity:
-                    s = 0
+            slot = kv_probe(&t_key[0], &t_medium[0], &t_state[0], &t_access[0], capacity,
+                            horizon, k, p, &free_slot)
             st = t_state[slot] if slot >= 0 else EMPTY
 
             if o == ACCESS or (o == STORE and st == RESIDENT and hit_reports):

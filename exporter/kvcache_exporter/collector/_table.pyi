@@ -2,6 +2,8 @@
 import numpy as np
 import numpy.typing as npt
 
+STATES: tuple[int, int, int, int]
+
 def find(
     key: npt.NDArray[np.uint64],
     medium: npt.NDArray[np.uint8],

@@ -13,6 +13,9 @@ from libc.stdlib cimport free, malloc
 
 include "_slot_hash.pxi"
 
+STATES = (EMPTY, RESIDENT, GHOST, TOMBSTONE)
+
+
 def find(
     const uint64_t[::1] key,
     const uint8_t[::1] medium,
@@ -28,28 +31,11 @@ def find(
     cdef Py_ssize_t n = keys.shape[0]
     cdef Py_ssize_t i
     cdef uint64_t capacity = key.shape[0]
-    cdef uint64_t s, k
-    cdef uint8_t st, m
+    cdef int64_t free_slot
     with nogil:
         for i in range(n):
-            k = keys[i]
-            m = media[i]
-            s = kv_home(k, m, capacity)
-            while True:
-                st = state[s]
-                if st == EMPTY:
-                    out[i] = -1
-                    break
-                if (
-                    key[s] == k
-                    and medium[s] == m
-                    and (st == RESIDENT or (st == GHOST and t_access[s] >= horizon))
-                ):
-                    out[i] = <int64_t>s
-                    break
-                s += 1
-                if s == capacity:
-                    s = 0
+            out[i] = kv_probe(&key[0], &medium[0], &state[0], &t_access[0], capacity, horizon,
+                              keys[i], media[i], &free_slot)
 
 
 def insert(

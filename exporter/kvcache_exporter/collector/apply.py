@@ -17,14 +17,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
-from types import ModuleType
 from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
 
 from ..protocol.batch import NO_COPY_COUNT, OP_ACCESS, OP_CLEAR, OP_REMOVE, OP_STORE, EventBatch
-from ..protocol.extensions import extensions_disabled
+from ..protocol.extensions import load_extension
 from .config import REASON_CLEARED
 from .histogram import HistogramSet
 from .prefix import resolve_depths
@@ -48,23 +47,14 @@ _F_RESIDENT: Final = 8  # the key became resident
 _F_GONE: Final = 16  # the key's last copy went
 
 
-def _load_kernel() -> ModuleType | None:
-    """The compiled segment apply, when built, enabled, and agreeing on the codes."""
-    if extensions_disabled():
-        return None
-    try:
-        from . import _apply
-    except ImportError:
-        return None
-    agreed = (
-        _apply.OP_CODES == (OP_STORE, OP_REMOVE, OP_ACCESS, NO_COPY_COUNT)
-        and _apply.FLAGS == (_F_COPY, _F_STORED, _F_RESTORED, _F_RESIDENT, _F_GONE)
-        and _apply.STATES == (EMPTY, RESIDENT, GHOST, TOMBSTONE)
-    )
-    return _apply if agreed else None
-
-
-_KERNEL: Final = _load_kernel()
+_KERNEL: Final = load_extension(
+    "kvcache_exporter.collector._apply",
+    {
+        "OP_CODES": (OP_STORE, OP_REMOVE, OP_ACCESS, NO_COPY_COUNT),
+        "FLAGS": (_F_COPY, _F_STORED, _F_RESTORED, _F_RESIDENT, _F_GONE),
+        "STATES": (EMPTY, RESIDENT, GHOST, TOMBSTONE),
+    },
+)
 COMPILED: Final = _KERNEL is not None
 """Whether collectors with a compiled block table apply segments in the compiled loop."""
 

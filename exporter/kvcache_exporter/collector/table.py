@@ -25,13 +25,12 @@ without a queue of them.
 
 from __future__ import annotations
 
-from types import ModuleType
 from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
 
-from ..protocol.extensions import extensions_disabled
+from ..protocol.extensions import load_extension
 
 EMPTY: Final = 0
 RESIDENT: Final = 1
@@ -50,17 +49,9 @@ U64Array = npt.NDArray[np.uint64]
 U8Array = npt.NDArray[np.uint8]
 
 
-def _load_kernels() -> ModuleType | None:
-    if extensions_disabled():
-        return None
-    try:
-        from . import _table
-    except ImportError:
-        return None
-    return _table
-
-
-_KERNELS: Final = _load_kernels()
+_KERNELS: Final = load_extension(
+    "kvcache_exporter.collector._table", {"STATES": (EMPTY, RESIDENT, GHOST, TOMBSTONE)}
+)
 COMPILED: Final = _KERNELS is not None
 """Whether tables use the compiled kernels by default (built, and not disabled)."""
 

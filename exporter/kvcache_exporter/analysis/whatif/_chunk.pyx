@@ -74,7 +74,7 @@ def apply_chunk(
     order end, live references added; keys added to the table, empty slots claimed, first
     stores)."""
     cdef Py_ssize_t n = op.shape[0], i
-    cdef uint64_t capacity = t_key.shape[0], s, k
+    cdef uint64_t capacity = t_key.shape[0], k
     cdef int64_t slot, free_slot, position
     cdef int64_t g_size = g_alive.shape[0], r_size = r_alive.shape[0]
     cdef int64_t g_live = 0, r_live = 0, added = 0, claimed = 0, stores = 0
@@ -88,25 +88,8 @@ def apply_chunk(
         for i in range(start, n):
             k = keys[i]
             o = op[i]
-            s = kv_home(k, medium, capacity)
-            slot = -1
-            free_slot = -1
-            while True:
-                st = t_state[s]
-                if st == EMPTY:
-                    if free_slot < 0:
-                        free_slot = <int64_t>s
-                    break
-                if t_key[s] == k and t_medium[s] == medium and (
-                    st == RESIDENT or (st == GHOST and t_access[s] >= horizon)
-                ):
-                    slot = <int64_t>s
-                    break
-                if free_slot < 0 and (st == TOMBSTONE or (st == GHOST and t_access[s] < horizon)):
-                    free_slot = <int64_t>s
-                s += 1
-                if s == capacity:
-                    s = 0
+            slot = kv_probe(&t_key[0], &t_medium[0], &t_state[0], &t_access[0], capacity,
+                            horizon, k, medium, &free_slot)
             st = t_state[slot] if slot >= 0 else EMPTY
             was_ghost = st == GHOST
             was_resident = st == RESIDENT

@@ -40,7 +40,6 @@ The sampling hash and each medium's state are in :mod:`.tier`.
 from __future__ import annotations
 
 import threading
-from types import ModuleType
 from typing import Any, Final
 
 import numpy as np
@@ -49,7 +48,7 @@ import numpy.typing as npt
 from ...collector.histogram import HistogramSnapshot
 from ...collector.table import EMPTY, GHOST, RESIDENT, TOMBSTONE, BlockTable
 from ...protocol.batch import OP_CLEAR, OP_REMOVE, OP_STORE, EventBatch, LabelTable
-from ...protocol.extensions import extensions_disabled
+from ...protocol.extensions import load_extension
 from .config import WhatIfConfig
 from .orders import Order, earlier_greater
 from .snapshot import MediumWhatIf, WhatIfSnapshot
@@ -83,25 +82,16 @@ def _unmatched(is_remove: _BOOL, is_store: _BOOL, ts: _F64, rows: _I64) -> _I64:
     return unmatched
 
 
-def _load_kernel() -> ModuleType | None:
-    """The compiled chunk, when built, enabled, and agreeing on the codes."""
-    if extensions_disabled():
-        return None
-    try:
-        from . import _chunk
-    except ImportError:
-        return None
-    agreed = (
-        _chunk.OP_CODES == (OP_STORE, OP_REMOVE)
-        and _chunk.STATES == (EMPTY, RESIDENT, GHOST, TOMBSTONE)
-        and _chunk.STOPPED_FOR == (_STOPPED_FOR_SLOT, _STOPPED_FOR_RECENCY)
-    )
-    return _chunk if agreed else None
-
-
 _STOPPED_FOR_SLOT: Final = 1
 _STOPPED_FOR_RECENCY: Final = 2
-_KERNEL: Final = _load_kernel()
+_KERNEL: Final = load_extension(
+    "kvcache_exporter.analysis.whatif._chunk",
+    {
+        "OP_CODES": (OP_STORE, OP_REMOVE),
+        "STATES": (EMPTY, RESIDENT, GHOST, TOMBSTONE),
+        "STOPPED_FOR": (_STOPPED_FOR_SLOT, _STOPPED_FOR_RECENCY),
+    },
+)
 COMPILED: Final = _KERNEL is not None
 """Whether models with a compiled table apply their chunks in the compiled loop."""
 _NO_ORDER: Final = Order(with_keys=False)  # what the loop is given before references are followed
