@@ -59,12 +59,6 @@ COMPILED: Final = _KERNEL is not None
 """Whether collectors with a compiled block table apply segments in the compiled loop."""
 
 
-def _distinct_pairs(keys: _U64, places: npt.NDArray[np.uint8]) -> int:
-    order = np.lexsort((keys, places))
-    k, p = keys[order], places[order]
-    return int(k.size and 1 + np.count_nonzero((k[1:] != k[:-1]) | (p[1:] != p[:-1])))
-
-
 class _Outcome:
     """What each row of a batch did to the totals, for :meth:`apply`'s ``cuts``."""
 
@@ -309,9 +303,7 @@ class BatchApplier(CollectorState):
             # Out of room: grow for every distinct key the rest stores that is absent now (an
             # upper bound of its new keys; the row it stopped at is one), and go on from there.
             rest = np.flatnonzero(seg.op[stop:] == OP_STORE) + stop
-            keys, places = seg.block_hash[rest], seg.medium[rest]
-            absent = table.find(keys, places) < 0
-            table.reserve(_distinct_pairs(keys[absent], places[absent]))
+            table.reserve_absent(seg.block_hash[rest], seg.medium[rest])
             start = stop
         self._copy_positions.append(position[(flags & _F_COPY) != 0])
         if logged:

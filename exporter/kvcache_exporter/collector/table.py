@@ -214,10 +214,21 @@ class KeyTable:
     def reserve(self, count: int) -> bool:
         """Make room for ``count`` more keys. True when that rebuilt the table, moving every
         slot (slots found before are then stale)."""
-        if self.used + count <= _MAX_LOAD * self.capacity:
+        if count <= self.room():
             return False
         self._rebuild(count)
         return True
+
+    def reserve_absent(self, keys: U64Array, media: U8Array) -> bool:
+        """Make room for every distinct key of these that is absent now: an upper bound of
+        the new keys a run of rows storing them can bring (as :meth:`reserve`)."""
+        keys, media = _u64(keys), _u8(media)
+        absent = self.find(keys, media) < 0
+        k, m = keys[absent], media[absent]
+        order = np.lexsort((k, m))
+        k, m = k[order], m[order]
+        distinct = int(k.size and 1 + np.count_nonzero((k[1:] != k[:-1]) | (m[1:] != m[:-1])))
+        return self.reserve(distinct)
 
     def delete(self, slots: I64Array) -> None:
         """Turn live slots into tombstones."""

@@ -337,8 +337,7 @@ class WhatIfModel:
                 break
             if why == _STOPPED_FOR_SLOT:  # room for every distinct key the rest brings
                 rest = keys[stop:]
-                absent = rest[table.find(rest, np.full(rest.shape[0], medium_id, np.uint8)) < 0]
-                table.reserve(int(np.unique(absent).shape[0]))
+                table.reserve_absent(rest, np.full(rest.shape[0], medium_id, np.uint8))
             else:  # the first hit: references are followed from here on
                 tier.recency = Order(with_keys=False)
                 references = int(np.count_nonzero(op[stop:] != OP_REMOVE))
