@@ -4,7 +4,6 @@ once, and what the parser refuses on its request line is refused before any head
 
 from __future__ import annotations
 
-import re
 import socket
 import time
 
@@ -12,7 +11,7 @@ import pytest
 
 from kvcache_exporter.sinks.http import HTTPLimits, MetricsHTTPServer
 
-from .test_sinks_http_wire import REQUESTS, exchange, routes, serve, wait_until
+from .test_sinks_http_wire import REQUESTS, exchange, mask_times, routes, serve, wait_until
 
 
 def trickle(port: int, data: bytes, size: int, pause: float) -> bytes:
@@ -27,7 +26,7 @@ def trickle(port: int, data: bytes, size: int, pause: float) -> bytes:
         out = b""
         while chunk := sock.recv(65536):
             out += chunk
-    return re.sub(rb"Date: [^\r]*", b"Date: -", out)
+    return mask_times(out)
 
 
 @pytest.fixture(scope="module")

@@ -43,8 +43,16 @@ def routes(render: Callable[[str | None], tuple[bytes, str]] | None = None) -> R
     )
 
 
+def mask_times(answer: bytes) -> bytes:
+    """``answer`` with the times it carries masked: the Date header and a gzip body's MTIME
+    (both the second it was sent, so two answers a second apart differ only there)."""
+    answer = re.sub(rb"Date: [^\r]*", b"Date: -", answer)
+    gzip_head = re.compile(rb"(\r\n\r\n\x1f\x8b\x08.)....", re.S)
+    return gzip_head.sub(lambda match: match[1] + b"----", answer)
+
+
 def exchange(port: int, data: bytes, half_close: bool = True) -> bytes:
-    """Everything the server sends back to ``data`` until it closes, Date masked."""
+    """Everything the server sends back to ``data`` until it closes, its times masked."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         sock.sendall(data)
         if half_close:
@@ -52,7 +60,7 @@ def exchange(port: int, data: bytes, half_close: bool = True) -> bytes:
         out = b""
         while chunk := sock.recv(65536):
             out += chunk
-    return re.sub(rb"Date: [^\r]*", b"Date: -", out)
+    return mask_times(out)
 
 
 USERS = {"prometheus": bcrypt.hashpw(b"s3cret", bcrypt.gensalt(rounds=4))}
