@@ -326,7 +326,8 @@ def engine_pipeline() -> tuple[EventStream, BlockLifecycleCollector, str, Stages
         collector = BlockLifecycleCollector(None, *labels)
         return _stream(collector.apply, labels), collector, "EventStream -> collector", []
     built = module.new_pipeline(ENGINE, CollectorConfig())
-    stages: Stages = [("monitor", built.monitor, "cuts"), ("monitor", built.monitor, "sample")]
+    stages: Stages = [("monitor", built.monitor, "cuts")]
+    stages += [("monitor", built.monitor, name) for name in ("sample", "sample_many")]
     if getattr(built, "whatif", None) is not None:
         stages.append(("what-if", built.whatif, "apply"))
     kind = "kvcache_exporter.pipeline (stream, collector, monitor, what-if)"

@@ -551,9 +551,9 @@ def test_history_is_bounded() -> None:
     det = AnomalyDetector("e", cfg)
     eng = Engine()
     run(det, steady(eng, 5000, stores=1, evictions=1))
-    live = len(det._pts) - det._start
+    live = det._h.live
     assert live <= cfg.history_seconds + 2
-    assert len(det._pts) <= 2 * live + 64
+    assert det._h.ts.size <= 2 * live + 64
 
 
 def test_reset_clears_active_alerts_and_keeps_totals() -> None:

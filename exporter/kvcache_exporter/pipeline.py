@@ -146,8 +146,8 @@ def new_pipeline(
         following = member is not None and member.admit(batch)
         cuts = monitor.cuts(batch.ts)
         totals = collector.apply(batch, [row for row, _ in cuts])
-        for (_, grid_ts), at_cut in zip(cuts, totals, strict=True):
-            monitor.sample(grid_ts, at_cut)
+        if totals is not None:
+            monitor.sample_many(np.array([grid_ts for _, grid_ts in cuts]), totals)
         if whatif is not None:
             # Same thread as the collector's writes: its resident counts are this batch's.
             copies = collector.copy_rows

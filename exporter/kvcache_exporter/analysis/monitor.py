@@ -20,9 +20,9 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from ..collector import CollectorTotals
+from ..collector import CollectorTotals, CutTotals
 from .anomaly import AnomalyConfig, AnomalyDetector
-from .series import AlertLevel, CacheAlert, EnginePoint
+from .series import AlertLevel, CacheAlert, EnginePoint, EnginePoints
 from .trends import Trend, TrendConfig, TrendDetector
 
 log = logging.getLogger("kvcache_exporter.alerts")
@@ -53,6 +53,21 @@ def point_of(totals: CollectorTotals, ts: float, lost_batches: int) -> EnginePoi
         resident=totals.resident,
         clears=totals.clears,
         lost_batches=lost_batches,
+        lifetime_bounds=totals.lifetime_bounds,
+        lifetime_counts=totals.lifetime_counts,
+    )
+
+
+def points_of(totals: CutTotals, ts: npt.NDArray[np.float64], lost_batches: int) -> EnginePoints:
+    """:func:`point_of` for each entry of ``totals``, at the times ``ts``."""
+    return EnginePoints(
+        ts=ts,
+        stored=totals.stored,
+        evicted=totals.evicted,
+        restores=totals.restores,
+        resident=totals.resident,
+        clears=totals.clears,
+        lost_batches=np.full(ts.size, lost_batches, np.int64),
         lifetime_bounds=totals.lifetime_bounds,
         lifetime_counts=totals.lifetime_counts,
     )
@@ -90,6 +105,8 @@ class EngineMonitor:
             return result
         if self._next_point is None:
             self._next_point = _grid_after(float(ts[0]), interval)
+        if bool((ts[1:] >= ts[:-1]).all()) and math.isfinite(ts[0]) and math.isfinite(ts[-1]):
+            return self._cuts_in_order(ts)
         start = 0
         while True:
             later = np.flatnonzero(ts[start:] >= self._next_point)
@@ -100,12 +117,34 @@ class EngineMonitor:
             self._next_point = _grid_after(float(ts[row]), interval)
             start = row
 
+    def _cuts_in_order(self, ts: npt.NDArray[np.float64]) -> list[tuple[int, float]]:
+        """:meth:`cuts` of times that never go back: each cut row is found by bisection, so
+        the cost is per grid point, not per row."""
+        assert self._next_point is not None
+        interval = self.config.point_interval
+        result: list[tuple[int, float]] = []
+        row = int(np.searchsorted(ts, self._next_point, "left"))
+        while row < ts.size:
+            result.append((row, self._next_point))
+            self._next_point = _grid_after(float(ts[row]), interval)
+            row = int(np.searchsorted(ts, self._next_point, "left"))
+        return result
+
     def sample(self, grid_ts: float, totals: CollectorTotals) -> None:
         """Feed the detectors the collector's totals as they stood at a grid time."""
         point = point_of(totals, grid_ts, self._lost_batches())
         with self._lock:
             transitions = self._anomaly.observe(point)
             self._trends.observe(point)
+            self._record(transitions)
+
+    def sample_many(self, grid_ts: npt.NDArray[np.float64], totals: CutTotals) -> None:
+        """:meth:`sample` at each grid time in turn, the totals as columns (one pass of the
+        detectors over them all)."""
+        points = points_of(totals, grid_ts, self._lost_batches())
+        with self._lock:
+            transitions = self._anomaly.observe_many(points)
+            self._trends.observe_many(points)
             self._record(transitions)
 
     def tick(self, now_wall: float, last_arrival_wall: float | None) -> None:

@@ -34,8 +34,8 @@ from typing import Any, Final
 
 import numpy as np
 
-from ..collector.histogram import histogram_quantile
-from .series import EnginePoint, went_backwards
+from ..collector.histogram import histogram_quantile, histogram_quantiles
+from .series import EnginePoint, EnginePoints, went_backwards
 
 STORE_RATE: Final = "store_rate"
 EVICTION_RATE: Final = "eviction_rate"
@@ -196,10 +196,59 @@ class TrendDetector:
         else:
             self._prev, self._last = last, point
             self._added = self._add_step(last, point)
-        horizon = float(point.ts) - self.config.window_seconds
+        self._trim(float(point.ts))
+
+    def _trim(self, now: float) -> None:
+        horizon = now - self.config.window_seconds
         for samples in self._samples.values():
             while samples and samples[0][0] < horizon:
                 samples.popleft()
+
+    def observe_many(self, points: EnginePoints) -> None:
+        """:meth:`observe` of each point in turn, in one pass (points that restart the series or
+        replace one another take :meth:`observe` one by one)."""
+        k = len(points)
+        last = self._last
+        if not k:
+            return
+        if last is None or not points.follows(last):
+            for i in range(k):
+                self.observe(points.point(i))
+            return
+        ts = points.ts.astype(np.float64)
+        prev_ts = np.concatenate(([float(last.ts)], ts[:-1]))
+        dt = ts - prev_ts
+        mid = (ts + prev_ts) / 2.0
+        stored = np.diff(points.stored, prepend=last.stored)
+        evicted = np.diff(points.evicted, prepend=last.evicted)
+        restores = np.diff(points.restores, prepend=last.restores)
+        counts = np.vstack((last.lifetime_counts[None, :], points.lifetime_counts))
+        lifetimes = counts[1:].astype(np.int64) - counts[:-1].astype(np.int64)
+        median, has_median = histogram_quantiles(points.lifetime_bounds, lifetimes, 0.5)
+        stores = stored > 0
+        samples = self._samples
+        samples[RESIDENT_BLOCKS].extend(
+            zip(ts.tolist(), points.resident.astype(float).tolist(), strict=True)
+        )
+        mids = mid.tolist()
+        samples[STORE_RATE].extend(zip(mids, (stored / dt).tolist(), strict=True))
+        samples[EVICTION_RATE].extend(zip(mids, (evicted / dt).tolist(), strict=True))
+        samples[MEDIAN_LIFETIME].extend(
+            zip(mid[has_median].tolist(), median[has_median].tolist(), strict=True)
+        )
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = restores / stored
+        samples[RESTORE_RATIO].extend(
+            zip(mid[stores].tolist(), ratio[stores].tolist(), strict=True)
+        )
+        self._prev = points.point(k - 2) if k >= 2 else last
+        self._last = points.point(k - 1)
+        self._added = [RESIDENT_BLOCKS, STORE_RATE, EVICTION_RATE]
+        if has_median[-1]:
+            self._added.append(MEDIAN_LIFETIME)
+        if stores[-1]:
+            self._added.append(RESTORE_RATIO)
+        self._trim(float(ts[-1]))
 
     def trends(self) -> dict[str, Trend]:
         """The trend of every series with at least ``min_points`` samples in the window, in

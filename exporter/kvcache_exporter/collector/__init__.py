@@ -2,7 +2,7 @@
 
 from .config import DEFAULT_REASONS, REASON_CLEARED, REASON_RESTART, CollectorConfig, sample_hash
 from .lifecycle import BlockLifecycleCollector
-from .snapshot import BlockRecord, CollectorSnapshot, CollectorTotals, ResidentProfile
+from .snapshot import BlockRecord, CollectorSnapshot, CollectorTotals, CutTotals, ResidentProfile
 
 __all__ = [
     "DEFAULT_REASONS",
@@ -13,6 +13,7 @@ __all__ = [
     "CollectorConfig",
     "CollectorSnapshot",
     "CollectorTotals",
+    "CutTotals",
     "ResidentProfile",
     "sample_hash",
 ]

@@ -28,7 +28,7 @@ from .config import REASON_CLEARED
 from .histogram import HistogramSet
 from .prefix import resolve_depths
 from .rounds import Runs, plan_segment
-from .snapshot import CollectorTotals
+from .snapshot import CollectorTotals, CutTotals
 from .state import CollectorState
 from .table import EMPTY, GHOST, RESIDENT, TOMBSTONE
 from .transitions import ResidencyChanges
@@ -80,7 +80,7 @@ class _Outcome:
         batch: EventBatch,
         evicting: npt.NDArray[np.bool_],
         lifetime: HistogramSet,
-    ) -> list[CollectorTotals]:
+    ) -> CutTotals:
         cut = np.asarray(cuts, np.int64)
 
         def before_cuts(per_row: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
@@ -99,24 +99,16 @@ class _Outcome:
                 first_cut[inside] * width + buckets[inside], minlength=cut.size * width
             ).reshape(cut.size, width)
             life = np.cumsum(counts, axis=0).astype(np.uint64)
-        stored = before_cuts(self.stored)
-        restored = before_cuts(self.restored)
-        resident = before_cuts(self.resident)
-        evictions = before_cuts(evicted.astype(np.int64))
-        clears = before_cuts((batch.op == OP_CLEAR).astype(np.int64))
         b = self.before
-        return [
-            CollectorTotals(
-                stored=b.stored + int(stored[k]),
-                evicted=b.evicted + int(evictions[k]),
-                restores=b.restores + int(restored[k]),
-                resident=b.resident + int(resident[k]),
-                clears=b.clears + int(clears[k]),
-                lifetime_bounds=b.lifetime_bounds,
-                lifetime_counts=b.lifetime_counts + life[k],
-            )
-            for k in range(cut.size)
-        ]
+        return CutTotals(
+            stored=b.stored + before_cuts(self.stored),
+            evicted=b.evicted + before_cuts(evicted.astype(np.int64)),
+            restores=b.restores + before_cuts(self.restored),
+            resident=b.resident + before_cuts(self.resident),
+            clears=b.clears + before_cuts((batch.op == OP_CLEAR).astype(np.int64)),
+            lifetime_bounds=b.lifetime_bounds,
+            lifetime_counts=b.lifetime_counts[None, :] + life,
+        )
 
 
 class BatchApplier(CollectorState):
@@ -140,17 +132,17 @@ class BatchApplier(CollectorState):
         self._residency_parts: list[ResidencyChanges] = []
         self.residency_changes = ResidencyChanges.empty()
 
-    def apply(self, batch: EventBatch, cuts: Sequence[int] = ()) -> list[CollectorTotals]:
+    def apply(self, batch: EventBatch, cuts: Sequence[int] = ()) -> CutTotals | None:
         """Apply one batch of block operations, in stream order.
 
-        For each row index in ``cuts`` (ascending), returns the totals as they stood just
-        before that row: what a sampler would have read had the batch been split there, at
+        For the row indices in ``cuts`` (ascending, if any), returns the totals as they stood
+        just before each: what a sampler would have read had the batch been split there, at
         the cost of a cumulative sum instead of an apply per piece.
         """
         if not len(batch):
             self.copy_rows = np.zeros(0, bool)
             self.residency_changes = ResidencyChanges.empty()
-            return [self._totals() for _ in cuts]
+            return CutTotals.repeat(self._totals(), len(cuts)) if cuts else None
         with self.lock:
             # From here on a row's ``medium`` column holds its place id (medium and group).
             batch = replace(batch, medium=self.places.ids(batch.medium, batch.group))
@@ -177,7 +169,7 @@ class BatchApplier(CollectorState):
             self._settle_residency()
             outcome, self._outcome = self._outcome, None
             if outcome is None:
-                return []
+                return None
             return outcome.totals_at(cuts, batch, self._evicting_reasons(), self.hist["lifetime"])
 
     def clear(self, ts: float, reason: str) -> None:

@@ -78,6 +78,51 @@ class CollectorTotals:
 
 
 @dataclass(frozen=True, slots=True)
+class CutTotals:
+    """:class:`CollectorTotals` at several rows of one batch, as columns (one entry per row)."""
+
+    stored: npt.NDArray[np.int64]
+    evicted: npt.NDArray[np.int64]
+    restores: npt.NDArray[np.int64]
+    resident: npt.NDArray[np.int64]
+    clears: npt.NDArray[np.int64]
+    lifetime_bounds: tuple[float, ...]
+    lifetime_counts: npt.NDArray[np.uint64]  # one row of buckets per entry
+
+    def __len__(self) -> int:
+        return int(self.stored.size)
+
+    def at(self, k: int) -> CollectorTotals:
+        """The ``k``-th entry."""
+        return CollectorTotals(
+            stored=int(self.stored[k]),
+            evicted=int(self.evicted[k]),
+            restores=int(self.restores[k]),
+            resident=int(self.resident[k]),
+            clears=int(self.clears[k]),
+            lifetime_bounds=self.lifetime_bounds,
+            lifetime_counts=self.lifetime_counts[k],
+        )
+
+    @classmethod
+    def repeat(cls, totals: CollectorTotals, times: int) -> CutTotals:
+        """``totals`` ``times`` over."""
+
+        def column(value: int) -> npt.NDArray[np.int64]:
+            return np.full(times, value, np.int64)
+
+        return cls(
+            column(totals.stored),
+            column(totals.evicted),
+            column(totals.restores),
+            column(totals.resident),
+            column(totals.clears),
+            totals.lifetime_bounds,
+            np.repeat(totals.lifetime_counts[None, :], times, axis=0),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class ResidentProfile:
     """Per resident tracked block: accesses since its store, prefix depth, medium id."""
 

@@ -1,7 +1,8 @@
 """Anomaly detection on one engine's point stream: alerts with levels and hysteresis.
 
-The detector is fed one :class:`~.series.EnginePoint` per engine-clock step and keeps only the
-points its longest window needs (plus one older point, so a window always has a start). Every
+The detector is fed one :class:`~.series.EnginePoint` per engine-clock step, or a batch's points
+at once as :class:`~.series.EnginePoints`, and keeps only the points its longest window needs
+(plus one older point, so a window always has a start). Every
 window quantity is a difference of cumulative counters between the newest point and the latest
 point at or before the window start, divided by the *actual* time between those two points, so
 irregular spacing and gaps give honest averages instead of fabricated ones.
@@ -44,16 +45,18 @@ How an alert's level then steps up and down (hysteresis) is :mod:`.hysteresis`'s
 
 from __future__ import annotations
 
-import bisect
 import math
-from typing import Final
+from collections.abc import Callable
+from functools import partial
+from typing import Final, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
-from ...collector.histogram import histogram_quantile
-from ..series import AlertLevel, CacheAlert, EnginePoint, went_backwards
+from ...collector.histogram import histogram_quantile, histogram_quantiles
+from ..series import AlertLevel, CacheAlert, EnginePoint, EnginePoints, went_backwards
 from .config import (
+    ALERT_LEVELS,
     CACHE_RESET,
     EVENT_LOSS,
     EVICTION_STORM,
@@ -62,7 +65,15 @@ from .config import (
     THRASHING,
     AnomalyConfig,
 )
-from .hysteresis import AlertStates, Reading, levels_high, levels_low, no_data, raise_and_hold
+from .hysteresis import (
+    RANK,
+    AlertStates,
+    Reading,
+    levels_high,
+    levels_low,
+    no_data,
+    raise_and_hold,
+)
 
 _TIMES: Final = "\u00d7"  # the multiplication sign of "9.4x its baseline"
 
@@ -88,21 +99,103 @@ def _duration(seconds: float) -> str:
     return f"{s}-second"
 
 
+_I64 = npt.NDArray[np.int64]
+_F64 = npt.NDArray[np.float64]
+
+
+_Column = TypeVar("_Column", bound=np.generic)
+
+
+def _kept(column: npt.NDArray[_Column], rows: slice, size: int) -> npt.NDArray[_Column]:
+    """``column[rows]`` at the start of a new column of ``size`` entries."""
+    out = np.zeros(size, column.dtype)
+    out[: rows.stop - rows.start] = column[rows]
+    return out
+
+
+class _History:
+    """The detector's points as columns, oldest first: rows ``start`` to ``n`` are live, the
+    rows before them wait for the next compaction."""
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.n = self.start = 0
+        self.ts: _F64 = np.zeros(0)
+        self.stored: _I64 = np.zeros(0, np.int64)
+        self.evicted: _I64 = np.zeros(0, np.int64)
+        self.restores: _I64 = np.zeros(0, np.int64)
+        self.lost: _I64 = np.zeros(0, np.int64)
+        self.life: _I64 = np.zeros((0, 0), np.int64)
+
+    @property
+    def live(self) -> int:
+        return self.n - self.start
+
+    def append(self, point: EnginePoint) -> None:
+        self._room(1, point.lifetime_counts.size)
+        self._write(self.n, point)
+        self.n += 1
+
+    def replace_last(self, point: EnginePoint) -> None:
+        self._write(self.n - 1, point)
+
+    def extend(self, points: EnginePoints) -> None:
+        k = len(points)
+        self._room(k, points.lifetime_counts.shape[1])
+        rows = slice(self.n, self.n + k)
+        self.ts[rows] = points.ts
+        self.stored[rows] = points.stored
+        self.evicted[rows] = points.evicted
+        self.restores[rows] = points.restores
+        self.lost[rows] = points.lost_batches
+        self.life[rows] = points.lifetime_counts
+        self.n += k
+
+    def _write(self, row: int, point: EnginePoint) -> None:
+        self.ts[row] = point.ts
+        self.stored[row] = point.stored
+        self.evicted[row] = point.evicted
+        self.restores[row] = point.restores
+        self.lost[row] = point.lost_batches
+        self.life[row] = point.lifetime_counts
+
+    def _room(self, k: int, width: int) -> None:
+        """Room for ``k`` more rows: the dead rows dropped first, the columns doubled only
+        when the live ones need it, so memory stays within twice the live points."""
+        if self.n + k <= self.ts.size:
+            return
+        live = slice(self.start, self.n)
+        size = max(64, 2 * (self.live + k))
+        self.ts = _kept(self.ts, live, size)
+        self.stored = _kept(self.stored, live, size)
+        self.evicted = _kept(self.evicted, live, size)
+        self.restores = _kept(self.restores, live, size)
+        self.lost = _kept(self.lost, live, size)
+        life = np.zeros((size, width), np.int64)
+        if self.live:
+            life[: self.live] = self.life[live]
+        self.life = life
+        self.n, self.start = self.live, 0
+
+
 class AnomalyDetector:
     """Alerts for one engine from its point stream (engine clock) and its arrivals (wall clock).
 
     Not thread-safe; feed it from one task. Memory is bounded by the points within
-    :attr:`AnomalyConfig.history_seconds` of the newest one, and each :meth:`observe` costs
-    O(log points + buckets).
+    :attr:`AnomalyConfig.history_seconds` of the newest one. Each :meth:`observe` costs
+    O(log points + buckets); :meth:`observe_many` evaluates a batch's points together and
+    steps an alert's levels in Python only where they change.
     """
 
     def __init__(self, engine: str, config: AnomalyConfig | None = None) -> None:
         self.engine = engine
         self.config = config or AnomalyConfig()
+        self._history_seconds = self.config.history_seconds
         self._alerts = AlertStates(engine)
-        self._pts: list[EnginePoint] = []
-        self._ts: list[float] = []
-        self._start = 0  # live points are _pts[_start:]; trimming moves it, compaction drops
+        self._h = _History()
+        self._last: EnginePoint | None = None  # the newest point
         # Start of the step in which this series' first eviction happened: the baseline is taken
         # from there, so a cache filling up for the first time is not an eviction storm.
         self._evict_start_ts: float | None = None
@@ -123,7 +216,8 @@ class AnomalyDetector:
         clear through the usual hysteresis as their windows lack data.
         """
         now = float(point.ts)
-        last = self._pts[-1] if self._pts else None
+        last = self._last
+        h = self._h
         reset_cause: str | None = None
         clears_seen = 0
         if last is not None:
@@ -136,18 +230,19 @@ class AnomalyDetector:
             else:
                 clears_seen = point.clears - last.clears
                 if now == last.ts:
-                    self._pts[-1] = point
+                    h.replace_last(point)
                 else:
-                    self._append(point)
+                    h.append(point)
         else:
-            self._append(point)
+            h.append(point)
+        self._last = point
         if self._evict_start_ts is None:
-            prev = self._pts[-2] if len(self._pts) - self._start >= 2 else None
-            if prev is None and point.evicted > 0:
+            if h.live < 2 and point.evicted > 0:
                 self._evict_start_ts = now
-            elif prev is not None and point.evicted > prev.evicted:
-                self._evict_start_ts = float(prev.ts)
-        self._trim(now)
+            elif h.live >= 2 and point.evicted > h.evicted[h.n - 2]:
+                self._evict_start_ts = float(h.ts[h.n - 2])
+        horizon = now - self._history_seconds
+        h.start = max(h.start, int(np.searchsorted(h.ts[: h.n], horizon, "right")) - 1)
         if clears_seen > 0 or reset_cause is not None:
             self._last_reset_ts = now
         self._last_ts = now
@@ -157,12 +252,22 @@ class AnomalyDetector:
         if resets:
             reset_state.count = (reset_state.count if reset_state.level is not None else 0) + resets
 
+        cfg = self.config
+        head = h.n - 1
+        s = self._at_or_before(now - cfg.storm_window_seconds)
+        storm = self._storm_at(
+            now, head, s, self._at_or_before(float(h.ts[s]) - cfg.storm_baseline_seconds)
+        )
+        s = self._at_or_before(now - cfg.residency_window_seconds, self._last_reset_ts)
+        b = self._at_or_before(float(h.ts[s]) - cfg.residency_baseline_seconds, self._last_reset_ts)
         readings = {
-            EVICTION_STORM: self._storm(now),
-            THRASHING: self._thrash(now),
-            SHORT_RESIDENCY: self._residency(now),
+            EVICTION_STORM: storm,
+            THRASHING: self._thrash_at(
+                now, head, self._at_or_before(now - cfg.thrash_window_seconds, self._thrash_floor())
+            ),
+            SHORT_RESIDENCY: self._residency_at(now, head, s, b),
             CACHE_RESET: self._reset_reading(now, clears_seen, reset_cause),
-            EVENT_LOSS: self._loss(now),
+            EVENT_LOSS: self._loss_at(now, head, self._at_or_before(now - cfg.loss_window_seconds)),
         }
         out: list[CacheAlert] = []
         for name, reading in readings.items():
@@ -172,6 +277,157 @@ class AnomalyDetector:
             if changed is not None:
                 out.append(changed)
         return out
+
+    def observe_many(self, points: EnginePoints) -> list[CacheAlert]:
+        """:meth:`observe` of each point in turn, in one pass: the same transitions, in order,
+        and the same state after.
+
+        The signals of every point are computed as columns, and each alert's levels are
+        stepped only at the points where the columns say they change. Points that clear the
+        cache, restart the series or replace one another, and any while ``cache_reset`` is
+        active, take :meth:`observe` one by one.
+        """
+        k = len(points)
+        last = self._last
+        if not k:
+            return []
+        if (
+            last is None
+            or self._alerts.states[CACHE_RESET].level is not None
+            or int(points.clears[-1]) != last.clears
+            or not points.follows(last)
+        ):
+            return [alert for i in range(k) for alert in self.observe(points.point(i))]
+        cfg = self.config
+        h = self._h
+        h.extend(points)
+        self._last = points.point(k - 1)
+        ts = h.ts[: h.n]
+        head = np.arange(h.n - k, h.n)
+        now = points.ts.astype(np.float64)
+        evict_start = np.full(k, np.nan)
+        if self._evict_start_ts is not None:
+            evict_start[:] = self._evict_start_ts
+        else:
+            rises = np.flatnonzero(h.evicted[head] > h.evicted[head - 1])
+            if rises.size:
+                first = int(rises[0])
+                self._evict_start_ts = float(ts[head[first] - 1])
+                evict_start[first:] = self._evict_start_ts
+        starts = np.maximum.accumulate(
+            np.maximum(np.searchsorted(ts, now - self._history_seconds, "right") - 1, h.start)
+        )
+        h.start = int(starts[-1])
+        self._last_ts = float(now[-1])
+
+        def at_or_before(t: _F64, floor: float | None = None) -> _I64:
+            i: _I64 = np.maximum(np.searchsorted(ts, t, "right") - 1, starts)
+            if floor is not None:
+                at_floor = np.searchsorted(ts, floor, "left")
+                i = np.maximum(i, np.minimum(np.maximum(at_floor, starts), head))
+            return i
+
+        scale = cfg.clear_ratio
+        found: list[tuple[int, int, CacheAlert]] = []
+        with np.errstate(divide="ignore", invalid="ignore"):
+            # eviction_storm
+            s = at_or_before(now - cfg.storm_window_seconds)
+            b = at_or_before(ts[s] - cfg.storm_baseline_seconds)
+            short_span = now - ts[s]
+            evicting = ~np.isnan(evict_start)
+            base_span = ts[s] - np.maximum(ts[b], np.where(evicting, evict_start, ts[s]))
+            rate = (h.evicted[head] - h.evicted[s]) / short_span
+            base = (h.evicted[s] - h.evicted[b]) / base_span
+            factor = rate / np.maximum(base, cfg.storm_baseline_floor)
+            valid = (
+                (short_span > 0.0)
+                & evicting
+                & (base_span > 0.0)
+                & (base_span >= cfg.storm_min_baseline_seconds)
+            )
+            warn, crit = cfg.storm_factor, cfg.storm_critical_factor
+            found += self._step_many(
+                EVICTION_STORM,
+                _ranks(factor >= crit, factor >= warn, valid & (rate >= cfg.storm_min_rate)),
+                _ranks(
+                    factor >= crit * scale,
+                    factor >= warn * scale,
+                    valid & (rate >= cfg.storm_min_rate * scale),
+                ),
+                np.where(valid, factor, np.nan),
+                now,
+                partial(_reading_at, self._storm_at, now, head, (s, b)),
+            )
+            # thrashing
+            s = at_or_before(now - cfg.thrash_window_seconds, self._thrash_floor())
+            stores = h.stored[head] - h.stored[s]
+            restores = h.restores[head] - h.restores[s]
+            ratio = restores / stores
+            valid = (now - ts[s] > 0.0) & (stores > 0)
+            warn, crit = cfg.thrash_ratio, cfg.thrash_critical_ratio
+            found += self._step_many(
+                THRASHING,
+                _ranks(ratio >= crit, ratio >= warn, valid & (stores >= cfg.thrash_min_stores)),
+                _ranks(
+                    ratio >= crit * scale,
+                    ratio >= warn * scale,
+                    valid & (stores >= cfg.thrash_min_stores * scale),
+                ),
+                np.where(valid, ratio, np.nan),
+                now,
+                partial(_reading_at, self._thrash_at, now, head, (s,)),
+            )
+            # short_residency
+            floor = self._last_reset_ts
+            s = at_or_before(now - cfg.residency_window_seconds, floor)
+            b = at_or_before(ts[s] - cfg.residency_baseline_seconds, floor)
+            short_counts = h.life[head] - h.life[s]
+            base_counts = h.life[s] - h.life[b]
+            n_short, n_base = short_counts.sum(axis=1), base_counts.sum(axis=1)
+            short_med, short_any = histogram_quantiles(points.lifetime_bounds, short_counts, 0.5)
+            base_med, base_any = histogram_quantiles(points.lifetime_bounds, base_counts, 0.5)
+            ratio = short_med / base_med
+            valid = short_any & base_any & (base_med > 0.0)
+            warn, crit = cfg.residency_ratio, cfg.residency_critical_ratio
+            short_min, base_min = (
+                cfg.residency_min_observations,
+                cfg.residency_min_baseline_observations,
+            )
+            found += self._step_many(
+                SHORT_RESIDENCY,
+                _ranks(
+                    ratio <= crit,
+                    ratio <= warn,
+                    valid & (n_short >= short_min) & (n_base >= base_min),
+                ),
+                _ranks(
+                    ratio <= crit / scale,
+                    ratio <= warn / scale,
+                    valid & (n_short >= short_min * scale) & (n_base >= base_min * scale),
+                ),
+                np.where(valid, ratio, np.nan),
+                now,
+                partial(_reading_at, self._residency_at, now, head, (s, b)),
+            )
+            # cache_reset: nothing to raise, inactive (else one by one above); its value is
+            # the count it keeps.
+            reset_state = self._alerts.states[CACHE_RESET]
+            reset_state.last_value = float(reset_state.count)
+            # event_loss
+            s = at_or_before(now - cfg.loss_window_seconds)
+            lost = (h.lost[head] - h.lost[s]).astype(np.float64)
+            warn, crit = float(cfg.loss_batches), float(cfg.loss_critical_batches)
+            always = np.ones(k, bool)
+            found += self._step_many(
+                EVENT_LOSS,
+                _ranks(lost >= crit, lost >= warn, always),
+                _ranks(lost >= crit * scale, lost >= warn * scale, always),
+                lost,
+                now,
+                partial(_reading_at, self._loss_at, now, head, (s,)),
+            )
+        found.sort(key=lambda item: (item[0], item[1]))
+        return [alert for _, _, alert in found]
 
     def check_stalled(self, now_wall: float, last_arrival_wall: float | None) -> list[CacheAlert]:
         """Evaluate ``source_stalled`` on the wall clock; returns its transition, if any.
@@ -224,18 +480,15 @@ class AnomalyDetector:
     # -- history
 
     def _clear_history(self) -> None:
-        self._pts, self._ts, self._start = [], [], 0
+        self._h.clear()
+        self._last = None
         self._evict_start_ts = self._last_reset_ts = self._last_ts = None
-
-    def _append(self, point: EnginePoint) -> None:
-        self._pts.append(point)
-        self._ts.append(float(point.ts))
 
     def _restart(self, point: EnginePoint) -> None:
         now = float(point.ts)
-        self._pts, self._ts, self._start = [], [], 0
+        self._h.clear()
         self._evict_start_ts = None
-        self._append(point)
+        self._h.append(point)
         # On a clock that went backwards the holds restart from the new clock's now, otherwise
         # an alert would wait for the new clock to catch up with the old one before clearing.
         for name, st in self._alerts.states.items():
@@ -244,46 +497,98 @@ class AnomalyDetector:
         if self._last_reset_ts is not None:
             self._last_reset_ts = min(self._last_reset_ts, now)
 
-    def _trim(self, now: float) -> None:
-        horizon = now - self.config.history_seconds
-        keep = bisect.bisect_right(self._ts, horizon, lo=self._start) - 1
-        if keep > self._start:
-            self._start = keep
-        # Compact rarely so trimming is amortised O(1) and memory stays bounded.
-        if self._start >= 64 and self._start * 2 >= len(self._pts):
-            del self._pts[: self._start]
-            del self._ts[: self._start]
-            self._start = 0
-
-    def _at_or_before(self, t: float, floor: float | None = None) -> EnginePoint:
-        """The latest point at or before ``t``, or the oldest one kept; never a point before
-        ``floor`` while one at or after it exists (the newest point at the latest)."""
-        i = max(bisect.bisect_right(self._ts, t, lo=self._start) - 1, self._start)
+    def _at_or_before(self, t: float, floor: float | None = None) -> int:
+        """The row of the latest point at or before ``t``, or the oldest one kept; never a
+        point before ``floor`` while one at or after it exists (the newest point at the
+        latest)."""
+        h = self._h
+        ts = h.ts[: h.n]
+        i = max(int(np.searchsorted(ts, t, "right")) - 1, h.start)
         if floor is not None:
-            i = max(i, min(bisect.bisect_left(self._ts, floor, lo=self._start), len(self._ts) - 1))
-        return self._pts[i]
+            i = max(i, min(max(int(np.searchsorted(ts, floor, "left")), h.start), h.n - 1))
+        return i
 
-    # -- signals
+    def _thrash_floor(self) -> float | None:
+        """After a clear or restart, storing again what it removed counts as restores, but it is
+        not thrashing: the window starts only once the reset hold has passed."""
+        last_reset = self._last_reset_ts
+        return None if last_reset is None else last_reset + self.config.reset_hold_seconds
 
-    def _storm(self, now: float) -> Reading:
+    def _step_many(
+        self,
+        name: str,
+        raise_rank: npt.NDArray[np.int8],
+        hold_rank: npt.NDArray[np.int8],
+        value: _F64,
+        now: _F64,
+        reading_at: Callable[[int], Reading],
+    ) -> list[tuple[int, int, CacheAlert]]:
+        """Step one alert through a batch's points as :meth:`AlertStates.step` would point by
+        point, given the levels its readings raise and hold at (``value`` NaN: no data). The
+        readings themselves are built only where a level may change, and at the last point
+        of an active alert (its view)."""
+        st = self._alerts.states[name]
+        min_hold = self.config.min_hold_seconds
+        order = _ORDER[name]
+        valued = np.flatnonzero(~np.isnan(value))
+        out: list[tuple[int, int, CacheAlert]] = []
+        k = now.size
+        i = 0
+
+        def last_value_before(j: int) -> None:
+            # What step() would have kept from the points i..j-1 it was not called for.
+            before = int(np.searchsorted(valued, j)) - 1
+            if before >= 0 and valued[before] >= i:
+                st.last_value = float(value[valued[before]])
+
+        while i < k:
+            current = RANK[st.level]
+            if current == 0:
+                moves = raise_rank[i:] > 0
+            else:
+                held_long = now[i:] - st.level_since >= min_hold
+                moves = (raise_rank[i:] > current) | ((hold_rank[i:] < current) & held_long)
+            where = np.flatnonzero(moves)
+            if not where.size:
+                break
+            j = i + int(where[0])
+            last_value_before(j)
+            changed = self._alerts.step(name, reading_at(j), float(now[j]), float(now[j]), min_hold)
+            if changed is not None:
+                out.append((j, order, changed))
+            i = j + 1
+        if i < k:
+            if st.level is None:
+                last_value_before(k)
+            else:
+                last_value_before(k - 1)
+                changed = self._alerts.step(
+                    name, reading_at(k - 1), float(now[-1]), float(now[-1]), min_hold
+                )
+                if changed is not None:
+                    out.append((k - 1, order, changed))
+        return out
+
+    # -- signals, each at a head row and the window rows it reads
+
+    def _storm_at(self, now: float, head: int, s: int, b: int) -> Reading:
         cfg = self.config
+        h = self._h
         th = {AlertLevel.WARNING: cfg.storm_factor, AlertLevel.CRITICAL: cfg.storm_critical_factor}
-        head = self._pts[-1]
-        s = self._at_or_before(now - cfg.storm_window_seconds)
-        short_span = now - s.ts
+        s_ts = float(h.ts[s])
+        short_span = now - s_ts
         if short_span <= 0.0:
             return no_data("eviction rate: fewer than two points", th)
-        b = self._at_or_before(s.ts - cfg.storm_baseline_seconds)
         evicting = self._evict_start_ts
-        base_span = s.ts - max(b.ts, evicting if evicting is not None else s.ts)
+        base_span = s_ts - max(float(h.ts[b]), evicting if evicting is not None else s_ts)
         if evicting is None or base_span <= 0.0 or base_span < cfg.storm_min_baseline_seconds:
             return no_data(
                 "eviction rate: baseline shorter than "
                 f"{_num(cfg.storm_min_baseline_seconds)} s of evicting",
                 th,
             )
-        rate = (head.evicted - s.evicted) / short_span
-        base = (s.evicted - b.evicted) / base_span
+        rate = int(h.evicted[head] - h.evicted[s]) / short_span
+        base = int(h.evicted[s] - h.evicted[b]) / base_span
         factor = rate / max(base, cfg.storm_baseline_floor)
         scale = cfg.clear_ratio
         level, held = raise_and_hold(
@@ -313,18 +618,13 @@ class AnomalyDetector:
             },
         )
 
-    def _thrash(self, now: float) -> Reading:
+    def _thrash_at(self, now: float, head: int, s: int) -> Reading:
         cfg = self.config
+        h = self._h
         th = {AlertLevel.WARNING: cfg.thrash_ratio, AlertLevel.CRITICAL: cfg.thrash_critical_ratio}
-        head = self._pts[-1]
-        # After a clear or restart, storing again what it removed counts as restores, but it is
-        # not thrashing: the window starts only once the reset hold has passed.
-        last_reset = self._last_reset_ts
-        floor = None if last_reset is None else last_reset + cfg.reset_hold_seconds
-        s = self._at_or_before(now - cfg.thrash_window_seconds, floor)
-        span = now - s.ts
-        stores = head.stored - s.stored
-        restores = head.restores - s.restores
+        span = now - float(h.ts[s])
+        stores = int(h.stored[head] - h.stored[s])
+        restores = int(h.restores[head] - h.restores[s])
         window = f"the last {_num(span)} s"
         if span <= 0.0:
             return no_data("thrashing: no window yet after the latest clear or restart", th)
@@ -353,23 +653,20 @@ class AnomalyDetector:
             {"restores": restores, "stores": stores, "window_seconds": span},
         )
 
-    def _residency(self, now: float) -> Reading:
+    def _residency_at(self, now: float, head: int, s: int, b: int) -> Reading:
         cfg = self.config
+        h = self._h
         th = {
             AlertLevel.WARNING: cfg.residency_ratio,
             AlertLevel.CRITICAL: cfg.residency_critical_ratio,
         }
-        head = self._pts[-1]
         # A clear observes the lifetime of every resident block at once, and a restart starts
-        # the counts over: neither window may reach back past the latest one.
-        floor = self._last_reset_ts
-        s = self._at_or_before(now - cfg.residency_window_seconds, floor)
-        b = self._at_or_before(s.ts - cfg.residency_baseline_seconds, floor)
-        short_counts = _delta(head, s)
-        base_counts = _delta(s, b)
+        # the counts over: neither window reaches back past the latest one (the rows given).
+        short_counts = h.life[head] - h.life[s]
+        base_counts = h.life[s] - h.life[b]
         n_short = int(short_counts.sum())
         n_base = int(base_counts.sum())
-        bounds = head.lifetime_bounds
+        bounds = self._last.lifetime_bounds if self._last is not None else ()
         short_med = histogram_quantile(bounds, short_counts, 0.5)
         base_med = histogram_quantile(bounds, base_counts, 0.5)
         if short_med is None or base_med is None or base_med <= 0.0:
@@ -387,14 +684,15 @@ class AnomalyDetector:
             enough_to_hold=n_short >= cfg.residency_min_observations * scale
             and n_base >= cfg.residency_min_baseline_observations * scale,
         )
-        base_span = s.ts - b.ts
+        s_ts = float(h.ts[s])
+        base_span = s_ts - float(h.ts[b])
         return Reading(
             level,
             held,
             ratio,
             lambda: (
                 f"median block lifetime {_num(short_med)} s over the last "
-                f"{_num(now - s.ts)} s is {_num(ratio)}{_TIMES} its {_duration(base_span)} "
+                f"{_num(now - s_ts)} s is {_num(ratio)}{_TIMES} its {_duration(base_span)} "
                 f"baseline of {_num(base_med)} s"
             ),
             th,
@@ -403,7 +701,7 @@ class AnomalyDetector:
                 "baseline_median_seconds": base_med,
                 "observations": n_short,
                 "baseline_observations": n_base,
-                "window_seconds": now - s.ts,
+                "window_seconds": now - s_ts,
                 "baseline_seconds": base_span,
             },
         )
@@ -432,16 +730,15 @@ class AnomalyDetector:
             {"last_reset_ts": last, "hold_seconds": cfg.reset_hold_seconds},
         )
 
-    def _loss(self, now: float) -> Reading:
+    def _loss_at(self, now: float, head: int, s: int) -> Reading:
         cfg = self.config
+        h = self._h
         th = {
             AlertLevel.WARNING: float(cfg.loss_batches),
             AlertLevel.CRITICAL: float(cfg.loss_critical_batches),
         }
-        head = self._pts[-1]
-        s = self._at_or_before(now - cfg.loss_window_seconds)
-        lost = head.lost_batches - s.lost_batches
-        span = now - s.ts
+        lost = int(h.lost[head] - h.lost[s])
+        span = now - float(h.ts[s])
         return Reading(
             *raise_and_hold(
                 levels_high, lost, cfg.loss_batches, cfg.loss_critical_batches, cfg.clear_ratio
@@ -456,6 +753,22 @@ class AnomalyDetector:
         )
 
 
-def _delta(a: EnginePoint, b: EnginePoint) -> npt.NDArray[np.int64]:
-    """Lifetime bucket counts observed between ``b`` and the later ``a``."""
-    return a.lifetime_counts.astype(np.int64) - b.lifetime_counts.astype(np.int64)
+def _reading_at(
+    signal: Callable[..., Reading], now: _F64, head: _I64, windows: tuple[_I64, ...], j: int
+) -> Reading:
+    """``signal``'s reading at the ``j``-th point of a batch, from its window rows."""
+    return signal(float(now[j]), int(head[j]), *(int(rows[j]) for rows in windows))
+
+
+_ORDER: Final = {name: i for i, name in enumerate(ALERT_LEVELS)}
+
+
+def _ranks(
+    critical: npt.NDArray[np.bool_], warning: npt.NDArray[np.bool_], enough: npt.NDArray[np.bool_]
+) -> npt.NDArray[np.int8]:
+    """The rank (:data:`RANK`) of a column of levels: CRITICAL where ``critical``, else
+    WARNING where ``warning``, none where not ``enough``."""
+    level = np.where(
+        critical, RANK[AlertLevel.CRITICAL], np.where(warning, RANK[AlertLevel.WARNING], 0)
+    )
+    return np.where(enough, level, 0).astype(np.int8)

@@ -25,7 +25,7 @@ from typing import Any, Final
 from ..series import AlertLevel, CacheAlert
 from .config import ALERT_LEVELS
 
-_RANK: Final[dict[AlertLevel | None, int]] = {
+RANK: Final[dict[AlertLevel | None, int]] = {
     None: 0,
     AlertLevel.INFO: 1,
     AlertLevel.WARNING: 2,
@@ -151,8 +151,8 @@ class AlertStates:
         st = self.states[name]
         if reading.value is not None:
             st.last_value = reading.value
-        current = _RANK[st.level]
-        if _RANK[reading.raise_level] > current:
+        current = RANK[st.level]
+        if RANK[reading.raise_level] > current:
             assert reading.raise_level is not None
             kind = "raised" if st.level is None else "escalated"
             if st.level is None:
@@ -164,7 +164,7 @@ class AlertStates:
             return _transition(st.view, kind)
         if st.level is None:
             return None
-        if _RANK[reading.hold_level] < current and clock - st.level_since >= min_hold:
+        if RANK[reading.hold_level] < current and clock - st.level_since >= min_hold:
             if reading.hold_level is None:
                 cleared = self._view(name, st, reading, active=False)
                 st.level, st.view, st.count = None, None, 0
