@@ -3,9 +3,10 @@
 Two streams: the synthetic one of ``bench/ingest.py`` (the bundled Mooncake trace through the
 simulated engine, vLLM map form) and a recorded vLLM 0.33 stream (default: the hybrid model's,
 ``tests/fixtures/streams``). Each decoder reads every payload in memory and is flushed as
-:class:`EventStream` flushes it (every ``FLUSH_EVENTS`` pending events); no framing, no
-sequence checks, no ZeroMQ. Block events are rows of stores, removals and accesses. Both
-decoders' batches are compared column by column before anything is printed.
+:class:`EventStream` flushes the reference (every ``BATCH_EVENTS`` pending events); no framing,
+no sequence checks, no ZeroMQ. Both are flushed at the same points so that their batches can be
+compared column by column before anything is printed. Block events are rows of stores,
+removals and accesses.
 
 Run: ``python bench/decode.py`` (about half a minute); ``--repeat N`` runs each N times and
 reports the median.
@@ -25,8 +26,7 @@ from typing import Final
 import ingest
 from kvcache_exporter.protocol.batch import OP_CLEAR, LabelTable
 from kvcache_exporter.protocol.compiled import CompiledPayloadDecoder, Walker
-from kvcache_exporter.protocol.decode import PayloadDecoder
-from kvcache_exporter.sources.stream import FLUSH_EVENTS
+from kvcache_exporter.protocol.decode import BATCH_EVENTS, PayloadDecoder
 
 RECORDED: Final = (
     Path(__file__).parent.parent / "tests/fixtures/streams/vllm-0.33.0-hybrid.frames.gz"
@@ -50,7 +50,7 @@ def run(decoder: PayloadDecoder, payloads: list[bytes]) -> tuple[float, int, str
     batches = []
     for payload in payloads:
         decoder.feed(payload)
-        if decoder.pending_events >= FLUSH_EVENTS:
+        if decoder.pending_events >= BATCH_EVENTS:
             batches.append(decoder.flush())
     batches.append(decoder.flush())
     seconds = time.perf_counter() - started

@@ -67,6 +67,7 @@ from kvcache_exporter.engine import (
     read_mooncake,
     repeat_requests,
 )
+from kvcache_exporter.protocol import compiled as compiled_module
 from kvcache_exporter.protocol.batch import OP_STORE, EventBatch, LabelTable
 from kvcache_exporter.protocol.encode import (
     Accessed,
@@ -77,7 +78,6 @@ from kvcache_exporter.protocol.encode import (
     encode_batch,
     frames,
 )
-from kvcache_exporter.sources import stream as stream_module
 from kvcache_exporter.sources.stream import EventStream
 from kvcache_exporter.sources.subscriber import MAX_DRAIN
 
@@ -226,8 +226,8 @@ def recorded_stream(path: Path) -> Stream:
 # same setting applied around the in-process measurement. They exist to measure a proposed
 # change before anyone makes it; a run with patches says so in its table.
 PATCHES: Final[dict[str, str]] = {
-    # Flush the decoder after this many pending events instead of 65,536.
-    "flush": "from kvcache_exporter.sources import stream; stream.FLUSH_EVENTS = {value}",
+    # A batch due at this many pending rows (compiled decoder) instead of 32,768.
+    "batch-rows": "from kvcache_exporter.protocol import compiled; compiled.BATCH_ROWS = {value}",
     # Move start-up objects out of the GC's sight.
     "gc-freeze": "import gc; gc.collect(); gc.freeze()",
     # A larger first-generation threshold: fewer collections while decoded events are held.
@@ -236,7 +236,7 @@ PATCHES: Final[dict[str, str]] = {
 
 
 def parse_patches(text: str) -> list[tuple[str, str]]:
-    """``flush=4096,gc-threshold=100000`` -> [(name, value)], checked against PATCHES."""
+    """``batch-rows=65536,gc-threshold=100000`` -> [(name, value)], checked against PATCHES."""
     out = []
     for item in filter(None, text.split(",")):
         name, _, value = item.partition("=")
@@ -262,12 +262,12 @@ class InProcessPatches:
 
     def __init__(self, patches: list[tuple[str, str]]) -> None:
         self.patches = dict(patches)
-        self._flush = stream_module.FLUSH_EVENTS
+        self._rows = compiled_module.BATCH_ROWS
         self._threshold = gc.get_threshold()
 
     def __enter__(self) -> None:
-        if "flush" in self.patches:
-            stream_module.FLUSH_EVENTS = int(self.patches["flush"])  # type: ignore[misc]
+        if "batch-rows" in self.patches:
+            compiled_module.BATCH_ROWS = int(self.patches["batch-rows"])  # type: ignore[misc]
         if "gc-threshold" in self.patches:
             gc.set_threshold(int(self.patches["gc-threshold"]), 50, 1000)
         if "gc-freeze" in self.patches:
@@ -275,7 +275,7 @@ class InProcessPatches:
             gc.freeze()
 
     def __exit__(self, *_exc: object) -> None:
-        stream_module.FLUSH_EVENTS = self._flush  # type: ignore[misc]
+        compiled_module.BATCH_ROWS = self._rows  # type: ignore[misc]
         gc.set_threshold(*self._threshold)
         gc.unfreeze()
 
@@ -1322,7 +1322,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[],
         metavar="LIST",
         help="EXPERIMENT: monkeypatch the exporter as it starts, e.g. "
-        "flush=4096,gc-freeze,gc-threshold=100000 (see PATCHES)",
+        "batch-rows=65536,gc-freeze,gc-threshold=100000 (see PATCHES)",
     )
     p.add_argument(
         "--exporter-arg",

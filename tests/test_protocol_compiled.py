@@ -17,12 +17,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import msgspec
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvcache_exporter.protocol.batch import EventBatch, GroupSpec, LabelTable
 from kvcache_exporter.protocol.compiled import (
+    BATCH_ROWS,
     COMPILED,
     DISABLE_ENV,
     CompiledPayloadDecoder,
@@ -36,7 +38,6 @@ from kvcache_exporter.protocol.decode import (
     new_adapter_table,
 )
 from kvcache_exporter.sinks.prometheus import render
-from kvcache_exporter.sources.stream import FLUSH_EVENTS
 
 from .streams import NAMES, read_stream
 from .test_protocol_decode import (
@@ -137,15 +138,16 @@ def test_every_vector_in_one_flush_and_each_alone() -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_recorded_vllm_streams(name: str) -> None:
-    """Both recorded vLLM 0.33 streams, flushed as EventStream flushes (every FLUSH_EVENTS
-    pending events), and in one flush."""
+    """Both recorded vLLM 0.33 streams, flushed at the same points (every BATCH_EVENTS
+    pending events, the reference's rule), flushed when the compiled decoder says a batch is
+    due, and in one flush."""
     payloads = [message[2] for message in read_stream(name)]
     ref, com = new_pair()
     rows = 0
     for payload in payloads:
         assert com.feed(payload) == ref.feed(payload)
         assert com.pending_events == ref.pending_events
-        if ref.pending_events >= FLUSH_EVENTS:
+        if ref.batch_due:
             want = ref.flush()
             assert columns(com.flush()) == columns(want)
             rows += len(want)
@@ -153,6 +155,23 @@ def test_recorded_vllm_streams(name: str) -> None:
     assert state(com) == state(ref)
     assert rows > 100_000
     assert_same(payloads)
+    # Flushed when the compiled decoder's own rule says so: batches of about BATCH_ROWS rows
+    # whose columns, end to end, are the reference's one batch.
+    ref, com = new_pair()
+    batches = []
+    for payload in payloads:
+        ref.feed(payload)
+        com.feed(payload)
+        if com.batch_due:
+            batches.append(com.flush())
+    batches.append(com.flush())
+    whole = ref.flush()
+    assert len(batches) > 2
+    assert all(len(b) < BATCH_ROWS + 4096 for b in batches)
+    for name in COLUMNS:
+        got = np.concatenate([getattr(b, name) for b in batches])
+        assert got.dtype == getattr(whole, name).dtype
+        assert got.tobytes() == getattr(whole, name).tobytes(), name
 
 
 # --- generated, mutated and broken input ---------------------------------------------------

@@ -892,6 +892,9 @@ static PyObject *Walker_get_pending(Walker *w, void *Py_UNUSED(c)) {
 static PyObject *Walker_get_events(Walker *w, void *Py_UNUSED(c)) {
     return PyLong_FromSize_t(w->events.n);
 }
+static PyObject *Walker_get_rows(Walker *w, void *Py_UNUSED(c)) {
+    return PyLong_FromSize_t(w->rows.n);
+}
 static PyObject *Walker_get_last_ts(Walker *w, void *Py_UNUSED(c)) {
     return PyFloat_FromDouble(w->last_ts);
 }
@@ -944,6 +947,7 @@ static PyMethodDef Walker_methods[] = {
 static PyGetSetDef Walker_getset[] = {
     {"pending", (getter)Walker_get_pending, NULL, "Events pending, as the reference counts.", NULL},
     {"events", (getter)Walker_get_events, NULL, "Events pending that will give rows.", NULL},
+    {"rows", (getter)Walker_get_rows, NULL, "Rows pending (one per hash, one per clear).", NULL},
     {"last_ts", (getter)Walker_get_last_ts, NULL, "The last payload's timestamp.", NULL},
     {"dp_rank", (getter)Walker_get_dp_rank, NULL, "The last payload's int dp_rank.", NULL},
     {"feed_counts", (getter)Walker_get_feed_counts, NULL,

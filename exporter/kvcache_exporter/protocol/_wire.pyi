@@ -3,6 +3,7 @@
 class Walker:
     pending: int
     events: int
+    rows: int
     last_ts: float
     dp_rank: int | None
     feed_counts: tuple[int, int, int, int] | None

@@ -51,6 +51,11 @@ except ImportError:  # built without a C compiler
 
 COMPILED: Final = Walker is not None and not extensions_disabled()
 _UNSURE: Final = -1
+# Pending rows that make a batch due (:attr:`CompiledPayloadDecoder.batch_due`). The walker
+# holds no Python object per event, so what bounds a batch here is its rows: enough to amortize
+# each stage's per-batch work, few enough that one apply holds the collector's lock briefly
+# (a scrape waits for it), whatever the number of blocks per event.
+BATCH_ROWS: Final = 32768
 
 
 def decode_path() -> str:
@@ -132,6 +137,15 @@ class CompiledPayloadDecoder(PayloadDecoder):
     @property
     def pending_events(self) -> int:
         return super().pending_events + self._walker.pending
+
+    @property
+    def batch_due(self) -> bool:
+        """:data:`BATCH_ROWS` rows (or events) pending; while the reference reads this flush
+        window, the reference's own rule."""
+        if self._by_reference:
+            return super().batch_due
+        walker = self._walker
+        return walker.rows >= BATCH_ROWS or walker.pending >= BATCH_ROWS
 
     def flush(self) -> EventBatch:
         if self._by_reference:

@@ -52,6 +52,10 @@ _get_group = attrgetter("group_idx")
 _get_lora_name = attrgetter("lora_name")
 _get_lora_id = attrgetter("lora_id")
 _get_spec = attrgetter("group_idx", "kv_cache_spec_kind", "kv_cache_spec_sliding_window")
+# Pending events that make a batch due (:attr:`PayloadDecoder.batch_due`): small enough that
+# decoded events die young (they are Python objects until the flush, and holding tens of
+# thousands makes every GC pass rescan them), large enough to amortize numpy calls.
+BATCH_EVENTS: Final = 4096
 _UNSAFE_KIND: Final = re.compile(r"[^A-Za-z0-9_.:-]")
 
 
@@ -203,6 +207,11 @@ class PayloadDecoder:
     @property
     def pending_events(self) -> int:
         return len(self._events)
+
+    @property
+    def batch_due(self) -> bool:
+        """Whether enough is pending that the caller should flush: :data:`BATCH_EVENTS`."""
+        return len(self._events) >= BATCH_EVENTS
 
     def flush(self) -> EventBatch:
         """All rows fed since the last flush, as one columnar batch."""

@@ -10,7 +10,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Final
 
 from ..catalog import HANDSHAKE_FAILURE_REASONS
 from ..protocol.batch import EventBatch, LabelTable
@@ -18,10 +17,6 @@ from ..protocol.compiled import new_payload_decoder
 from ..protocol.decode import DecodeError, DecodeLimits
 from ..protocol.framing import Message, parse_live
 from .sequence import SequenceTracker, Verdict
-
-# Pending events that force a flush: small enough that decoded events die young (holding
-# tens of thousands makes every GC pass rescan them), large enough to amortize numpy calls.
-FLUSH_EVENTS: Final = 4096
 
 log = logging.getLogger("kvcache_exporter.source")
 
@@ -155,7 +150,7 @@ class EventStream:
             self._log.debug("message skipped", extra={"reason": exc.reason, "seq": message.seq})
             return
         self.stats.last_event_ts = self.decoder.last_ts
-        if self.decoder.pending_events >= FLUSH_EVENTS:
+        if self.decoder.batch_due:
             self.flush()
 
     def resume_at(self, next_seq: int) -> None:
