@@ -16,7 +16,7 @@ from kvcache_exporter.analysis.anomaly import AnomalyConfig, AnomalyDetector
 from kvcache_exporter.analysis.monitor import EngineMonitor, MonitorConfig
 from kvcache_exporter.analysis.series import CacheAlert, EnginePoint, EnginePoints
 from kvcache_exporter.analysis.trends import TrendConfig, TrendDetector
-from kvcache_exporter.collector import CollectorTotals, CutTotals
+from kvcache_exporter.collector import CutTotals
 
 BOUNDS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 QUICK = AnomalyConfig(
@@ -199,22 +199,25 @@ def test_trends_of_a_batch_at_once_equal_its_points_one_by_one(seed: int, irregu
         assert same_point(many._last, one._last) and same_point(many._prev, one._prev)
 
 
-def test_the_monitor_samples_columns_as_it_samples_each_point() -> None:
-    points = stream(7, 300, irregular=True)
-    one = EngineMonitor("e", lambda: 0, MonitorConfig(anomaly=QUICK))
-    many = EngineMonitor("e", lambda: 0, MonitorConfig(anomaly=QUICK))
+def test_the_monitor_samples_columns_as_its_detectors_take_each_point() -> None:
+    """A batch's totals at its grid times, sampled at once, do to the alerts and trends what
+    the same points do fed to the detectors one by one (the loss counter is the monitor's)."""
+    points = [dataclasses.replace(p, lost_batches=3) for p in stream(7, 300, irregular=True)]
+    config = MonitorConfig(anomaly=QUICK)
+    monitor = EngineMonitor("e", lambda: 3, config)
+    anomaly, trends = AnomalyDetector("e", QUICK), TrendDetector(config.trend)
+    transitions: list[dict[str, object]] = []
     for rows in chunks(len(points), 7):
         for p in points[rows]:
-            one.sample(p.ts, CollectorTotals(
-                p.stored, p.evicted, p.restores, p.resident, p.clears, BOUNDS, p.lifetime_counts
-            ))  # fmt: skip
+            transitions += [a.to_dict() for a in anomaly.observe(p)]
+            trends.observe(p)
         cols = columns(points[rows])
         totals = CutTotals(
             cols.stored, cols.evicted, cols.restores, cols.resident, cols.clears, BOUNDS,
             cols.lifetime_counts,
         )  # fmt: skip
-        many.sample_many(cols.ts, totals)
-    assert [a.to_dict() for a in many.recent_transitions()] == [
-        a.to_dict() for a in one.recent_transitions()
-    ]
-    assert many.trends() == one.trends()
+        monitor.sample_many(cols.ts, totals)
+        assert [a.to_dict() for a in monitor.active()] == [a.to_dict() for a in anomaly.active()]
+    assert len(transitions) > 10
+    assert [a.to_dict() for a in monitor.recent_transitions()] == transitions[-50:]
+    assert monitor.trends() == trends.trends()

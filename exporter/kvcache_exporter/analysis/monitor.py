@@ -20,9 +20,9 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from ..collector import CollectorTotals, CutTotals
+from ..collector import CutTotals
 from .anomaly import AnomalyConfig, AnomalyDetector
-from .series import AlertLevel, CacheAlert, EnginePoint, EnginePoints
+from .series import AlertLevel, CacheAlert, EnginePoints
 from .trends import Trend, TrendConfig, TrendDetector
 
 log = logging.getLogger("kvcache_exporter.alerts")
@@ -43,23 +43,9 @@ class MonitorConfig:
             raise ValueError(f"point interval must be positive, got {self.point_interval}")
 
 
-def point_of(totals: CollectorTotals, ts: float, lost_batches: int) -> EnginePoint:
-    """An engine's cumulative figures, all media together, as a point at ``ts``."""
-    return EnginePoint(
-        ts=ts,
-        stored=totals.stored,
-        evicted=totals.evicted,
-        restores=totals.restores,
-        resident=totals.resident,
-        clears=totals.clears,
-        lost_batches=lost_batches,
-        lifetime_bounds=totals.lifetime_bounds,
-        lifetime_counts=totals.lifetime_counts,
-    )
-
-
 def points_of(totals: CutTotals, ts: npt.NDArray[np.float64], lost_batches: int) -> EnginePoints:
-    """:func:`point_of` for each entry of ``totals``, at the times ``ts``."""
+    """An engine's cumulative figures, all media together, at each entry of ``totals``, as
+    points at the times ``ts``."""
     return EnginePoints(
         ts=ts,
         stored=totals.stored,
@@ -93,7 +79,8 @@ class EngineMonitor:
 
     def cuts(self, ts: npt.NDArray[np.float64]) -> list[tuple[int, float]]:
         """Where a batch with these row times crosses the sampling grid: ``(row, grid time)``
-        pairs, meaning "apply the rows before ``row``, then :meth:`sample` at grid time".
+        pairs, meaning "apply the rows before ``row``, then sample at grid time" (the totals
+        at every cut of a batch go to :meth:`sample_many` together).
 
         Points sit on a fixed engine-clock grid (multiples of ``point_interval``) and see
         exactly the rows before them, so alerts and trends do not depend on how the stream
@@ -130,17 +117,9 @@ class EngineMonitor:
             row = int(np.searchsorted(ts, self._next_point, "left"))
         return result
 
-    def sample(self, grid_ts: float, totals: CollectorTotals) -> None:
-        """Feed the detectors the collector's totals as they stood at a grid time."""
-        point = point_of(totals, grid_ts, self._lost_batches())
-        with self._lock:
-            transitions = self._anomaly.observe(point)
-            self._trends.observe(point)
-            self._record(transitions)
-
     def sample_many(self, grid_ts: npt.NDArray[np.float64], totals: CutTotals) -> None:
-        """:meth:`sample` at each grid time in turn, the totals as columns (one pass of the
-        detectors over them all)."""
+        """Feed the detectors the collector's totals as they stood at each grid time (as
+        columns: one pass of the detectors over them all)."""
         points = points_of(totals, grid_ts, self._lost_batches())
         with self._lock:
             transitions = self._anomaly.observe_many(points)

@@ -92,18 +92,6 @@ class CutTotals:
     def __len__(self) -> int:
         return int(self.stored.size)
 
-    def at(self, k: int) -> CollectorTotals:
-        """The ``k``-th entry."""
-        return CollectorTotals(
-            stored=int(self.stored[k]),
-            evicted=int(self.evicted[k]),
-            restores=int(self.restores[k]),
-            resident=int(self.resident[k]),
-            clears=int(self.clears[k]),
-            lifetime_bounds=self.lifetime_bounds,
-            lifetime_counts=self.lifetime_counts[k],
-        )
-
     @classmethod
     def repeat(cls, totals: CollectorTotals, times: int) -> CutTotals:
         """``totals`` ``times`` over."""

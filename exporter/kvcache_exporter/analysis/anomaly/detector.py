@@ -345,13 +345,15 @@ class AnomalyDetector:
                 & (base_span > 0.0)
                 & (base_span >= cfg.storm_min_baseline_seconds)
             )
-            warn, crit = cfg.storm_factor, cfg.storm_critical_factor
             found += self._step_many(
                 EVICTION_STORM,
-                _ranks(factor >= crit, factor >= warn, valid & (rate >= cfg.storm_min_rate)),
-                _ranks(
-                    factor >= crit * scale,
-                    factor >= warn * scale,
+                *_rank_columns(
+                    True,
+                    factor,
+                    cfg.storm_factor,
+                    cfg.storm_critical_factor,
+                    scale,
+                    valid & (rate >= cfg.storm_min_rate),
                     valid & (rate >= cfg.storm_min_rate * scale),
                 ),
                 np.where(valid, factor, np.nan),
@@ -364,13 +366,15 @@ class AnomalyDetector:
             restores = h.restores[head] - h.restores[s]
             ratio = restores / stores
             valid = (now - ts[s] > 0.0) & (stores > 0)
-            warn, crit = cfg.thrash_ratio, cfg.thrash_critical_ratio
             found += self._step_many(
                 THRASHING,
-                _ranks(ratio >= crit, ratio >= warn, valid & (stores >= cfg.thrash_min_stores)),
-                _ranks(
-                    ratio >= crit * scale,
-                    ratio >= warn * scale,
+                *_rank_columns(
+                    True,
+                    ratio,
+                    cfg.thrash_ratio,
+                    cfg.thrash_critical_ratio,
+                    scale,
+                    valid & (stores >= cfg.thrash_min_stores),
                     valid & (stores >= cfg.thrash_min_stores * scale),
                 ),
                 np.where(valid, ratio, np.nan),
@@ -388,21 +392,19 @@ class AnomalyDetector:
             base_med, base_any = histogram_quantiles(points.lifetime_bounds, base_counts, 0.5)
             ratio = short_med / base_med
             valid = short_any & base_any & (base_med > 0.0)
-            warn, crit = cfg.residency_ratio, cfg.residency_critical_ratio
             short_min, base_min = (
                 cfg.residency_min_observations,
                 cfg.residency_min_baseline_observations,
             )
             found += self._step_many(
                 SHORT_RESIDENCY,
-                _ranks(
-                    ratio <= crit,
-                    ratio <= warn,
+                *_rank_columns(
+                    False,
+                    ratio,
+                    cfg.residency_ratio,
+                    cfg.residency_critical_ratio,
+                    scale,
                     valid & (n_short >= short_min) & (n_base >= base_min),
-                ),
-                _ranks(
-                    ratio <= crit / scale,
-                    ratio <= warn / scale,
                     valid & (n_short >= short_min * scale) & (n_base >= base_min * scale),
                 ),
                 np.where(valid, ratio, np.nan),
@@ -416,12 +418,12 @@ class AnomalyDetector:
             # event_loss
             s = at_or_before(now - cfg.loss_window_seconds)
             lost = (h.lost[head] - h.lost[s]).astype(np.float64)
-            warn, crit = float(cfg.loss_batches), float(cfg.loss_critical_batches)
             always = np.ones(k, bool)
             found += self._step_many(
                 EVENT_LOSS,
-                _ranks(lost >= crit, lost >= warn, always),
-                _ranks(lost >= crit * scale, lost >= warn * scale, always),
+                *_rank_columns(
+                    True, lost, cfg.loss_batches, cfg.loss_critical_batches, scale, always, always
+                ),
                 lost,
                 now,
                 partial(_reading_at, self._loss_at, now, head, (s,)),
@@ -763,12 +765,32 @@ def _reading_at(
 _ORDER: Final = {name: i for i, name in enumerate(ALERT_LEVELS)}
 
 
-def _ranks(
-    critical: npt.NDArray[np.bool_], warning: npt.NDArray[np.bool_], enough: npt.NDArray[np.bool_]
-) -> npt.NDArray[np.int8]:
-    """The rank (:data:`RANK`) of a column of levels: CRITICAL where ``critical``, else
-    WARNING where ``warning``, none where not ``enough``."""
-    level = np.where(
-        critical, RANK[AlertLevel.CRITICAL], np.where(warning, RANK[AlertLevel.WARNING], 0)
+def _rank_columns(
+    higher_is_worse: bool,
+    value: _F64,
+    warn: float,
+    crit: float,
+    scale: float,
+    enough: npt.NDArray[np.bool_],
+    enough_to_hold: npt.NDArray[np.bool_],
+) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.int8]]:
+    """:func:`raise_and_hold` of a column of values, as ranks (:data:`RANK`): the level each
+    raises at, and the level each holds at (thresholds eased by ``scale``)."""
+
+    def ranks(
+        critical: npt.NDArray[np.bool_], warning: npt.NDArray[np.bool_], ok: npt.NDArray[np.bool_]
+    ) -> npt.NDArray[np.int8]:
+        level = np.where(
+            critical, RANK[AlertLevel.CRITICAL], np.where(warning, RANK[AlertLevel.WARNING], 0)
+        )
+        return np.where(ok, level, 0).astype(np.int8)
+
+    if higher_is_worse:
+        return (
+            ranks(value >= crit, value >= warn, enough),
+            ranks(value >= crit * scale, value >= warn * scale, enough_to_hold),
+        )
+    return (
+        ranks(value <= crit, value <= warn, enough),
+        ranks(value <= crit / scale, value <= warn / scale, enough_to_hold),
     )
-    return np.where(enough, level, 0).astype(np.int8)
