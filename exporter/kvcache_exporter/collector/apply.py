@@ -142,7 +142,11 @@ class BatchApplier(CollectorState):
         if not len(batch):
             self.copy_rows = np.zeros(0, bool)
             self.residency_changes = ResidencyChanges.empty()
-            return CutTotals.repeat(self._totals(), len(cuts)) if cuts else None
+            if not cuts:
+                return None
+            # Nothing happened before any cut: each is the totals as they stand.
+            nothing = _Outcome(0, self._totals())
+            return nothing.totals_at(cuts, batch, self._evicting_reasons(), self.hist["lifetime"])
         with self.lock:
             # From here on a row's ``medium`` column holds its place id (medium and group).
             batch = replace(batch, medium=self.places.ids(batch.medium, batch.group))

@@ -92,23 +92,6 @@ class CutTotals:
     def __len__(self) -> int:
         return int(self.stored.size)
 
-    @classmethod
-    def repeat(cls, totals: CollectorTotals, times: int) -> CutTotals:
-        """``totals`` ``times`` over."""
-
-        def column(value: int) -> npt.NDArray[np.int64]:
-            return np.full(times, value, np.int64)
-
-        return cls(
-            column(totals.stored),
-            column(totals.evicted),
-            column(totals.restores),
-            column(totals.resident),
-            column(totals.clears),
-            totals.lifetime_bounds,
-            np.repeat(totals.lifetime_counts[None, :], times, axis=0),
-        )
-
 
 @dataclass(frozen=True, slots=True)
 class ResidentProfile:

@@ -106,10 +106,13 @@ _F64 = npt.NDArray[np.float64]
 _Column = TypeVar("_Column", bound=np.generic)
 
 
-def _kept(column: npt.NDArray[_Column], rows: slice, size: int) -> npt.NDArray[_Column]:
-    """``column[rows]`` at the start of a new column of ``size`` entries."""
-    out = np.zeros(size, column.dtype)
-    out[: rows.stop - rows.start] = column[rows]
+def _kept(
+    column: npt.NDArray[_Column], rows: slice, shape: tuple[int, ...]
+) -> npt.NDArray[_Column]:
+    """``column[rows]`` at the start of a new column of ``shape``."""
+    out = np.zeros(shape, column.dtype)
+    if rows.stop > rows.start:
+        out[: rows.stop - rows.start] = column[rows]
     return out
 
 
@@ -144,22 +147,17 @@ class _History:
     def extend(self, points: EnginePoints) -> None:
         k = len(points)
         self._room(k, points.lifetime_counts.shape[1])
-        rows = slice(self.n, self.n + k)
-        self.ts[rows] = points.ts
-        self.stored[rows] = points.stored
-        self.evicted[rows] = points.evicted
-        self.restores[rows] = points.restores
-        self.lost[rows] = points.lost_batches
-        self.life[rows] = points.lifetime_counts
+        self._write(slice(self.n, self.n + k), points)
         self.n += k
 
-    def _write(self, row: int, point: EnginePoint) -> None:
-        self.ts[row] = point.ts
-        self.stored[row] = point.stored
-        self.evicted[row] = point.evicted
-        self.restores[row] = point.restores
-        self.lost[row] = point.lost_batches
-        self.life[row] = point.lifetime_counts
+    def _write(self, rows: int | slice, source: EnginePoint | EnginePoints) -> None:
+        """A point at a row, or a batch's points at a slice of rows (the same field names)."""
+        self.ts[rows] = source.ts
+        self.stored[rows] = source.stored
+        self.evicted[rows] = source.evicted
+        self.restores[rows] = source.restores
+        self.lost[rows] = source.lost_batches
+        self.life[rows] = source.lifetime_counts
 
     def _room(self, k: int, width: int) -> None:
         """Room for ``k`` more rows: the dead rows dropped first, the columns doubled only
@@ -168,15 +166,12 @@ class _History:
             return
         live = slice(self.start, self.n)
         size = max(64, 2 * (self.live + k))
-        self.ts = _kept(self.ts, live, size)
-        self.stored = _kept(self.stored, live, size)
-        self.evicted = _kept(self.evicted, live, size)
-        self.restores = _kept(self.restores, live, size)
-        self.lost = _kept(self.lost, live, size)
-        life = np.zeros((size, width), np.int64)
-        if self.live:
-            life[: self.live] = self.life[live]
-        self.life = life
+        self.ts = _kept(self.ts, live, (size,))
+        self.stored = _kept(self.stored, live, (size,))
+        self.evicted = _kept(self.evicted, live, (size,))
+        self.restores = _kept(self.restores, live, (size,))
+        self.lost = _kept(self.lost, live, (size,))
+        self.life = _kept(self.life, live, (size, width))
         self.n, self.start = self.live, 0
 
 
